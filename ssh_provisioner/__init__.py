@@ -1,0 +1,34 @@
+"""Run Jupyter kernels on remote hosts over SSH: a jupyter_client kernel provisioner."""
+
+from .errors import (
+    AuthenticationError,
+    HostKeyError,
+    HostSelectionError,
+    LaunchError,
+    LaunchTimeout,
+    ProvisionerConfigError,
+    RemoteCommandError,
+    SSHConnectError,
+    SSHProvisionerError,
+    TunnelError,
+)
+from .hosts import Host
+from .provisioner import SSHProvisioner
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AuthenticationError",
+    "Host",
+    "HostKeyError",
+    "HostSelectionError",
+    "LaunchError",
+    "LaunchTimeout",
+    "ProvisionerConfigError",
+    "RemoteCommandError",
+    "SSHConnectError",
+    "SSHProvisioner",
+    "SSHProvisionerError",
+    "TunnelError",
+    "__version__",
+]

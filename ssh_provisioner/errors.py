@@ -1,0 +1,126 @@
+"""The exception tree, and the one place where asyncssh and OS errors are translated."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Sequence
+
+import asyncssh
+
+
+class SSHProvisionerError(Exception):
+    """Root of every error this package raises.  ``host`` names the SSH destination."""
+
+    def __init__(self, message: str, *, host: str | None = None) -> None:
+        super().__init__(message)
+        self.host = host
+
+
+class ProvisionerConfigError(SSHProvisionerError, ValueError):
+    """The provisioner's configuration (kernelspec ``config`` block or Jupyter config) is wrong."""
+
+
+class HostSelectionError(SSHProvisionerError):
+    """No configured host could be chosen for the kernel."""
+
+
+class SSHConnectError(SSHProvisionerError, ConnectionError):
+    """The SSH connection to a host could not be made or was lost."""
+
+
+class AuthenticationError(SSHConnectError):
+    """The host refused every credential offered."""
+
+
+class HostKeyError(SSHConnectError):
+    """The host's key is unknown or differs from the one on record."""
+
+
+class LaunchError(SSHProvisionerError):
+    """The kernel could not be started on the host."""
+
+    def __init__(self, message: str, *, host: str | None = None, stderr_tail: str = "") -> None:
+        super().__init__(message, host=host)
+        self.stderr_tail = stderr_tail
+
+
+class LaunchTimeout(LaunchError, TimeoutError):
+    """The kernel did not report ready within ``launch_timeout``."""
+
+
+class TunnelError(SSHProvisionerError):
+    """A local forward to the kernel's endpoints could not be opened."""
+
+
+class RemoteCommandError(SSHProvisionerError):
+    """A command run on the host failed."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        host: str,
+        argv: Sequence[str],
+        exit_status: int | None,
+        stderr_tail: str = "",
+    ) -> None:
+        super().__init__(message, host=host)
+        self.argv = list(argv)
+        self.exit_status = exit_status
+        self.stderr_tail = stderr_tail
+
+
+def translate_connect_error(
+    host: str, exc: BaseException, *, known_host_entries: int | None = None
+) -> SSHConnectError:
+    """Map an exception raised while connecting to ``host`` to our tree.
+
+    ``known_host_entries`` is how many keys the client trusts for this host; it tells
+    an unknown host key (0) from a changed one (> 0).
+    """
+    where = f"SSH to {host}"
+    if isinstance(exc, asyncssh.HostKeyNotVerifiable):
+        if known_host_entries:
+            return HostKeyError(
+                f"{where}: the host key has CHANGED and does not match the key on record in "
+                f"known_hosts; someone may be intercepting the connection, or the host was "
+                f"reinstalled. Verify the new key out of band, then replace the old entry "
+                f"(ssh-keygen -R {host}). ({exc.reason})",
+                host=host,
+            )
+        return HostKeyError(
+            f"{where}: the host key is unknown (no entry in known_hosts) and unknown keys are "
+            f"never accepted. Verify the key and add it, e.g. by connecting once with "
+            f"`ssh {host}`. ({exc.reason})",
+            host=host,
+        )
+    if isinstance(exc, asyncssh.PermissionDenied):
+        return AuthenticationError(
+            f"{where}: authentication refused ({exc.reason}); check the user name, the "
+            f"keys offered (client_keys / IdentityFile / agent) and the host's "
+            f"authorized_keys",
+            host=host,
+        )
+    if isinstance(exc, asyncssh.DisconnectError):
+        return SSHConnectError(f"{where}: the host closed the connection: {exc.reason}", host=host)
+    if isinstance(exc, asyncssh.Error):
+        return SSHConnectError(f"{where}: {exc.reason}", host=host)
+    if isinstance(exc, socket.gaierror):
+        return SSHConnectError(
+            f"{where}: cannot resolve the host name ({exc.strerror}); check the name or "
+            f"the Host alias in ~/.ssh/config",
+            host=host,
+        )
+    if isinstance(exc, ConnectionRefusedError):
+        return SSHConnectError(
+            f"{where}: connection refused; is sshd running on that host and port?", host=host
+        )
+    if isinstance(exc, asyncio.TimeoutError | TimeoutError):
+        return SSHConnectError(f"{where}: timed out while connecting", host=host)
+    if isinstance(exc, OSError):
+        return SSHConnectError(f"{where}: {exc.strerror or exc}", host=host)
+    if isinstance(exc, ValueError | TypeError):
+        # asyncssh rejects bad options (an unreadable key file, an unknown option...)
+        return SSHConnectError(f"{where}: bad connection options: {exc}", host=host)
+    return SSHConnectError(f"{where}: {type(exc).__name__}: {exc}", host=host)

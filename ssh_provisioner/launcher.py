@@ -1,0 +1,401 @@
+"""The supervisor that runs on the kernel's host.
+
+Standard library only, Python >= 3.7: its source travels over the SSH channel
+(see ``BOOTSTRAP``), so nothing needs installing on the host but Python and the
+kernel.  Protocol, one JSON document per line:
+
+stdin   line 1   the launcher source (consumed by ``BOOTSTRAP``)
+        line 2   the launch spec (argv, env, transport, session key, ...)
+        then     control lines: ``{"op": "signal", "signum": N}``
+stdout  ready    ``{"event": "ready", "pid", "pgid", "endpoints", ...}``
+        error    ``{"event": "error", "reason", "message", "stderr"}``
+        exit     ``{"event": "exit", "status": N}``   (Popen convention: -N = signal)
+
+The kernel's own stdout/stderr are relayed to the launcher's stderr.
+When stdin reaches EOF (the SSH channel closed) while the kernel runs, the
+kernel's process group is killed after ``orphan_timeout`` seconds.
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import json
+import os
+import queue
+import shutil
+import signal
+import socket
+import string
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Any
+
+CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
+STDERR_TAIL_LINES = 40
+BIND_ATTEMPTS = 3
+TERMINATE_GRACE = 3.0
+
+# Run by the remote shell as `python -c BOOTSTRAP`; the launcher source is the first
+# stdin line, so no secret and no script ever appears on a command line.
+BOOTSTRAP = (
+    "import sys,json;"
+    "exec(compile(json.loads(sys.stdin.readline()),'ssh_provisioner_launcher','exec'))"
+)
+
+
+class LaunchFailed(Exception):
+    def __init__(self, reason: str, message: str, stderr: str = "", status: int | None = None):
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.stderr = stderr
+        self.status = status
+
+
+def emit(event: dict[str, Any]) -> None:
+    try:
+        sys.stdout.write(json.dumps(event) + "\n")
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        pass  # the channel is gone; supervision goes on without a listener
+
+
+def log(message: str) -> None:
+    try:
+        sys.stderr.write("ssh-provisioner launcher: " + message + "\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+
+
+def killpg(pgid: int, signum: int) -> bool:
+    try:
+        os.killpg(pgid, signum)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+def pick_tcp_ports(count: int) -> list[int]:
+    """Let this host's kernel choose free ports: bind them all at once, then release."""
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind(("127.0.0.1", 0))
+            sockets.append(sock)
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def endpoint_listening(transport: str, endpoint: Any) -> bool:
+    family = socket.AF_UNIX if transport == "ipc" else socket.AF_INET
+    address = endpoint if transport == "ipc" else ("127.0.0.1", endpoint)
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(0.5)
+        sock.connect(address)
+    except OSError:
+        return False
+    finally:
+        sock.close()
+    return True
+
+
+class Supervisor:
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self.spec = spec
+        self.transport = spec["transport"]
+        self.events: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
+        self.runtime_dir = tempfile.mkdtemp(prefix="jupyter-sshp-")  # mode 0700
+        self.process: subprocess.Popen[bytes] | None = None
+        self.pgid = 0
+        self.stdin_closed = threading.Event()
+
+    # -- setup -------------------------------------------------------------------
+
+    def write_private(self, name: str, data: bytes) -> str:
+        path = os.path.join(self.runtime_dir, name)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return path
+
+    def resource_dir(self) -> str:
+        files = self.spec.get("resource_files") or {}
+        if not files:
+            return self.runtime_dir
+        path = os.path.join(self.runtime_dir, "resources")
+        os.mkdir(path, 0o700)
+        for name, encoded in files.items():
+            if "/" in name or name in (".", ".."):
+                continue
+            with open(os.path.join(path, name), "wb") as f:
+                f.write(base64.b64decode(encoded))
+        return path
+
+    def kernel_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(self.spec.get("env") or {})
+        for name, template in self.spec.get("env_templates") or []:
+            env[name] = string.Template(template).safe_substitute(env)
+        return env
+
+    def kernel_cwd(self) -> str:
+        cwd = os.path.expanduser(self.spec.get("cwd") or "~")
+        if not os.path.isdir(cwd):
+            raise LaunchFailed(
+                "cwd-not-found", "remote_cwd %r is not a directory on the host" % cwd
+            )
+        return cwd
+
+    def endpoints(self, attempt: int) -> dict[str, Any]:
+        if self.transport == "ipc":
+            prefix = os.path.join(self.runtime_dir, "k%d" % attempt)
+            return {name: "%s-%d" % (prefix, i + 1) for i, name in enumerate(CHANNELS)}
+        return dict(zip(CHANNELS, pick_tcp_ports(len(CHANNELS)), strict=False))
+
+    def connection_file(self, endpoints: dict[str, Any], attempt: int) -> str:
+        info: dict[str, Any] = dict(self.spec["connection"])
+        info["transport"] = self.transport
+        if self.transport == "ipc":
+            info["ip"] = endpoints["shell"].rsplit("-", 1)[0]
+            for i, name in enumerate(CHANNELS):
+                info[name + "_port"] = i + 1
+        else:
+            info["ip"] = "127.0.0.1"
+            for name in CHANNELS:
+                info[name + "_port"] = endpoints[name]
+        name = "kernel-%s-%d.json" % (self.spec["kernel_id"], attempt)
+        return self.write_private(name, json.dumps(info, indent=1).encode())
+
+    # -- kernel process --------------------------------------------------------------
+
+    def relay(self, pipe: Any) -> None:
+        for raw in iter(pipe.readline, b""):
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            self.stderr_tail.append(line)
+            try:
+                sys.stderr.write(line + "\n")
+                sys.stderr.flush()
+            except (OSError, ValueError):
+                pass
+        pipe.close()
+
+    def spawn(self, argv: list[str], env: dict[str, str], cwd: str) -> None:
+        executable = shutil.which(argv[0], path=env.get("PATH")) if "/" not in argv[0] else argv[0]
+        if executable is None or not os.path.exists(executable):
+            raise LaunchFailed(
+                "argv-not-found",
+                "kernel command %r not found on the host (PATH=%s)"
+                % (argv[0], env.get("PATH", "")),
+            )
+        try:
+            # start_new_session: the kernel leads its own process group, so killpg reaches
+            # it and its children and never this launcher.  Signal dispositions the
+            # launcher *ignores* would be inherited; it ignores none (see main()).
+            self.process = subprocess.Popen(
+                [executable, *argv[1:]],
+                env=env,
+                cwd=cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                close_fds=True,
+            )
+        except OSError as exc:
+            raise LaunchFailed(
+                "argv-not-executable", "cannot start %r on the host: %s" % (argv[0], exc)
+            ) from exc
+        self.pgid = self.process.pid
+        self.stderr_tail.clear()
+        threading.Thread(target=self.relay, args=(self.process.stdout,), daemon=True).start()
+
+    def wait_until_listening(self, endpoints: dict[str, Any], deadline: float) -> None:
+        assert self.process is not None
+        pending = list(endpoints.values())
+        delay = 0.002
+        while pending:
+            if self.process.poll() is not None:
+                self.process.wait()
+                time.sleep(0.05)  # let the relay thread drain the kernel's last words
+                raise LaunchFailed(
+                    "kernel-exited",
+                    "the kernel exited with status %s before it was ready"
+                    % self.process.returncode,
+                    "\n".join(self.stderr_tail),
+                    self.process.returncode,
+                )
+            if self.stdin_closed.is_set():
+                raise LaunchFailed("aborted", "the client went away before the kernel was ready")
+            if time.monotonic() > deadline:
+                raise LaunchFailed("ready-timeout", "the kernel did not open its ports in time")
+            pending = [e for e in pending if not endpoint_listening(self.transport, e)]
+            if pending:
+                time.sleep(delay)
+                delay = min(delay * 2, 0.05)
+
+    def start(self) -> dict[str, Any]:
+        env = self.kernel_env()
+        cwd = self.kernel_cwd()
+        resource_dir = self.resource_dir()
+        deadline = time.monotonic() + float(self.spec.get("ready_timeout", 60))
+        for attempt in range(1, BIND_ATTEMPTS + 1):
+            endpoints = self.endpoints(attempt)
+            connection_file = self.connection_file(endpoints, attempt)
+            names = {"connection_file": connection_file, "resource_dir": resource_dir}
+            argv = [arg.format_map(_Keep(names)) for arg in self.spec["argv"]]
+            self.spawn(argv, env, cwd)
+            try:
+                self.wait_until_listening(endpoints, deadline)
+            except LaunchFailed as exc:
+                raced = "Address already in use" in exc.stderr
+                if exc.reason == "kernel-exited" and raced and attempt < BIND_ATTEMPTS:
+                    log("a kernel port was taken between pick and bind; retrying")
+                    os.unlink(connection_file)
+                    continue
+                raise
+            return {
+                "event": "ready",
+                "pid": self.process.pid if self.process else 0,
+                "pgid": self.pgid,
+                "endpoints": endpoints,
+                "runtime_dir": self.runtime_dir,
+                "connection_file": connection_file,
+                "cwd": cwd,
+                "home": os.path.expanduser("~"),
+                "hostname": socket.gethostname(),
+                "launcher_pid": os.getpid(),
+            }
+        raise AssertionError("unreachable")
+
+    # -- supervision -------------------------------------------------------------------
+
+    def read_control(self) -> None:
+        for line in sys.stdin:
+            self.events.put(("line", line))
+        self.stdin_closed.set()
+        self.events.put(("eof", None))
+
+    def wait_kernel(self) -> None:
+        assert self.process is not None
+        self.events.put(("exit", self.process.wait()))
+
+    def handle_control(self, line: str) -> None:
+        try:
+            message = json.loads(line)
+            if message.get("op") == "signal":
+                killpg(self.pgid, int(message["signum"]))
+        except (ValueError, TypeError, KeyError, OverflowError) as exc:
+            log("ignored a malformed control line: %s" % exc)
+
+    def supervise(self) -> int:
+        threading.Thread(target=self.wait_kernel, daemon=True).start()
+        orphan_deadline: float | None = None
+        killed_at: float | None = None
+        while True:
+            now = time.monotonic()
+            if orphan_deadline is not None and now >= orphan_deadline:
+                orphan_deadline = None
+                killed_at = now
+                log("no client for %ss; terminating the kernel" % self.spec["orphan_timeout"])
+                killpg(self.pgid, signal.SIGTERM)
+            if killed_at is not None and now >= killed_at + TERMINATE_GRACE:
+                killed_at = None
+                killpg(self.pgid, signal.SIGKILL)
+            timeouts = [t - now for t in (orphan_deadline,) if t is not None]
+            if killed_at is not None:
+                timeouts.append(killed_at + TERMINATE_GRACE - now)
+            try:
+                kind, value = self.events.get(
+                    timeout=max(0.01, min(timeouts)) if timeouts else None
+                )
+            except queue.Empty:
+                continue
+            if kind == "line":
+                self.handle_control(value)
+            elif kind == "eof":
+                orphan_deadline = time.monotonic() + float(self.spec["orphan_timeout"])
+            elif kind == "exit":
+                return int(value)
+
+    def stop_kernel(self) -> None:
+        """Used when giving up before the handshake: nothing of the kernel may remain."""
+        if self.process is None or self.process.poll() is not None:
+            if self.pgid:
+                killpg(self.pgid, signal.SIGKILL)
+            return
+        killpg(self.pgid, signal.SIGKILL)
+        self.process.wait()
+
+    def cleanup(self) -> None:
+        if self.pgid:
+            # Whatever the kernel left in its process group has lost its owner.
+            killpg(self.pgid, signal.SIGKILL)
+        shutil.rmtree(self.runtime_dir, ignore_errors=True)
+
+
+class _Keep(dict):  # type: ignore[type-arg]
+    """format_map namespace that leaves unknown {fields} as they were."""
+
+    def __missing__(self, key: str) -> str:
+        return "{" + key + "}"
+
+
+def on_terminate(supervisor: Supervisor | None) -> Any:
+    def handler(signum: int, frame: Any) -> None:
+        if supervisor is not None and supervisor.pgid:
+            killpg(supervisor.pgid, signal.SIGTERM)
+        raise SystemExit(128 + signum)
+
+    return handler
+
+
+def main() -> int:
+    line = sys.stdin.readline()
+    if not line:
+        return 2
+    spec = json.loads(line)
+    supervisor = Supervisor(spec)
+    # Interrupts sent to the launcher (an SSH `signal` request, for instance) go to the
+    # kernel; Python resets handled signals to SIG_DFL in the child, which is exactly
+    # what a kernel needs (a non-interactive shell's background jobs ignore SIGINT).
+    for signum in (signal.SIGINT, signal.SIGQUIT):
+        signal.signal(signum, lambda s, f: supervisor.pgid and killpg(supervisor.pgid, s))
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, on_terminate(supervisor))
+    threading.Thread(target=supervisor.read_control, daemon=True).start()
+    status = 1
+    try:
+        try:
+            emit(supervisor.start())
+        except LaunchFailed as exc:
+            supervisor.stop_kernel()
+            emit(
+                {
+                    "event": "error",
+                    "reason": exc.reason,
+                    "message": exc.message,
+                    "stderr": exc.stderr,
+                    "status": exc.status,
+                }
+            )
+            return 3
+        status = supervisor.supervise()
+        supervisor.cleanup()
+        emit({"event": "exit", "status": status})
+    finally:
+        supervisor.cleanup()
+    return status if status >= 0 else 128 - status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""One shared asyncssh connection per destination, per event loop.
+
+Every kernel placed on a host leases the same connection: the launcher's session
+channel, its control traffic and the five forwards are multiplexed over it.  A
+connection whose last lease is released closes after an idle period; a closed or
+dead connection is replaced on the next lease.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncssh
+
+from .errors import ProvisionerConfigError, translate_connect_error
+from .hosts import Host
+
+log = logging.getLogger(__name__)
+
+DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"
+
+
+@dataclass
+class _Entry:
+    connection: asyncssh.SSHClientConnection
+    leases: int = 0
+    idle_close: asyncio.TimerHandle | None = None
+
+
+@dataclass
+class Lease:
+    """A kernel's claim on a pooled connection; ``release()`` once, when the kernel is gone."""
+
+    pool: ConnectionPool
+    key: str
+    host: Host
+    connection: asyncssh.SSHClientConnection
+    released: bool = field(default=False)
+
+    def release(self, idle_timeout: float) -> None:
+        if not self.released:
+            self.released = True
+            self.pool._release(self.key, self.connection, idle_timeout)
+
+
+def check_connect_options(options: dict[str, Any]) -> None:
+    """Refuse options that would silently weaken host-key checking."""
+    if "known_hosts" in options and options["known_hosts"] is None:
+        raise ProvisionerConfigError(
+            "connect_options: known_hosts=null would disable host-key checking, which "
+            "ssh-provisioner never does; list a known_hosts file instead"
+        )
+
+
+class ConnectionPool:
+    def __init__(self) -> None:
+        self._entries: dict[str, _Entry] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._closing: set[asyncio.Task[None]] = set()
+
+    @staticmethod
+    def key_for(host: Host, options: dict[str, Any]) -> str:
+        return json.dumps([str(host), options], sort_keys=True, default=repr)
+
+    async def lease(self, host: Host, options: dict[str, Any], *, connect_timeout: float) -> Lease:
+        """Return a lease on a live connection to ``host``, connecting if needed."""
+        check_connect_options(options)
+        key = self.key_for(host, options)
+        async with self._locks.setdefault(key, asyncio.Lock()):
+            entry = self._entries.get(key)
+            if entry is not None and _is_dead(entry.connection):
+                log.info("SSH connection to %s was lost; reconnecting", host)
+                self._entries.pop(key, None)
+                self._close_later(entry.connection)
+                entry = None
+            if entry is None:
+                connection = await connect(host, options, connect_timeout=connect_timeout)
+                entry = self._entries[key] = _Entry(connection)
+            if entry.idle_close is not None:
+                entry.idle_close.cancel()
+                entry.idle_close = None
+            entry.leases += 1
+            return Lease(self, key, host, entry.connection)
+
+    def _release(
+        self, key: str, connection: asyncssh.SSHClientConnection, idle_timeout: float
+    ) -> None:
+        entry = self._entries.get(key)
+        if entry is None or entry.connection is not connection:
+            return
+        entry.leases -= 1
+        if entry.leases > 0:
+            return
+        if idle_timeout <= 0:
+            self._drop(key, connection)
+        else:
+            loop = asyncio.get_running_loop()
+            entry.idle_close = loop.call_later(idle_timeout, self._drop, key, connection)
+
+    def _drop(self, key: str, connection: asyncssh.SSHClientConnection) -> None:
+        entry = self._entries.get(key)
+        if entry is not None and entry.connection is connection and entry.leases == 0:
+            del self._entries[key]
+            self._close_later(connection)
+
+    def _close_later(self, connection: asyncssh.SSHClientConnection) -> None:
+        connection.close()
+        task = asyncio.get_running_loop().create_task(connection.wait_closed())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._entries)
+
+    async def aclose(self) -> None:
+        """Close every connection, leased or not (server shutdown, test teardown)."""
+        entries, self._entries = self._entries, {}
+        for entry in entries.values():
+            if entry.idle_close is not None:
+                entry.idle_close.cancel()
+            entry.connection.close()
+        for entry in entries.values():
+            with contextlib.suppress(Exception):
+                await entry.connection.wait_closed()
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
+
+
+def _is_dead(connection: asyncssh.SSHClientConnection) -> bool:
+    return connection.is_closed()
+
+
+async def connect(
+    host: Host, options: dict[str, Any], *, connect_timeout: float
+) -> asyncssh.SSHClientConnection:
+    """Open a connection, translating every failure into our exception tree."""
+    kwargs = {**options, **host.connect_kwargs()}
+    kwargs.setdefault("connect_timeout", connect_timeout)
+    try:
+        return await asyncio.wait_for(asyncssh.connect(**kwargs), connect_timeout + 1)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        entries = None
+        if isinstance(exc, asyncssh.HostKeyNotVerifiable):
+            entries = await asyncio.to_thread(_count_known_keys, host, options)
+        raise translate_connect_error(str(host), exc, known_host_entries=entries) from exc
+
+
+def _count_known_keys(host: Host, options: dict[str, Any]) -> int:
+    """How many keys the client trusts for ``host``: tells 'unknown' from 'changed'."""
+    known_hosts = options.get("known_hosts", DEFAULT_KNOWN_HOSTS)
+    sources = known_hosts if isinstance(known_hosts, list | tuple) else [known_hosts]
+    total = 0
+    for source in sources:
+        if isinstance(source, str):
+            source = os.path.expanduser(source)
+            if not os.path.exists(source):
+                continue
+        try:
+            trusted, ca_keys, *_ = asyncssh.match_known_hosts(
+                source, host.hostname, host.hostname, host.port
+            )
+        except (OSError, ValueError, asyncssh.Error):
+            continue
+        total += len(trusted) + len(ca_keys)
+    return total
+
+
+_pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, ConnectionPool] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def get_pool() -> ConnectionPool:
+    """The pool of the running event loop (connections cannot cross loops)."""
+    loop = asyncio.get_running_loop()
+    pool = _pools.get(loop)
+    if pool is None:
+        pool = _pools[loop] = ConnectionPool()
+    return pool

@@ -1,0 +1,345 @@
+"""RemoteKernel: the launcher running on a host, seen from here.
+
+The launcher's SSH channel is the kernel's lifeline: its stdout carries the
+handshake and the exit status, its stdin carries signals, its stderr the kernel's
+own output.  ``poll`` and ``wait`` therefore need no network round trip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import logging
+import shlex
+import signal
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import asyncssh
+
+from .errors import LaunchError, LaunchTimeout, RemoteCommandError, SSHConnectError
+from .hosts import Host
+from .launcher import BOOTSTRAP, CHANNELS
+
+log = logging.getLogger(__name__)
+
+MAX_LINE = 1 << 20  # a handshake or event line longer than this is hostile or broken
+STDERR_TAIL_LINES = 40
+CLOSE_GRACE = 5.0
+COMMAND_NOT_FOUND = 127
+CONNECTION_LOST_STATUS = 255  # what ssh(1) reports when the link, not the command, failed
+
+
+@dataclass(frozen=True)
+class Handshake:
+    """What the launcher reports once the kernel listens on all five endpoints."""
+
+    pid: int
+    pgid: int
+    launcher_pid: int
+    endpoints: dict[str, int | str]
+    runtime_dir: str
+    connection_file: str
+    cwd: str
+    home: str
+    hostname: str
+
+    @classmethod
+    def from_event(cls, event: dict[str, Any]) -> Handshake:
+        endpoints = event["endpoints"]
+        if not isinstance(endpoints, dict) or set(endpoints) != set(CHANNELS):
+            raise ValueError("endpoints must name the five kernel channels")
+        return cls(
+            pid=int(event["pid"]),
+            pgid=int(event["pgid"]),
+            launcher_pid=int(event["launcher_pid"]),
+            endpoints={k: v if isinstance(v, str) else int(v) for k, v in endpoints.items()},
+            runtime_dir=str(event["runtime_dir"]),
+            connection_file=str(event["connection_file"]),
+            cwd=str(event["cwd"]),
+            home=str(event["home"]),
+            hostname=str(event["hostname"]),
+        )
+
+
+def launcher_source() -> str:
+    return resources.files("ssh_provisioner").joinpath("launcher.py").read_text("utf-8")
+
+
+def launcher_command(python: str) -> str:
+    # exec: the shell gives its place to Python, one process fewer to signal or orphan.
+    return "exec " + shlex.join([python, "-c", BOOTSTRAP])
+
+
+class _LineReader:
+    """Bounded line reader: a hostile peer cannot make us buffer without limit."""
+
+    def __init__(self, stream: asyncssh.SSHReader[bytes]) -> None:
+        self._stream = stream
+        self._buffer = bytearray()
+
+    async def readline(self) -> bytes | None:
+        while True:
+            newline = self._buffer.find(b"\n")
+            if newline >= 0:
+                line = bytes(self._buffer[: newline + 1])
+                del self._buffer[: newline + 1]
+                return line
+            if len(self._buffer) > MAX_LINE:
+                raise ValueError(f"a line longer than {MAX_LINE} bytes")
+            chunk = await self._stream.read(65536)
+            if not chunk:
+                return None
+            self._buffer += chunk
+
+
+class RemoteKernel:
+    """A kernel started by the launcher on ``host``; owns the launcher's channel."""
+
+    def __init__(
+        self,
+        host: Host,
+        connection: asyncssh.SSHClientConnection,
+        process: asyncssh.SSHClientProcess[bytes],
+        kernel_id: str,
+    ) -> None:
+        self.host = host
+        self.connection = connection
+        self.kernel_id = kernel_id
+        self._process = process
+        self._stdout = _LineReader(process.stdout)
+        self._stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
+        self._exit: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.handshake: Handshake | None = None
+
+    # -- start -----------------------------------------------------------------------
+
+    @classmethod
+    async def start(
+        cls,
+        connection: asyncssh.SSHClientConnection,
+        host: Host,
+        *,
+        python: str,
+        spec: dict[str, Any],
+        kernel_id: str,
+        timeout: float,
+    ) -> RemoteKernel:
+        """Exec the launcher, send it the spec on stdin, wait for its handshake."""
+        try:
+            process = await connection.create_process(
+                launcher_command(python), encoding=None, stdin=asyncssh.PIPE
+            )
+        except (asyncssh.Error, OSError) as exc:
+            raise SSHConnectError(
+                f"SSH to {host}: cannot open a session channel for the launcher: {exc}",
+                host=str(host),
+            ) from exc
+        kernel = cls(host, connection, process, kernel_id)
+        kernel._tasks.append(asyncio.create_task(kernel._pump_stderr()))
+        try:
+            process.stdin.write(json.dumps(launcher_source()).encode() + b"\n")
+            process.stdin.write(json.dumps(spec).encode() + b"\n")
+            try:
+                event = await asyncio.wait_for(kernel._read_handshake(python), timeout)
+            except TimeoutError:
+                raise LaunchTimeout(
+                    f"kernel {kernel_id} on {host}: not ready after {timeout:g}s "
+                    f"(launch_timeout); last output: {kernel.stderr_tail or '(none)'}",
+                    host=str(host),
+                    stderr_tail=kernel.stderr_tail,
+                ) from None
+        except BaseException:
+            await kernel.abort()
+            raise
+        kernel.handshake = event
+        kernel._tasks.append(asyncio.create_task(kernel._pump_events()))
+        return kernel
+
+    async def _read_handshake(self, python: str) -> Handshake:
+        host = self.host
+        try:
+            line = await self._stdout.readline()
+        except ValueError as exc:
+            raise LaunchError(f"launcher on {host} sent {exc}", host=str(host)) from exc
+        if line is None:
+            status = await self._closed_status()
+            await self._drain_stderr()
+            if status == COMMAND_NOT_FOUND:
+                raise LaunchError(
+                    f"on {host}: remote_python {python!r} was not found "
+                    f"(exit status 127): {self.stderr_tail}",
+                    host=str(host),
+                    stderr_tail=self.stderr_tail,
+                )
+            raise LaunchError(
+                f"launcher on {host} exited with status {status} before its handshake: "
+                f"{self.stderr_tail or '(no output)'}",
+                host=str(host),
+                stderr_tail=self.stderr_tail,
+            )
+        try:
+            event = json.loads(line)
+            kind = event["event"]
+            if kind == "ready":
+                return Handshake.from_event(event)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise LaunchError(
+                f"launcher on {host} sent an invalid handshake ({exc}): {line[:200]!r}",
+                host=str(host),
+            ) from exc
+        if kind == "error":
+            stderr = str(event.get("stderr") or "")
+            message = f"kernel {self.kernel_id} on {host}: {event.get('message')}"
+            if stderr:
+                message += f"; kernel output:\n{stderr}"
+            raise LaunchError(message, host=str(host), stderr_tail=stderr)
+        raise LaunchError(f"launcher on {host} sent an unexpected {kind!r} event", host=str(host))
+
+    # -- supervision --------------------------------------------------------------------
+
+    async def _pump_events(self) -> None:
+        status: int | None = None
+        try:
+            while True:
+                line = await self._stdout.readline()
+                if line is None:
+                    break
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    event = json.loads(line)
+                    if event["event"] == "exit":
+                        status = int(event["status"])
+        except (ValueError, asyncssh.Error, OSError) as exc:
+            log.warning(
+                "kernel %s on %s: launcher channel failed: %s", self.kernel_id, self.host, exc
+            )
+        if status is None:
+            status = await self._closed_status()
+        if status is None:
+            log.warning(
+                "kernel %s on %s: the SSH connection was lost; treating the kernel as dead",
+                self.kernel_id,
+                self.host,
+            )
+            status = CONNECTION_LOST_STATUS
+        if not self._exit.done():
+            self._exit.set_result(status)
+
+    async def _pump_stderr(self) -> None:
+        reader = _LineReader(self._process.stderr)
+        with contextlib.suppress(ValueError, asyncssh.Error, OSError):
+            while (line := await reader.readline()) is not None:
+                text = line.decode("utf-8", "replace").rstrip("\n")
+                self._stderr_tail.append(text)
+                log.debug("kernel %s on %s: %s", self.kernel_id, self.host, text)
+
+    async def _drain_stderr(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._tasks[0]), 1.0)
+
+    async def _closed_status(self) -> int | None:
+        with contextlib.suppress(TimeoutError, asyncssh.Error, OSError):
+            await asyncio.wait_for(self._process.wait_closed(), CLOSE_GRACE)
+        return self._process.exit_status
+
+    @property
+    def ready(self) -> Handshake:
+        """The handshake; only a started kernel has one."""
+        if self.handshake is None:
+            raise RuntimeError(f"kernel {self.kernel_id} on {self.host} has not started")
+        return self.handshake
+
+    @property
+    def endpoints(self) -> dict[str, int | str]:
+        return self.ready.endpoints
+
+    @property
+    def stderr_tail(self) -> str:
+        return "\n".join(self._stderr_tail)
+
+    def poll(self) -> int | None:
+        return self._exit.result() if self._exit.done() else None
+
+    async def wait(self) -> int:
+        return await asyncio.shield(self._exit)
+
+    async def send_signal(self, signum: int) -> None:
+        """Signal the kernel's process group, through the launcher or a fallback exec."""
+        if self._exit.done():
+            return
+        if not self._process.is_closing():
+            message = json.dumps({"op": "signal", "signum": int(signum)}).encode() + b"\n"
+            try:
+                self._process.stdin.write(message)
+                return
+            except (asyncssh.Error, OSError, BrokenPipeError) as exc:
+                log.info(
+                    "kernel %s on %s: launcher channel unusable (%s); signalling over exec",
+                    self.kernel_id,
+                    self.host,
+                    exc,
+                )
+        await self._kill_over_exec(signum)
+
+    async def _kill_over_exec(self, signum: int) -> None:
+        argv = ["kill", "-s", signal.Signals(signum).name.removeprefix("SIG"), "--"]
+        argv.append(f"-{self.ready.pgid}")
+        try:
+            result = await asyncio.wait_for(self.connection.run(shlex.join(argv)), CLOSE_GRACE)
+        except (asyncssh.Error, OSError, TimeoutError) as exc:
+            raise RemoteCommandError(
+                f"on {self.host}: cannot signal kernel {self.kernel_id}: {exc}",
+                host=str(self.host),
+                argv=argv,
+                exit_status=None,
+            ) from exc
+        if result.exit_status not in (0, 1):  # 1: the group is already gone
+            stderr = str(result.stderr or "")[-500:]
+            raise RemoteCommandError(
+                f"on {self.host}: {shlex.join(argv)} failed with status "
+                f"{result.exit_status}: {stderr}",
+                host=str(self.host),
+                argv=argv,
+                exit_status=result.exit_status,
+                stderr_tail=stderr,
+            )
+
+    # -- shutdown ---------------------------------------------------------------------
+
+    async def abort(self) -> None:
+        """Give up on a kernel that never became ready: the launcher removes everything."""
+        with contextlib.suppress(asyncssh.Error, OSError):
+            self._process.stdin.write_eof()
+        await self._close_channel()
+
+    async def aclose(self) -> None:
+        """Wait for the launcher to finish (kernel gone, runtime dir removed), then let go.
+
+        A kernel still running at this point is killed: nothing outlives ``cleanup``.
+        """
+        if not self._exit.done():
+            await self.send_signal(signal.SIGKILL)
+        with contextlib.suppress(asyncssh.Error, OSError):
+            self._process.stdin.write_eof()
+        await self._close_channel()
+
+    async def _close_channel(self) -> None:
+        try:
+            await asyncio.wait_for(self._process.wait_closed(), CLOSE_GRACE)
+        except (TimeoutError, asyncssh.Error, OSError):
+            log.warning(
+                "kernel %s on %s: launcher did not finish within %ss; closing its channel",
+                self.kernel_id,
+                self.host,
+                CLOSE_GRACE,
+            )
+            self._process.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if not self._exit.done():
+            self._exit.set_result(self._process.exit_status or CONNECTION_LOST_STATUS)

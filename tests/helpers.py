@@ -1,0 +1,91 @@
+"""Observations of the host side and the local side, and kernel client helpers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from jupyter_client.asynchronous import AsyncKernelClient
+
+
+def process_alive(pid: int) -> bool:
+    """True for a live process; a zombie counts as dead (`kill -0` would say alive)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    state = next((line for line in status.splitlines() if line.startswith("State:")), "")
+    return "zombie" not in state and "Z" not in state.split()[1:2]
+
+
+def process_group_members(pgid: int) -> list[int]:
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(entry))
+    return members
+
+
+def tcp_listeners() -> set[tuple[str, int]]:
+    """Every TCP socket in LISTEN state on this machine, as (hex address, port)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[3] == "0A":
+                address, port = fields[1].split(":")
+                found.add((address, int(port, 16)))
+    return found
+
+
+def listening_ports() -> set[int]:
+    return {port for _, port in tcp_listeners()}
+
+
+def cmdlines_containing(needle: bytes) -> list[int]:
+    hits = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if needle in Path(f"/proc/{entry}/cmdline").read_bytes():
+                hits.append(int(entry))
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+    return hits
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def execute(
+    kc: AsyncKernelClient, code: str, timeout: float = 30.0, stdin_reply: str | None = None
+) -> tuple[str, dict[str, Any]]:
+    """Run ``code``; return (stdout text, execute_reply content)."""
+    chunks: list[str] = []
+
+    def on_output(msg: dict[str, Any]) -> None:
+        if msg["msg_type"] == "stream" and msg["content"]["name"] == "stdout":
+            chunks.append(msg["content"]["text"])
+
+    reply = await kc.execute_interactive(code, output_hook=on_output, timeout=timeout)
+    return "".join(chunks), reply["content"]
