@@ -137,6 +137,7 @@ class SSHProvisioner(KernelProvisionerBase):
         self._host: Host | None = None
         self._handshake: Handshake | None = None
         self._reaped = False
+        self._restart_ports: dict[str, int] | None = None
 
     def _parse_hosts(self, where: str) -> list[Host]:
         try:
@@ -212,7 +213,9 @@ class SSHProvisioner(KernelProvisionerBase):
                 kernel_id=str(self.kernel_id),
                 timeout=self.launch_timeout,
             )
-            tunnels = await KernelTunnels.open(lease.connection, host, kernel.endpoints)
+            tunnels = await KernelTunnels.open(
+                lease.connection, host, kernel.endpoints, preferred_ports=self._restart_ports
+            )
         except BaseException:
             if kernel is not None:
                 await kernel.aclose()
@@ -221,6 +224,7 @@ class SSHProvisioner(KernelProvisionerBase):
         self._host, self._lease, self._kernel, self._tunnels = host, lease, kernel, tunnels
         self._handshake = kernel.ready
         self._reaped = False
+        self._restart_ports = None
         self.connection_info = self._local_connection_info(tunnels.local_ports)
         self.log.info(
             "kernel %s on %s (%s): pid %d, %s transport, ready in %.0f ms",
@@ -261,13 +265,16 @@ class SSHProvisioner(KernelProvisionerBase):
     async def cleanup(self, restart: bool = False) -> None:
         """Called by KernelManager.cleanup_resources after every shutdown; idempotent.
 
-        Closes the forwards, waits until the launcher has removed the kernel and its
-        runtime dir, and releases the pooled connection (kept for a restart or reuse).
+        Closes the forwards (remembering their ports for a restart), waits until the
+        launcher has removed the kernel and its runtime dir, and releases the pooled
+        connection (kept open for a restart or reuse).
         """
         tunnels, kernel, lease = self._tunnels, self._kernel, self._lease
         self._tunnels = self._kernel = self._lease = None
         self._reaped = True
         if tunnels is not None:
+            if restart:
+                self._restart_ports = tunnels.local_ports
             await tunnels.aclose()
         if kernel is not None:
             await kernel.aclose()

@@ -30,20 +30,28 @@ class KernelTunnels:
         connection: asyncssh.SSHClientConnection,
         host: Host,
         endpoints: dict[str, int | str],
+        *,
+        preferred_ports: dict[str, int] | None = None,
     ) -> KernelTunnels:
-        """Forward a fresh local port to each endpoint (a TCP port or a Unix socket path)."""
+        """Forward a local port to each endpoint (a TCP port or a Unix socket path).
+
+        ``preferred_ports`` are the previous kernel's local ports: after a restart the
+        clients already connected (Jupyter Server's channels among them) reconnect to
+        the same ports, as they do with a local kernel.  Taken ports fall back to new ones.
+        """
         tunnels = cls(host, {})
         try:
             for channel in CHANNELS:
-                endpoint = endpoints[channel]
-                if isinstance(endpoint, str):
-                    listener = await connection.forward_local_port_to_path(
-                        LOCAL_ADDRESS, 0, endpoint
+                port = (preferred_ports or {}).get(channel, 0)
+                try:
+                    listener = await _forward(connection, port, endpoints[channel])
+                except OSError as exc:
+                    if not port:
+                        raise
+                    log.warning(
+                        "on %s: local port %d is taken (%s); using a new one", host, port, exc
                     )
-                else:
-                    listener = await connection.forward_local_port(
-                        LOCAL_ADDRESS, 0, LOCAL_ADDRESS, endpoint
-                    )
+                    listener = await _forward(connection, 0, endpoints[channel])
                 tunnels._listeners[channel] = listener
         except (asyncssh.Error, OSError) as exc:
             await tunnels.aclose()
@@ -65,3 +73,11 @@ class KernelTunnels:
         for listener in listeners.values():
             with contextlib.suppress(asyncssh.Error, OSError):
                 await asyncio.wait_for(listener.wait_closed(), 5.0)
+
+
+async def _forward(
+    connection: asyncssh.SSHClientConnection, local_port: int, endpoint: int | str
+) -> asyncssh.SSHListener:
+    if isinstance(endpoint, str):
+        return await connection.forward_local_port_to_path(LOCAL_ADDRESS, local_port, endpoint)
+    return await connection.forward_local_port(LOCAL_ADDRESS, local_port, LOCAL_ADDRESS, endpoint)

@@ -161,3 +161,41 @@ def host_config(host_a: SSHDaemon, client_key: tuple[Path, str], login: str) -> 
 async def _close_connection_pool() -> AsyncIterator[None]:
     yield
     await get_pool().aclose()
+
+
+RUNTIME_DIR_GLOB = "jupyter-sshp-*"
+REMOTE_MARKERS = (b"ssh_provisioner_launcher", b"jupyter-sshp-")
+
+
+def remote_leftovers() -> dict[str, Any]:
+    """What a kernel could leave on a loopback host: processes and runtime dirs."""
+    from .helpers import cmdlines_containing
+
+    pids = sorted({pid for marker in REMOTE_MARKERS for pid in cmdlines_containing(marker)})
+    pids = [pid for pid in pids if pid != os.getpid()]
+    dirs = sorted(str(p) for p in Path(tempfile.gettempdir()).glob(RUNTIME_DIR_GLOB))
+    return {"processes": pids, "runtime_dirs": dirs}
+
+
+@pytest.fixture
+async def no_leaks() -> AsyncIterator[None]:
+    """Fails the test if it leaves a launcher, kernel, runtime dir or 127.0.0.1 listener."""
+    from .helpers import tcp_listeners, wait_until
+
+    loopback = "0100007F"  # 127.0.0.1 in /proc/net/tcp byte order
+    before_listeners = {entry for entry in tcp_listeners() if entry[0] == loopback}
+    before = remote_leftovers()
+    yield
+    await get_pool().aclose()
+
+    def clean() -> bool:
+        listeners = {entry for entry in tcp_listeners() if entry[0] == loopback}
+        return remote_leftovers() == before and listeners <= before_listeners
+
+    try:
+        await wait_until(clean, 10.0, "the kernel's processes, dirs and listeners to go")
+    except AssertionError:
+        listeners = {e for e in tcp_listeners() if e[0] == loopback} - before_listeners
+        raise AssertionError(
+            f"left behind: {remote_leftovers()} (before: {before}); new listeners: {listeners}"
+        ) from None

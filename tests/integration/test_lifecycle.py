@@ -1,0 +1,279 @@
+"""A real AsyncKernelManager runs a real ipykernel through real sshd, as root and as a user."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from jupyter_client.asynchronous import AsyncKernelClient
+from jupyter_client.ioloop import AsyncIOLoopKernelManager
+from jupyter_client.manager import AsyncKernelManager
+
+from ..conftest import KernelSpecFactory
+from ..helpers import (
+    cmdlines_containing,
+    execute,
+    listening_ports,
+    process_alive,
+    wait_until,
+)
+
+pytestmark = [pytest.mark.sshd, pytest.mark.usefixtures("no_leaks")]
+
+
+@asynccontextmanager
+async def running_kernel(
+    make_kernelspec: KernelSpecFactory,
+    config: dict[str, Any],
+    manager_class: type[AsyncKernelManager] = AsyncKernelManager,
+    **spec: Any,
+) -> AsyncIterator[tuple[AsyncKernelManager, AsyncKernelClient]]:
+    ksm, name = make_kernelspec(config, **spec)
+    km = manager_class(kernel_name=name, kernel_spec_manager=ksm)
+    km.shutdown_wait_time = 4.0
+    await km.start_kernel()
+    kc = km.client()
+    kc.start_channels()
+    try:
+        await kc.wait_for_ready(timeout=30)
+        yield km, kc
+    finally:
+        kc.stop_channels()
+        # also when the kernel is already gone: shutdown_kernel runs cleanup_resources
+        if not km.context.closed:  # unless the test shut it down itself
+            await km.shutdown_kernel()
+
+
+async def kernel_pid(kc: AsyncKernelClient) -> int:
+    out, _ = await execute(kc, "import os; print(os.getpid())")
+    return int(out)
+
+
+async def test_kernel_runs_under_ssh_as_the_login_user(
+    make_kernelspec: KernelSpecFactory, host_config: dict[str, Any], login: str
+) -> None:
+    async with running_kernel(make_kernelspec, host_config) as (km, kc):
+        out, reply = await execute(
+            kc,
+            "import os, pwd; print(os.environ['SSH_CONNECTION']); print(pwd.getpwuid(os.getuid()).pw_name)",
+        )
+        assert reply["status"] == "ok"
+        ssh_connection, user = out.split()[-5:-1], out.split()[-1]
+        assert ssh_connection[2] == "127.0.0.2"
+        assert user == login
+        info = await km.provisioner.get_provisioner_info()
+        assert info["host"] == host_config["hosts"][0]
+        assert process_alive(info["pid"])
+        assert Path(info["runtime_dir"]).is_dir()
+        # connection info points at this machine's ends of the forwards
+        assert km.get_connection_info()["ip"] == "127.0.0.1"
+        assert km.get_connection_info()["shell_port"] not in info["endpoints"].values()
+
+
+async def test_host_environment_survives_the_servers_env(
+    make_kernelspec: KernelSpecFactory, host_config: dict[str, Any]
+) -> None:
+    """Jupyter Server hands the kernel its whole os.environ; only KERNEL_* and allow-listed
+    names may cross, and the kernelspec env / remote_env apply on top of the host's."""
+    config = {
+        **host_config,
+        "forward_env": ["LC_SSHP_*"],
+        "remote_env": {"FROM_REMOTE_ENV": "r:${HOME}"},
+    }
+    ksm, name = make_kernelspec(config, env={"FROM_SPEC": "spec:${PATH}"})
+    km = AsyncKernelManager(kernel_name=name, kernel_spec_manager=ksm)
+    server_env = {
+        "PATH": "/only/on/the/server/bin",
+        "HOME": "/only/on/the/server/home",
+        "SERVER_SECRET": "must-not-cross",
+        "KERNEL_USERNAME": "alice",
+        "JPY_SESSION_NAME": "nb.ipynb",
+        "LC_SSHP_EXTRA": "allowed",
+    }
+    await km.start_kernel(env=server_env)
+    kc = km.client()
+    kc.start_channels()
+    try:
+        await kc.wait_for_ready(timeout=30)
+        names = [
+            "PATH",
+            "HOME",
+            "SERVER_SECRET",
+            "KERNEL_USERNAME",
+            "JPY_SESSION_NAME",
+            "LC_SSHP_EXTRA",
+            "FROM_SPEC",
+            "FROM_REMOTE_ENV",
+        ]
+        out, _ = await execute(
+            kc, f"import os, json; print(json.dumps({{n: os.environ.get(n) for n in {names!r}}}))"
+        )
+        import json
+
+        env = json.loads(out)
+        assert env["PATH"] != "/only/on/the/server/bin" and "/usr/bin" in env["PATH"]
+        assert env["HOME"] != "/only/on/the/server/home"
+        assert env["SERVER_SECRET"] is None
+        assert env["KERNEL_USERNAME"] == "alice"
+        assert env["JPY_SESSION_NAME"] == "nb.ipynb"
+        assert env["LC_SSHP_EXTRA"] == "allowed"
+        assert env["FROM_SPEC"] == "spec:" + env["PATH"]  # ${PATH} is the host's
+        assert env["FROM_REMOTE_ENV"] == "r:" + env["HOME"]
+    finally:
+        kc.stop_channels()
+        await km.shutdown_kernel()
+
+
+@pytest.mark.parametrize("interrupt_mode", ["signal", "message"])
+async def test_interrupt_stops_a_sleeping_cell(
+    make_kernelspec: KernelSpecFactory, host_config: dict[str, Any], interrupt_mode: str
+) -> None:
+    async with running_kernel(make_kernelspec, host_config, interrupt_mode=interrupt_mode) as (
+        km,
+        kc,
+    ):
+        msg_id = kc.execute("import time; time.sleep(60)")
+        await wait_for_status(kc, msg_id, "busy")
+        started = time.monotonic()
+        await km.interrupt_kernel()
+        reply = await kc.get_shell_msg(timeout=10)
+        elapsed = time.monotonic() - started
+        assert reply["parent_header"]["msg_id"] == msg_id
+        assert reply["content"]["status"] == "error"
+        assert reply["content"]["ename"] == "KeyboardInterrupt"
+        assert elapsed < 2.0, f"interrupt took {elapsed:.2f}s"
+        out, _ = await execute(kc, "print('still alive')")
+        assert out.strip() == "still alive"
+
+
+async def wait_for_status(kc: AsyncKernelClient, msg_id: str, state: str) -> None:
+    async def seen() -> None:
+        while True:
+            msg = await kc.get_iopub_msg(timeout=10)
+            if (
+                msg["msg_type"] == "status"
+                and msg["parent_header"].get("msg_id") == msg_id
+                and msg["content"]["execution_state"] == state
+            ):
+                return
+
+    await asyncio.wait_for(seen(), 10)
+
+
+async def test_restart_gives_a_new_process_and_ends_the_old(
+    make_kernelspec: KernelSpecFactory, host_config: dict[str, Any]
+) -> None:
+    async with running_kernel(make_kernelspec, host_config) as (km, kc):
+        old_pid = await kernel_pid(kc)
+        old_dir = (await km.provisioner.get_provisioner_info())["runtime_dir"]
+        await km.restart_kernel()
+        await kc.wait_for_ready(timeout=30)
+        new_pid = await kernel_pid(kc)
+        assert new_pid != old_pid
+        assert not process_alive(old_pid)
+        assert not Path(old_dir).exists()
+        out, _ = await execute(kc, "print(6 * 7)")
+        assert out.strip() == "42"
+
+
+async def test_kernel_that_dies_is_reported_and_restarted(
+    make_kernelspec: KernelSpecFactory, host_config: dict[str, Any]
+) -> None:
+    async with running_kernel(make_kernelspec, host_config, AsyncIOLoopKernelManager) as (km, kc):
+        restarted = asyncio.Event()
+        km.add_restart_callback(restarted.set, "restart")
+        km.stop_restarter()
+        km._restarter.time_to_dead = 0.2  # poll often; the default is 3 s
+        km.start_restarter()
+        old_pid = await kernel_pid(kc)
+        kc.execute("import os; os._exit(3)")
+        await wait_until(lambda: not process_alive(old_pid), 10, "the kernel to exit")
+        # poll() reports the kernel's own exit status (or the restarter already acted)
+        status = await km.provisioner.poll()
+        assert status in (3, None)
+        await asyncio.wait_for(restarted.wait(), 20)
+        await kc.wait_for_ready(timeout=30)
+        assert await kernel_pid(kc) != old_pid
+        km.stop_restarter()
+
+
+async def test_exit_status_is_the_kernels_own(
+    make_kernelspec: KernelSpecFactory, host_config: dict[str, Any]
+) -> None:
+    async with running_kernel(make_kernelspec, host_config) as (km, kc):
+        kc.execute("import os; os._exit(3)")
+        await asyncio.wait_for(km.provisioner.wait(), 10)
+        assert await km.provisioner.poll() == 3
+
+
+async def test_kernel_that_ignores_shutdown_is_killed(
+    make_kernelspec: KernelSpecFactory, host_config: dict[str, Any]
+) -> None:
+    async with running_kernel(make_kernelspec, host_config) as (km, kc):
+        pid = await kernel_pid(kc)
+        _, reply = await execute(
+            kc,
+            "import signal\n"
+            "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+            "kernel = get_ipython().kernel\n"
+            "async def ignore(*args, **kwargs): pass\n"
+            "kernel.control_handlers['shutdown_request'] = ignore\n",
+        )
+        assert reply["status"] == "ok"
+        km.shutdown_wait_time = 2.0
+        started = time.monotonic()
+        await km.shutdown_kernel()
+        assert not process_alive(pid)
+        assert time.monotonic() - started < 10
+
+
+async def test_shutdown_leaves_nothing_on_either_side(
+    make_kernelspec: KernelSpecFactory, host_config: dict[str, Any]
+) -> None:
+    async with running_kernel(make_kernelspec, host_config) as (km, kc):
+        info = await km.provisioner.get_provisioner_info()
+        local = km.get_connection_info()
+        local_ports = {local[f"{c}_port"] for c in ("shell", "iopub", "stdin", "control", "hb")}
+        remote_ports = set(info["endpoints"].values())
+        assert local_ports <= listening_ports()
+        assert remote_ports <= listening_ports()
+        key = km.session.key
+        assert cmdlines_containing(key) == [], "the session key is on a command line"
+        connection_file = Path(info["remote_connection_file"])
+        assert oct(connection_file.stat().st_mode & 0o777) == oct(0o600)
+        assert oct(Path(info["runtime_dir"]).stat().st_mode & 0o777) == oct(0o700)
+    assert not process_alive(info["pid"])
+    assert not process_alive(info["launcher_pid"])
+    assert not Path(info["runtime_dir"]).exists()
+    assert not (local_ports | remote_ports) & listening_ports()
+    assert not os.path.exists(km.connection_file)
+
+
+async def test_ipc_transport(
+    make_kernelspec: KernelSpecFactory, host_config: dict[str, Any]
+) -> None:
+    config = {**host_config, "remote_transport": "ipc"}
+    async with running_kernel(make_kernelspec, config) as (km, kc):
+        info = await km.provisioner.get_provisioner_info()
+        for endpoint in info["endpoints"].values():
+            assert isinstance(endpoint, str) and endpoint.startswith(info["runtime_dir"])
+            assert Path(endpoint).is_socket()
+        out, _ = await execute(kc, "print(sum(range(10)))")
+        assert out.strip() == "45"
+    assert not Path(info["runtime_dir"]).exists()
+
+
+async def test_cleanup_is_idempotent(
+    make_kernelspec: KernelSpecFactory, host_config: dict[str, Any]
+) -> None:
+    async with running_kernel(make_kernelspec, host_config) as (km, _kc):
+        provisioner = km.provisioner
+    await provisioner.cleanup()
+    await provisioner.cleanup(restart=False)
+    assert not provisioner.has_process
