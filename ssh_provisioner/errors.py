@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import shlex
 import socket
 from collections.abc import Sequence
 
@@ -72,13 +73,19 @@ class RemoteCommandError(SSHProvisionerError):
 
 
 def translate_connect_error(
-    host: str, exc: BaseException, *, known_host_entries: int | None = None
+    host: str,
+    exc: BaseException,
+    *,
+    known_host_entries: int | None = None,
+    known_hosts_name: str | None = None,
 ) -> SSHConnectError:
     """Map an exception raised while connecting to ``host`` to our tree.
 
     ``known_host_entries`` is how many keys the client trusts for this host; it tells
-    an unknown host key (0) from a changed one (> 0).
+    an unknown host key (0) from a changed one (> 0).  ``known_hosts_name`` is how
+    known_hosts spells the host (``[name]:port`` for a non-default port).
     """
+    entry = shlex.quote(known_hosts_name or host)
     where = f"SSH to {host}"
     if isinstance(exc, asyncssh.HostKeyNotVerifiable):
         if known_host_entries:
@@ -86,13 +93,13 @@ def translate_connect_error(
                 f"{where}: the host key has CHANGED and does not match the key on record in "
                 f"known_hosts; someone may be intercepting the connection, or the host was "
                 f"reinstalled. Verify the new key out of band, then replace the old entry "
-                f"(ssh-keygen -R {host}). ({exc.reason})",
+                f"(ssh-keygen -R {entry}). ({exc.reason})",
                 host=host,
             )
         return HostKeyError(
-            f"{where}: the host key is unknown (no entry in known_hosts) and unknown keys are "
-            f"never accepted. Verify the key and add it, e.g. by connecting once with "
-            f"`ssh {host}`. ({exc.reason})",
+            f"{where}: the host key is unknown (no entry for {entry} in known_hosts) and "
+            f"unknown keys are never accepted. Verify the key's fingerprint and add it, e.g. "
+            f"by connecting once with ssh. ({exc.reason})",
             host=host,
         )
     if isinstance(exc, asyncssh.PermissionDenied):

@@ -58,6 +58,13 @@ class Host:
             kwargs["port"] = self.port
         return kwargs
 
+    @property
+    def known_hosts_name(self) -> str:
+        """How known_hosts names this host: ``[name]:port`` unless the port is default."""
+        if self.port is None or self.port == 22:
+            return self.hostname
+        return f"[{self.hostname}]:{self.port}"
+
     def __str__(self) -> str:
         name = f"[{self.hostname}]" if ":" in self.hostname and self.port else self.hostname
         text = f"{self.user}@{name}" if self.user else name

@@ -152,7 +152,9 @@ async def connect(
         entries = None
         if isinstance(exc, asyncssh.HostKeyNotVerifiable):
             entries = await asyncio.to_thread(_count_known_keys, host, options)
-        raise translate_connect_error(str(host), exc, known_host_entries=entries) from exc
+        raise translate_connect_error(
+            str(host), exc, known_host_entries=entries, known_hosts_name=host.known_hosts_name
+        ) from exc
 
 
 def _count_known_keys(host: Host, options: dict[str, Any]) -> int:

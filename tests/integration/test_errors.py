@@ -1,0 +1,194 @@
+"""Bad input gets an error of the right type that names the host and the cause,
+and leaves nothing behind on either side."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from jupyter_client.manager import AsyncKernelManager
+
+from ssh_provisioner import (
+    AuthenticationError,
+    HostKeyError,
+    LaunchError,
+    LaunchTimeout,
+    ProvisionerConfigError,
+    SSHConnectError,
+)
+
+from ..conftest import KernelSpecFactory, connect_options
+from ..sshd import SSHDaemon, free_port, generate_key
+
+pytestmark = [pytest.mark.sshd, pytest.mark.usefixtures("no_leaks")]
+
+
+async def start_failing(
+    make_kernelspec: KernelSpecFactory,
+    config: dict[str, Any],
+    error: type[BaseException],
+    **spec: Any,
+) -> str:
+    ksm, name = make_kernelspec(config, **spec)
+    km = AsyncKernelManager(kernel_name=name, kernel_spec_manager=ksm)
+    try:
+        with pytest.raises(error) as raised:
+            await km.start_kernel()
+    finally:
+        await km.cleanup_resources()
+    assert not km.connection_file or not Path(km.connection_file).exists()
+    return str(raised.value)
+
+
+@pytest.fixture
+def root_config(host_a: SSHDaemon, client_key: tuple[Path, str]) -> dict[str, Any]:
+    return {
+        "hosts": [host_a.destination("root")],
+        "connect_options": connect_options(host_a, client_key[0]),
+        "remote_python": sys.executable,
+        "launch_timeout": 20.0,
+    }
+
+
+async def test_unknown_host_name(make_kernelspec: KernelSpecFactory, root_config: dict) -> None:
+    config = {**root_config, "hosts": ["no-such-host.invalid"]}
+    message = await start_failing(make_kernelspec, config, SSHConnectError)
+    assert "no-such-host.invalid" in message
+    assert "resolve" in message
+
+
+async def test_connection_refused(make_kernelspec: KernelSpecFactory, root_config: dict) -> None:
+    destination = f"root@127.0.0.2:{free_port('127.0.0.2')}"
+    config = {**root_config, "hosts": [destination]}
+    message = await start_failing(make_kernelspec, config, SSHConnectError)
+    assert destination in message
+    assert "refused" in message
+
+
+async def test_authentication_refused(
+    make_kernelspec: KernelSpecFactory, root_config: dict, host_a: SSHDaemon, tmp_path: Path
+) -> None:
+    stranger = tmp_path / "stranger_key"
+    generate_key(stranger)
+    config = {**root_config, "connect_options": connect_options(host_a, stranger)}
+    message = await start_failing(make_kernelspec, config, AuthenticationError)
+    assert host_a.destination("root") in message
+    assert "authentication refused" in message
+
+
+async def test_unknown_host_key_is_refused(
+    make_kernelspec: KernelSpecFactory,
+    root_config: dict,
+    host_a: SSHDaemon,
+    client_key: tuple[Path, str],
+    tmp_path: Path,
+) -> None:
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    options = connect_options(host_a, client_key[0], known_hosts=str(empty))
+    message = await start_failing(
+        make_kernelspec, {**root_config, "connect_options": options}, HostKeyError
+    )
+    assert host_a.destination("root") in message
+    assert "unknown" in message
+
+
+async def test_changed_host_key_is_refused(
+    make_kernelspec: KernelSpecFactory,
+    root_config: dict,
+    host_a: SSHDaemon,
+    client_key: tuple[Path, str],
+    tmp_path: Path,
+) -> None:
+    impostor = generate_key(tmp_path / "other_host_key")
+    known = tmp_path / "known_hosts"
+    known.write_text(host_a.known_hosts_line(impostor) + "\n")
+    options = connect_options(host_a, client_key[0], known_hosts=str(known))
+    message = await start_failing(
+        make_kernelspec, {**root_config, "connect_options": options}, HostKeyError
+    )
+    assert host_a.destination("root") in message
+    assert "CHANGED" in message
+
+
+async def test_disabling_host_key_checks_is_refused(
+    make_kernelspec: KernelSpecFactory, root_config: dict, host_a: SSHDaemon
+) -> None:
+    options = {**root_config["connect_options"], "known_hosts": None}
+    message = await start_failing(
+        make_kernelspec, {**root_config, "connect_options": options}, ProvisionerConfigError
+    )
+    assert "known_hosts" in message
+
+
+async def test_remote_python_not_found(
+    make_kernelspec: KernelSpecFactory, root_config: dict
+) -> None:
+    config = {**root_config, "remote_python": "/opt/no/such/python3"}
+    message = await start_failing(make_kernelspec, config, LaunchError)
+    assert root_config["hosts"][0] in message
+    assert "/opt/no/such/python3" in message
+    assert "not found" in message
+
+
+async def test_kernel_argv_not_found(make_kernelspec: KernelSpecFactory, root_config: dict) -> None:
+    message = await start_failing(
+        make_kernelspec,
+        root_config,
+        LaunchError,
+        argv=["no-such-kernel-binary", "-f", "{connection_file}"],
+    )
+    assert root_config["hosts"][0] in message
+    assert "'no-such-kernel-binary' not found on the host" in message
+
+
+async def test_kernel_exits_before_the_handshake(
+    make_kernelspec: KernelSpecFactory, root_config: dict
+) -> None:
+    argv = [sys.executable, "-c", "import sys; print('boom-marker', file=sys.stderr); sys.exit(4)"]
+    message = await start_failing(make_kernelspec, root_config, LaunchError, argv=argv)
+    assert root_config["hosts"][0] in message
+    assert "status 4" in message
+    assert "boom-marker" in message
+
+
+async def test_launch_timeout(make_kernelspec: KernelSpecFactory, root_config: dict) -> None:
+    argv = [sys.executable, "-c", "import time; time.sleep(120)", "{connection_file}"]
+    started = time.monotonic()
+    message = await start_failing(
+        make_kernelspec, {**root_config, "launch_timeout": 1.5}, LaunchTimeout, argv=argv
+    )
+    assert time.monotonic() - started < 10
+    assert root_config["hosts"][0] in message
+    assert "launch_timeout" in message
+
+
+async def test_remote_cwd_missing(make_kernelspec: KernelSpecFactory, root_config: dict) -> None:
+    config = {**root_config, "remote_cwd": "/no/such/dir"}
+    message = await start_failing(make_kernelspec, config, LaunchError)
+    assert "/no/such/dir" in message
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "expected"),
+    [
+        ("host", ["x"], "did you mean 'hosts'"),
+        ("launch_timeout", "soon", "launch_timeout"),
+        ("remote_transport", "udp", "remote_transport"),
+        ("hosts", ["root@gpu1:99999"], "invalid port"),
+    ],
+)
+async def test_kernelspec_config_typo(
+    make_kernelspec: KernelSpecFactory,
+    root_config: dict,
+    option: str,
+    value: Any,
+    expected: str,
+) -> None:
+    config = {**root_config, option: value}
+    message = await start_failing(make_kernelspec, config, ProvisionerConfigError)
+    assert expected in message
+    assert "SSH test" in message  # names the kernelspec
