@@ -1,179 +1,38 @@
-"""Real OpenSSH daemons for tests: own host key, known_hosts and authorized_keys in a temp dir.
-
-Nothing here reads or writes /etc/ssh or anyone's ~/.ssh.
-"""
+"""The sshd rig for tests: throwaway hosts plus a second, unprivileged login user."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pwd
-import signal
-import socket
 import subprocess
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
-import asyncssh
+from ssh_provisioner.throwaway import (
+    SSHDaemon,
+    SSHDUnavailable,
+    free_port,
+    generate_key,
+    running_sshd,
+    sshd_missing_reason,
+)
 
-SSHD = "/usr/sbin/sshd"
-READY_TIMEOUT = 10.0
+__all__ = [
+    "TEST_USER",
+    "SSHDUnavailable",
+    "SSHDaemon",
+    "free_port",
+    "generate_key",
+    "running_sshd",
+    "sshd_unavailable_reason",
+]
+
 TEST_USER = "sshp-test"
 
 
-class SSHDUnavailable(RuntimeError):
-    pass
-
-
 def sshd_unavailable_reason() -> str | None:
-    if not os.path.exists(SSHD):
-        return f"{SSHD} is missing: apt-get install openssh-server (or run .ci/setup)"
-    if os.geteuid() != 0:
-        return "the sshd tests run as root (they log in as root and as a second user)"
-    return None
-
-
-def generate_key(path: Path) -> str:
-    """Write a new ed25519 private key at ``path``; return the public key line."""
-    key = asyncssh.generate_private_key("ssh-ed25519")
-    key.write_private_key(str(path))
-    path.chmod(0o600)
-    return key.export_public_key().decode().strip()
-
-
-def free_port(address: str) -> int:
-    with socket.socket() as sock:
-        sock.bind((address, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def read_banner(address: str, port: int) -> bool:
-    try:
-        with socket.create_connection((address, port), timeout=1.0) as sock:
-            return sock.recv(64).startswith(b"SSH-2.0-")
-    except OSError:
-        return False
-
-
-@dataclass
-class SSHDaemon:
-    """One running sshd; ``host_public_key`` is what its clients must trust."""
-
-    address: str
-    port: int
-    directory: Path
-    host_public_key: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
-    known_hosts: Path = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.known_hosts = self.directory / "known_hosts"
-        self.known_hosts.write_text(self.known_hosts_line() + "\n")
-
-    def known_hosts_line(self, public_key: str | None = None) -> str:
-        return f"[{self.address}]:{self.port} {public_key or self.host_public_key}"
-
-    def destination(self, user: str) -> str:
-        return f"{user}@{self.address}:{self.port}"
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            # the daemon leads its own process group: connection handlers go with it
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(5)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-
-
-def start_sshd(
-    directory: Path, address: str, authorized_keys: str, *, host_key: Path | None = None
-) -> SSHDaemon:
-    """Start ``/usr/sbin/sshd -D -e -f CONFIG`` on a free port and wait for its banner."""
-    reason = sshd_unavailable_reason()
-    if reason:
-        raise SSHDUnavailable(reason)
-    directory.mkdir(parents=True, exist_ok=True)
-    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
-    if host_key is None:
-        host_key = directory / "host_ed25519"
-        public = generate_key(host_key)
-    else:
-        public = asyncssh.read_private_key(str(host_key)).export_public_key().decode().strip()
-    auth = directory / "authorized_keys"
-    auth.write_text(authorized_keys)
-    auth.chmod(0o644)  # sshd reads it as the login user
-    directory.chmod(0o755)
-    last_error = ""
-    for _ in range(5):  # Port 0 is refused; a picked port can be taken before bind
-        port = free_port(address)
-        config = directory / "sshd_config"
-        config.write_text(
-            "\n".join(
-                [
-                    f"Port {port}",
-                    f"ListenAddress {address}",
-                    f"HostKey {host_key}",
-                    f"PidFile {directory / 'sshd.pid'}",
-                    f"AuthorizedKeysFile {auth}",
-                    "StrictModes no",
-                    "UsePAM no",
-                    "PermitRootLogin prohibit-password",
-                    "PasswordAuthentication no",
-                    "KbdInteractiveAuthentication no",
-                    "AllowTcpForwarding yes",
-                    "AllowStreamLocalForwarding yes",
-                    "UseDNS no",
-                    "PrintMotd no",
-                    "MaxSessions 100",
-                    "LogLevel VERBOSE",
-                    "",
-                ]
-            )
-        )
-        log_path = directory / "sshd.log"
-        with open(log_path, "ab") as log:
-            process = subprocess.Popen(
-                [SSHD, "-D", "-e", "-f", str(config)],
-                stdout=log,
-                stderr=log,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + READY_TIMEOUT
-        while time.monotonic() < deadline and process.poll() is None:
-            if read_banner(address, port):
-                return SSHDaemon(address, port, directory, public, process, log_path)
-            time.sleep(0.02)
-        if process.poll() is None:
-            process.kill()
-        process.wait()
-        last_error = log_path.read_text(errors="replace")[-2000:]
-    raise SSHDUnavailable(f"sshd on {address} did not start:\n{last_error}")
-
-
-@contextlib.contextmanager
-def running_sshd(
-    directory: Path, address: str, authorized_keys: str, **kwargs: Any
-) -> Iterator[SSHDaemon]:
-    daemon = start_sshd(directory, address, authorized_keys, **kwargs)
-    try:
-        yield daemon
-    finally:
-        daemon.stop()
+    reason = sshd_missing_reason()
+    if reason is None and os.geteuid() != 0:
+        reason = "the sshd tests run as root (they log in as root and as a second user)"
+    return reason
 
 
 def ensure_test_user() -> tuple[str, bool]:
