@@ -241,7 +241,7 @@ class Supervisor:
             pending = [e for e in pending if not endpoint_listening(self.transport, e)]
             if pending:
                 time.sleep(delay)
-                delay = min(delay * 2, 0.05)
+                delay = min(delay * 2, 0.005)
 
     def start(self) -> dict[str, Any]:
         env = self.kernel_env()

@@ -4,6 +4,9 @@ Every kernel placed on a host leases the same connection: the launcher's session
 channel, its control traffic and the five forwards are multiplexed over it.  A
 connection whose last lease is released closes after an idle period; a closed or
 dead connection is replaced on the next lease.
+
+A connection can also hold *spare processes*: a launcher exec'd ahead of time, past
+the login shell and Python start-up, waiting for its spec.  They die with it.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import json
 import logging
 import os
 import weakref
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +36,19 @@ class _Entry:
     connection: asyncssh.SSHClientConnection
     leases: int = 0
     idle_close: asyncio.TimerHandle | None = None
+    spares: dict[str, SpareProcess] = field(default_factory=dict)
+
+    def close(self) -> None:
+        if self.idle_close is not None:
+            self.idle_close.cancel()
+        for spare in self.spares.values():
+            spare.close()
+        self.spares.clear()
+        self.connection.close()
+
+
+SpareProcess = asyncssh.SSHClientProcess[bytes]
+SpareFactory = Callable[[asyncssh.SSHClientConnection], Awaitable[SpareProcess]]
 
 
 @dataclass
@@ -49,6 +66,21 @@ class Lease:
             self.released = True
             self.pool._release(self.key, self.connection, idle_timeout)
 
+    def take_spare(self, name: str) -> SpareProcess | None:
+        """A live spare process made by ``prepare_spare``, or None."""
+        entry = self.pool._entries.get(self.key)
+        if entry is None or entry.connection is not self.connection:
+            return None
+        spare = entry.spares.pop(name, None)
+        if spare is not None and (spare.is_closing() or spare.exit_status is not None):
+            spare.close()
+            return None
+        return spare
+
+    def prepare_spare(self, name: str, factory: SpareFactory) -> None:
+        """Start a spare in the background unless one is there; failures only cost speed."""
+        self.pool._prepare_spare(self.key, self.connection, name, factory)
+
 
 def check_connect_options(options: dict[str, Any]) -> None:
     """Refuse options that would silently weaken host-key checking."""
@@ -64,6 +96,7 @@ class ConnectionPool:
         self._entries: dict[str, _Entry] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._closing: set[asyncio.Task[None]] = set()
+        self._preparing: dict[tuple[str, str], asyncio.Task[None]] = {}
 
     @staticmethod
     def key_for(host: Host, options: dict[str, Any]) -> str:
@@ -78,7 +111,7 @@ class ConnectionPool:
             if entry is not None and _is_dead(entry.connection):
                 log.info("SSH connection to %s was lost; reconnecting", host)
                 self._entries.pop(key, None)
-                self._close_later(entry.connection)
+                self._close_later(entry)
                 entry = None
             if entry is None:
                 connection = await connect(host, options, connect_timeout=connect_timeout)
@@ -104,14 +137,38 @@ class ConnectionPool:
             loop = asyncio.get_running_loop()
             entry.idle_close = loop.call_later(idle_timeout, self._drop, key, connection)
 
+    def _prepare_spare(
+        self, key: str, connection: asyncssh.SSHClientConnection, name: str, factory: SpareFactory
+    ) -> None:
+        entry = self._entries.get(key)
+        if entry is None or name in entry.spares or (key, name) in self._preparing:
+            return
+
+        async def prepare() -> None:
+            try:
+                spare = await factory(connection)
+            except (asyncssh.Error, OSError) as exc:
+                log.debug("no spare %s on %s: %s", name, key, exc)
+                return
+            finally:
+                self._preparing.pop((key, name), None)
+            current = self._entries.get(key)
+            if current is None or current.connection is not connection or name in current.spares:
+                spare.close()
+            else:
+                current.spares[name] = spare
+
+        self._preparing[(key, name)] = asyncio.get_running_loop().create_task(prepare())
+
     def _drop(self, key: str, connection: asyncssh.SSHClientConnection) -> None:
         entry = self._entries.get(key)
         if entry is not None and entry.connection is connection and entry.leases == 0:
             del self._entries[key]
-            self._close_later(connection)
+            self._close_later(entry)
 
-    def _close_later(self, connection: asyncssh.SSHClientConnection) -> None:
-        connection.close()
+    def _close_later(self, entry: _Entry) -> None:
+        entry.close()
+        connection = entry.connection
         task = asyncio.get_running_loop().create_task(connection.wait_closed())
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
@@ -123,10 +180,12 @@ class ConnectionPool:
     async def aclose(self) -> None:
         """Close every connection, leased or not (server shutdown, test teardown)."""
         entries, self._entries = self._entries, {}
+        preparing, self._preparing = self._preparing, {}
+        for task in preparing.values():
+            task.cancel()
+        await asyncio.gather(*preparing.values(), return_exceptions=True)
         for entry in entries.values():
-            if entry.idle_close is not None:
-                entry.idle_close.cancel()
-            entry.connection.close()
+            entry.close()
         for entry in entries.values():
             with contextlib.suppress(Exception):
                 await entry.connection.wait_closed()

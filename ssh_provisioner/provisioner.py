@@ -16,12 +16,12 @@ from typing import Any
 
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
-from traitlets import CaselessStrEnum, Dict, Float, Int, List, TraitError, Unicode
+from traitlets import Bool, CaselessStrEnum, Dict, Float, Int, List, TraitError, Unicode
 
 from .errors import HostSelectionError, ProvisionerConfigError
 from .hosts import Host
 from .pool import Lease, check_connect_options, get_pool
-from .remote import Handshake, RemoteKernel
+from .remote import Handshake, RemoteKernel, start_launcher
 from .tunnels import KernelTunnels
 
 # Forwarded from the launch request whatever forward_env says: what a kernel needs from
@@ -102,6 +102,12 @@ class SSHProvisioner(KernelProvisionerBase):
     )
     keepalive_count_max = Int(
         3, config=True, help="Unanswered keepalives before a connection counts as dead."
+    )
+    prewarm_launcher = Bool(
+        True,
+        config=True,
+        help="Keep one idle launcher per host and interpreter ready, so that the next "
+        "kernel start skips the login shell's and Python's start-up.",
     )
     pool_idle_timeout = Float(
         60.0,
@@ -204,14 +210,16 @@ class SSHProvisioner(KernelProvisionerBase):
             host, self._connect_options(), connect_timeout=self.connect_timeout
         )
         kernel: RemoteKernel | None = None
+        python = self.remote_python
         try:
             kernel = await RemoteKernel.start(
                 lease.connection,
                 host,
-                python=self.remote_python,
+                python=python,
                 spec=self._launch_spec(cmd),
                 kernel_id=str(self.kernel_id),
                 timeout=self.launch_timeout,
+                spare=lease.take_spare(python) if self.prewarm_launcher else None,
             )
             tunnels = await KernelTunnels.open(
                 lease.connection, host, kernel.endpoints, preferred_ports=self._restart_ports
@@ -221,6 +229,8 @@ class SSHProvisioner(KernelProvisionerBase):
                 await kernel.aclose()
             lease.release(self.pool_idle_timeout)
             raise
+        if self.prewarm_launcher:
+            lease.prepare_spare(python, lambda connection: start_launcher(connection, python))
         self._host, self._lease, self._kernel, self._tunnels = host, lease, kernel, tunnels
         self._handshake = kernel.ready
         self._reaped = False

@@ -74,6 +74,21 @@ def launcher_command(python: str) -> str:
     return "exec " + shlex.join([python, "-c", BOOTSTRAP])
 
 
+async def start_launcher(
+    connection: asyncssh.SSHClientConnection, python: str
+) -> asyncssh.SSHClientProcess[bytes]:
+    """Exec the launcher and send it its source; it then waits for a spec on stdin.
+
+    Also used ahead of time, to keep a spare launcher past the login shell's and
+    Python's start-up (a login shell that runs conda or pyenv init costs 100+ ms).
+    """
+    process = await connection.create_process(
+        launcher_command(python), encoding=None, stdin=asyncssh.PIPE
+    )
+    process.stdin.write(json.dumps(launcher_source()).encode() + b"\n")
+    return process
+
+
 class _LineReader:
     """Bounded line reader: a hostile peer cannot make us buffer without limit."""
 
@@ -128,12 +143,11 @@ class RemoteKernel:
         spec: dict[str, Any],
         kernel_id: str,
         timeout: float,
+        spare: asyncssh.SSHClientProcess[bytes] | None = None,
     ) -> RemoteKernel:
-        """Exec the launcher, send it the spec on stdin, wait for its handshake."""
+        """Exec the launcher (or use a ``spare`` one), send it the spec, await its handshake."""
         try:
-            process = await connection.create_process(
-                launcher_command(python), encoding=None, stdin=asyncssh.PIPE
-            )
+            process = spare or await start_launcher(connection, python)
         except (asyncssh.Error, OSError) as exc:
             raise SSHConnectError(
                 f"SSH to {host}: cannot open a session channel for the launcher: {exc}",
@@ -142,7 +156,6 @@ class RemoteKernel:
         kernel = cls(host, connection, process, kernel_id)
         kernel._tasks.append(asyncio.create_task(kernel._pump_stderr()))
         try:
-            process.stdin.write(json.dumps(launcher_source()).encode() + b"\n")
             process.stdin.write(json.dumps(spec).encode() + b"\n")
             try:
                 event = await asyncio.wait_for(kernel._read_handshake(python), timeout)

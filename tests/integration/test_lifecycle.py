@@ -15,6 +15,8 @@ from jupyter_client.asynchronous import AsyncKernelClient
 from jupyter_client.ioloop import AsyncIOLoopKernelManager
 from jupyter_client.manager import AsyncKernelManager
 
+from ssh_provisioner.pool import get_pool
+
 from ..conftest import KernelSpecFactory
 from ..helpers import (
     cmdlines_containing,
@@ -277,3 +279,34 @@ async def test_cleanup_is_idempotent(
     await provisioner.cleanup()
     await provisioner.cleanup(restart=False)
     assert not provisioner.has_process
+
+
+async def test_second_start_uses_the_prepared_launcher(
+    make_kernelspec: KernelSpecFactory, host_config: dict[str, Any]
+) -> None:
+    """Warm starts skip the login shell: a spare launcher waits on the pooled connection."""
+    async with running_kernel(make_kernelspec, host_config) as (km1, _):
+        first = (await km1.provisioner.get_provisioner_info())["launcher_pid"]
+
+        def spare_pids() -> set[int]:
+            return set(cmdlines_containing(b"ssh_provisioner_launcher")) - {first}
+
+        await wait_until(lambda: len(spare_pids()) == 1, 10, "a spare launcher")
+        (spare,) = spare_pids()
+        async with running_kernel(make_kernelspec, host_config) as (km2, kc2):
+            assert (await km2.provisioner.get_provisioner_info())["launcher_pid"] == spare
+            out, _ = await execute(kc2, "print('warm')")
+            assert out.strip() == "warm"
+
+
+async def test_prewarm_can_be_disabled(
+    make_kernelspec: KernelSpecFactory, host_config: dict[str, Any]
+) -> None:
+    config = {**host_config, "prewarm_launcher": False}
+    async with running_kernel(make_kernelspec, config) as (km, _):
+        launcher = (await km.provisioner.get_provisioner_info())["launcher_pid"]
+        pool = get_pool()
+        # spares are scheduled synchronously in launch_kernel: none scheduled, none made
+        assert not pool._preparing
+        assert not any(entry.spares for entry in pool._entries.values())
+        assert set(cmdlines_containing(b"ssh_provisioner_launcher")) == {launcher}

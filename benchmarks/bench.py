@@ -1,0 +1,206 @@
+"""ssh-provisioner against local kernels, measured in one run; prints ratios.
+
+    .venv/bin/python -m benchmarks.bench [--rounds N] [--login USER]
+
+Figures (each a ratio against a baseline measured in the same run):
+- start -> first kernel_info reply: LocalProvisioner vs SSH cold (new connection)
+  and warm (pooled connection reused);
+- execute round trip of `pass`, median and p99: direct local kernel vs SSH;
+- iopub throughput of 200 MB of display_data: direct vs SSH.
+
+The SSH host is a throwaway sshd on 127.0.0.2, so the figures are the provisioner's
+own overhead (launcher, handshake, forwards), not a network's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from jupyter_client.asynchronous import AsyncKernelClient
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import AsyncKernelManager
+
+from ssh_provisioner.pool import get_pool
+from ssh_provisioner.throwaway import SSHDaemon, generate_key, running_sshd
+
+ARGV = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+IOPUB_MB = 200
+CHUNK = 1 << 20
+
+
+def write_specs(directory: Path, host: SSHDaemon, key: Path, login: str) -> KernelSpecManager:
+    config = {
+        "hosts": [host.destination(login)],
+        "connect_options": {
+            "client_keys": [str(key)],
+            "known_hosts": str(host.known_hosts),
+            "config": [],
+            "agent_path": "",
+        },
+        "remote_python": sys.executable,
+        "pool_idle_timeout": 600,
+    }
+    for name, metadata in (
+        ("local", {}),
+        ("ssh", {"kernel_provisioner": {"provisioner_name": "ssh-provisioner", "config": config}}),
+    ):
+        kernel_dir = directory / "kernels" / name
+        kernel_dir.mkdir(parents=True)
+        spec = {"argv": ARGV, "display_name": name, "language": "python", "metadata": metadata}
+        (kernel_dir / "kernel.json").write_text(json.dumps(spec))
+    return KernelSpecManager(kernel_dirs=[str(directory / "kernels")])
+
+
+@asynccontextmanager
+async def kernel(
+    ksm: KernelSpecManager, name: str, timing: list[float] | None = None
+) -> AsyncIterator[AsyncKernelClient]:
+    km = AsyncKernelManager(kernel_name=name, kernel_spec_manager=ksm)
+    started = time.perf_counter()
+    await km.start_kernel()
+    kc = km.client()
+    kc.start_channels()
+    try:
+        # One request, queued by ZMQ until the connection is up: start -> first reply.
+        msg_id = kc.kernel_info()
+        while True:
+            reply = await kc.get_shell_msg(timeout=60)
+            if reply["parent_header"].get("msg_id") == msg_id:
+                break
+        if timing is not None:
+            timing.append(time.perf_counter() - started)
+        await kc.wait_for_ready(timeout=60)  # also drains iopub's first status
+        yield kc
+    finally:
+        kc.stop_channels()
+        await km.shutdown_kernel(now=True)
+
+
+async def start_times(ksm: KernelSpecManager, rounds: int) -> dict[str, list[float]]:
+    times: dict[str, list[float]] = {"local": [], "ssh cold": [], "ssh warm": []}
+    async with kernel(ksm, "local"):  # warm the imports of both paths once
+        pass
+    async with kernel(ksm, "ssh"):
+        pass
+    for _ in range(rounds):  # interleaved, so drift hits every series alike
+        async with kernel(ksm, "local", times["local"]):
+            pass
+        await get_pool().aclose()
+        async with kernel(ksm, "ssh", times["ssh cold"]):
+            pass
+        async with kernel(ksm, "ssh", times["ssh warm"]):
+            pass
+    return times
+
+
+async def round_trips(kc: AsyncKernelClient, count: int) -> list[float]:
+    samples = []
+    for _ in range(count):
+        started = time.perf_counter()
+        reply = await kc.execute("pass", reply=True, timeout=30)
+        samples.append(time.perf_counter() - started)
+        assert reply["content"]["status"] == "ok"
+    return samples
+
+
+async def iopub_throughput(kc: AsyncKernelClient) -> float:
+    code = (
+        "from IPython.display import publish_display_data\n"
+        f"chunk = 'x' * {CHUNK}\n"
+        f"for _ in range({IOPUB_MB}):\n"
+        "    publish_display_data({'text/plain': chunk})\n"
+    )
+    received = 0
+    started = time.perf_counter()
+    msg_id = kc.execute(code)
+    while True:
+        msg = await kc.get_iopub_msg(timeout=120)
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        if msg["msg_type"] == "display_data":
+            received += len(msg["content"]["data"]["text/plain"])
+        elif msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+            break
+    elapsed = time.perf_counter() - started
+    assert received == IOPUB_MB * CHUNK, received
+    return received / elapsed / 1e6
+
+
+def p99(samples: list[float]) -> float:
+    return sorted(samples)[max(0, int(len(samples) * 0.99) - 1)]
+
+
+def measure(rounds: int, login: str) -> None:
+    with tempfile.TemporaryDirectory(prefix="sshp-bench-") as tmp:
+        directory = Path(tmp)
+        directory.chmod(0o755)
+        key = directory / "client_ed25519"
+        public = generate_key(key)
+        with running_sshd(directory / "host", "127.0.0.2", public + "\n") as host:
+            ksm = write_specs(directory, host, key, login)
+            asyncio.run(report(ksm, rounds, login))
+
+
+async def report(ksm: KernelSpecManager, rounds: int, login: str) -> None:
+    try:
+        await report_figures(ksm, rounds, login)
+    finally:
+        await get_pool().aclose()
+
+
+async def report_figures(ksm: KernelSpecManager, rounds: int, login: str) -> None:
+    print(f"ssh-provisioner benchmark: login {login} on a loopback sshd, {rounds} rounds")
+    times = await start_times(ksm, rounds)
+    local = statistics.median(times["local"])
+    print("\nstart -> first kernel_info reply (median)")
+    print(f"  LocalProvisioner  {local * 1000:7.1f} ms   baseline")
+    for name, target in (("ssh cold", 1.25), ("ssh warm", 1.10)):
+        value = statistics.median(times[name])
+        print(f"  {name:<17} {value * 1000:7.1f} ms   {value / local:.2f}x  (target <= {target}x)")
+
+    async def both(
+        measure_one: Callable[[AsyncKernelClient], Awaitable[Any]],
+    ) -> tuple[Any, Any]:
+        async with kernel(ksm, "local") as direct:
+            baseline = await measure_one(direct)
+        async with kernel(ksm, "ssh") as remote:
+            value = await measure_one(remote)
+        return baseline, value
+
+    direct, remote = await both(lambda kc: round_trips(kc, 50 * rounds))
+    print("\nexecute round trip of `pass`")
+    for label, pick in (("median", statistics.median), ("p99", p99)):
+        base, value = pick(direct), pick(remote)
+        print(
+            f"  {label:<6} direct {base * 1000:6.2f} ms   ssh {value * 1000:6.2f} ms   "
+            f"{value / base:.2f}x  (target <= 1.08x)"
+        )
+    direct_mbs, remote_mbs = await both(iopub_throughput)
+    print(f"\niopub throughput, {IOPUB_MB} MB of display_data")
+    print(
+        f"  direct {direct_mbs:6.0f} MB/s   ssh {remote_mbs:6.0f} MB/s   "
+        f"{remote_mbs / direct_mbs:.2f}x  (target >= 0.9x)"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=7, help="start measurements per series")
+    parser.add_argument("--login", default=getpass.getuser(), help="user to log in as")
+    args = parser.parse_args()
+    measure(args.rounds, args.login)
+
+
+if __name__ == "__main__":
+    main()
