@@ -18,7 +18,6 @@ kernel's process group is killed after ``orphan_timeout`` seconds.
 
 from __future__ import annotations
 
-import base64
 import collections
 import json
 import os
@@ -26,7 +25,6 @@ import queue
 import shutil
 import signal
 import socket
-import string
 import subprocess
 import sys
 import tempfile
@@ -132,6 +130,8 @@ class Supervisor:
         files = self.spec.get("resource_files") or {}
         if not files:
             return self.runtime_dir
+        import base64  # only here: every import delays the kernel's start
+
         path = os.path.join(self.runtime_dir, "resources")
         os.mkdir(path, 0o700)
         for name, encoded in files.items():
@@ -144,8 +144,12 @@ class Supervisor:
     def kernel_env(self) -> dict[str, str]:
         env = dict(os.environ)
         env.update(self.spec.get("env") or {})
-        for name, template in self.spec.get("env_templates") or []:
-            env[name] = string.Template(template).safe_substitute(env)
+        templates = self.spec.get("env_templates") or []
+        if templates:
+            from string import Template
+
+            for name, template in templates:
+                env[name] = Template(template).safe_substitute(env)
         return env
 
     def kernel_cwd(self) -> str:

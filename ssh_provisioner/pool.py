@@ -29,6 +29,12 @@ from .hosts import Host
 log = logging.getLogger(__name__)
 
 DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"
+# OpenSSH announces its host keys right after authentication. A channel opened before
+# that message is acknowledged waits ~40 ms: sshd has no TCP_NODELAY until a session
+# starts, so its reply queues behind the unacknowledged announcement (Nagle) until our
+# delayed ACK fires. Waiting for the announcement (about 1 ms) avoids that; servers that
+# send none cost at most this long.
+HOST_KEYS_ANNOUNCEMENT_WAIT = 0.05
 
 
 @dataclass
@@ -203,8 +209,17 @@ async def connect(
     """Open a connection, translating every failure into our exception tree."""
     kwargs = {**options, **host.connect_kwargs()}
     kwargs.setdefault("connect_timeout", connect_timeout)
+    announced = asyncio.Event()
+    users_handler = options.get("server_host_keys_handler")
+
+    def on_host_keys(*args: Any) -> None:
+        announced.set()
+        if users_handler is not None:
+            users_handler(*args)
+
+    kwargs["server_host_keys_handler"] = on_host_keys
     try:
-        return await asyncio.wait_for(asyncssh.connect(**kwargs), connect_timeout + 1)
+        connection = await asyncio.wait_for(asyncssh.connect(**kwargs), connect_timeout + 1)
     except asyncio.CancelledError:
         raise
     except Exception as exc:
@@ -214,6 +229,9 @@ async def connect(
         raise translate_connect_error(
             str(host), exc, known_host_entries=entries, known_hosts_name=host.known_hosts_name
         ) from exc
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(announced.wait(), HOST_KEYS_ANNOUNCEMENT_WAIT)
+    return connection
 
 
 def _count_known_keys(host: Host, options: dict[str, Any]) -> int:

@@ -71,7 +71,8 @@ def launcher_source() -> str:
 
 def launcher_command(python: str) -> str:
     # exec: the shell gives its place to Python, one process fewer to signal or orphan.
-    return "exec " + shlex.join([python, "-c", BOOTSTRAP])
+    # -S: the launcher needs only the stdlib, and site start-up is a fifth of Python's.
+    return "exec " + shlex.join([python, "-S", "-c", BOOTSTRAP])
 
 
 async def start_launcher(
