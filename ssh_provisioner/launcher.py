@@ -34,6 +34,7 @@ from typing import Any
 
 CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
 STDERR_TAIL_LINES = 40
+RUNTIME_DIR_PREFIX = "jupyter-sshp-"
 BIND_ATTEMPTS = 3
 TERMINATE_GRACE = 3.0
 
@@ -112,7 +113,7 @@ class Supervisor:
         self.transport = spec["transport"]
         self.events: queue.Queue[tuple[str, Any]] = queue.Queue()
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
-        self.runtime_dir = tempfile.mkdtemp(prefix="jupyter-sshp-")  # mode 0700
+        self.runtime_dir = tempfile.mkdtemp(prefix=RUNTIME_DIR_PREFIX)  # mode 0700
         self.process: subprocess.Popen[bytes] | None = None
         self.pgid = 0
         self.stdin_closed = threading.Event()
@@ -221,7 +222,10 @@ class Supervisor:
             ) from exc
         self.pgid = self.process.pid
         self.stderr_tail.clear()
-        threading.Thread(target=self.relay, args=(self.process.stdout,), daemon=True).start()
+        self.relay_thread = threading.Thread(
+            target=self.relay, args=(self.process.stdout,), daemon=True
+        )
+        self.relay_thread.start()
 
     def wait_until_listening(self, endpoints: dict[str, Any], deadline: float) -> None:
         assert self.process is not None
@@ -230,7 +234,7 @@ class Supervisor:
         while pending:
             if self.process.poll() is not None:
                 self.process.wait()
-                time.sleep(0.05)  # let the relay thread drain the kernel's last words
+                self.relay_thread.join(1.0)  # the kernel's last words
                 raise LaunchFailed(
                     "kernel-exited",
                     "the kernel exited with status %s before it was ready"

@@ -12,6 +12,7 @@ import collections
 import contextlib
 import json
 import logging
+import posixpath
 import shlex
 import signal
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ import asyncssh
 
 from .errors import LaunchError, LaunchTimeout, RemoteCommandError, SSHConnectError
 from .hosts import Host
-from .launcher import BOOTSTRAP, CHANNELS
+from .launcher import BOOTSTRAP, CHANNELS, RUNTIME_DIR_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -233,6 +234,8 @@ class RemoteKernel:
             )
         if status is None:
             status = await self._closed_status()
+            if self._process.exit_signal is not None and not self.connection.is_closed():
+                status = await self._reap_after_launcher_death()
         if status is None:
             log.warning(
                 "kernel %s on %s: the SSH connection was lost; treating the kernel as dead",
@@ -242,6 +245,29 @@ class RemoteKernel:
             status = CONNECTION_LOST_STATUS
         if not self._exit.done():
             self._exit.set_result(status)
+
+    async def _reap_after_launcher_death(self) -> int:
+        """The launcher ended without a word (killed?): end what it supervised."""
+        signal_name = (self._process.exit_signal or ("KILL", False, "", ""))[0]
+        log.warning(
+            "kernel %s on %s: the launcher died (signal %s); killing the kernel's process group",
+            self.kernel_id,
+            self.host,
+            signal_name,
+        )
+        commands = [["kill", "-s", "KILL", "--", f"-{self.ready.pgid}"]]
+        runtime_dir = self.ready.runtime_dir
+        if posixpath.basename(runtime_dir).startswith(RUNTIME_DIR_PREFIX):
+            commands.append(["rm", "-rf", "--", runtime_dir])
+        with contextlib.suppress(asyncssh.Error, OSError, TimeoutError):
+            await asyncio.wait_for(
+                self.connection.run("; ".join(shlex.join(argv) for argv in commands)),
+                CLOSE_GRACE,
+            )
+        try:
+            return -signal.Signals[f"SIG{signal_name}"].value
+        except KeyError:
+            return CONNECTION_LOST_STATUS
 
     async def _pump_stderr(self) -> None:
         reader = _LineReader(self._process.stderr)
@@ -356,4 +382,5 @@ class RemoteKernel:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if not self._exit.done():
-            self._exit.set_result(self._process.exit_status or CONNECTION_LOST_STATUS)
+            status = self._process.exit_status
+            self._exit.set_result(CONNECTION_LOST_STATUS if status is None else status)

@@ -121,6 +121,7 @@ def make_kernelspec(tmp_path: Path) -> KernelSpecFactory:
         env: dict[str, str] | None = None,
         interrupt_mode: str = "signal",
         provisioner_name: str = "ssh-provisioner",
+        files: dict[str, str] | None = None,
     ) -> tuple[KernelSpecManager, str]:
         name = f"ssh-test-{next(counter)}"
         kernel_dir = tmp_path / "kernels" / name
@@ -139,6 +140,8 @@ def make_kernelspec(tmp_path: Path) -> KernelSpecFactory:
             },
         }
         (kernel_dir / "kernel.json").write_text(json.dumps(spec))
+        for file_name, text in (files or {}).items():
+            (kernel_dir / file_name).write_text(text)
         ksm = KernelSpecManager(kernel_dirs=[str(tmp_path / "kernels")])
         return ksm, name
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -310,3 +311,41 @@ async def test_prewarm_can_be_disabled(
         assert not pool._preparing
         assert not any(entry.spares for entry in pool._entries.values())
         assert set(cmdlines_containing(b"ssh_provisioner_launcher")) == {launcher}
+
+
+async def test_a_killed_launcher_leaves_no_orphans(
+    make_kernelspec: KernelSpecFactory, host_config: dict[str, Any]
+) -> None:
+    """If the launcher dies (OOM killer, an admin), its kernel must not live on unseen."""
+    async with running_kernel(make_kernelspec, host_config) as (km, _):
+        info = await km.provisioner.get_provisioner_info()
+        os.kill(info["launcher_pid"], signal.SIGKILL)
+        status = await asyncio.wait_for(km.provisioner.wait(), 10)
+        assert status == -signal.SIGKILL
+        assert not process_alive(info["pid"])
+        assert not Path(info["runtime_dir"]).exists()
+
+
+async def test_argv_templates_name_paths_on_the_host(
+    make_kernelspec: KernelSpecFactory, host_config: dict[str, Any]
+) -> None:
+    """{resource_dir} holds the kernelspec's own files on the host; {connection_file} too."""
+    wrapper = (
+        "import runpy, sys\n"
+        "sys.argv = ['ipykernel_launcher', *sys.argv[1:]]\n"
+        "runpy.run_module('ipykernel_launcher', run_name='__main__')\n"
+    )
+    argv = ["python3", "{resource_dir}/wrapper.py", "-f", "{connection_file}"]
+    config = {**host_config, "remote_cwd": "/tmp"}
+    async with running_kernel(
+        make_kernelspec, config, argv=argv, files={"wrapper.py": wrapper}
+    ) as (km, kc):
+        info = await km.provisioner.get_provisioner_info()
+        out, _ = await execute(kc, "import sys, os; print(sys.argv[0]); print(os.getcwd())")
+        script, cwd = out.split()
+        assert script == "ipykernel_launcher"
+        assert cwd == "/tmp"
+        assert km.provisioner.resolve_path("data.csv") == "/tmp/data.csv"
+        assert km.provisioner.resolve_path("~/x") == info["remote_home"] + "/x"
+        copied = Path(info["runtime_dir"]) / "resources" / "wrapper.py"
+        assert copied.read_text() == wrapper
