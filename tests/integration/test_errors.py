@@ -3,6 +3,7 @@ and leaves nothing behind on either side."""
 
 from __future__ import annotations
 
+import socket
 import sys
 import time
 from pathlib import Path
@@ -192,3 +193,22 @@ async def test_kernelspec_config_typo(
     message = await start_failing(make_kernelspec, config, ProvisionerConfigError)
     assert expected in message
     assert "SSH test" in message  # names the kernelspec
+
+
+async def test_connect_timeout_on_a_silent_host(
+    make_kernelspec: KernelSpecFactory, root_config: dict
+) -> None:
+    """A host that accepts TCP but never speaks SSH (a hung sshd, a black-holing proxy)."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.2", 0))
+    silent.listen()
+    try:
+        destination = f"root@127.0.0.2:{silent.getsockname()[1]}"
+        config = {**root_config, "hosts": [destination], "connect_timeout": 1.0}
+        started = time.monotonic()
+        message = await start_failing(make_kernelspec, config, SSHConnectError)
+        assert time.monotonic() - started < 5
+        assert destination in message
+        assert "timed out" in message
+    finally:
+        silent.close()
