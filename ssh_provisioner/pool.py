@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import os
+import socket
 import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -29,11 +30,12 @@ from .hosts import Host
 log = logging.getLogger(__name__)
 
 DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"
-# OpenSSH announces its host keys right after authentication. A channel opened before
-# that message is acknowledged waits ~40 ms: sshd has no TCP_NODELAY until a session
-# starts, so its reply queues behind the unacknowledged announcement (Nagle) until our
-# delayed ACK fires. Waiting for the announcement (about 1 ms) avoids that; servers that
-# send none cost at most this long.
+# OpenSSH sends two small packets after authentication (success, then its host-key
+# announcement) and has no TCP_NODELAY until a session starts: each small packet waits
+# (Nagle) for the ACK of the one before, and Linux delays ACKs by 40 ms. Measured: the
+# first channel then opens in ~47 ms instead of ~2. So we ACK at once (TCP_QUICKACK)
+# and open no channel before the announcement has arrived (1-3 ms); servers that send
+# no announcement cost at most this long.
 HOST_KEYS_ANNOUNCEMENT_WAIT = 0.05
 
 
@@ -229,9 +231,19 @@ async def connect(
         raise translate_connect_error(
             str(host), exc, known_host_entries=entries, known_hosts_name=host.known_hosts_name
         ) from exc
+    _acknowledge_now(connection)
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(announced.wait(), HOST_KEYS_ANNOUNCEMENT_WAIT)
+    _acknowledge_now(connection)
     return connection
+
+
+def _acknowledge_now(connection: asyncssh.SSHClientConnection) -> None:
+    sock = connection.get_extra_info("socket")
+    quickack = getattr(socket, "TCP_QUICKACK", None)  # Linux only
+    if sock is not None and quickack is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, quickack, 1)
 
 
 def _count_known_keys(host: Host, options: dict[str, Any]) -> int:
