@@ -69,3 +69,71 @@ class Host:
         name = f"[{self.hostname}]" if ":" in self.hostname and self.port else self.hostname
         text = f"{self.user}@{name}" if self.user else name
         return f"{text}:{self.port}" if self.port is not None else text
+
+
+# Per-host settings a `hosts` entry may override, and the type each must have.
+HOST_OVERRIDES: dict[str, tuple[type, ...]] = {
+    "remote_python": (str,),
+    "remote_cwd": (str,),
+    "remote_transport": (str,),
+    "remote_env": (dict,),
+    "connect_options": (dict,),
+}
+TRANSPORTS = ("tcp", "ipc")
+
+
+@dataclass(frozen=True)
+class HostEntry:
+    """One item of ``hosts``: a destination, its placement limits and its overrides."""
+
+    host: Host
+    max_kernels: int | None = None
+    labels: frozenset[str] = frozenset()
+    overrides: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def name(self) -> str:
+        return str(self.host)
+
+    def override(self, option: str, default: Any) -> Any:
+        return dict(self.overrides).get(option, default)
+
+    def matches(self, requested: str) -> bool:
+        """Is ``requested`` (e.g. KERNEL_SSH_HOST) this entry? Its name or its host name."""
+        return requested.strip() in (self.name, self.host.hostname)
+
+    @classmethod
+    def parse(cls, item: Any) -> HostEntry:
+        if isinstance(item, str):
+            return cls(Host.parse(item))
+        if not isinstance(item, dict):
+            raise ProvisionerConfigError(
+                f"hosts: entry {item!r} must be a string or a dict, not {type(item).__name__}"
+            )
+        fields = dict(item)
+        if "host" not in fields:
+            raise ProvisionerConfigError(f"hosts: entry {item!r} has no 'host'")
+        destination = fields.pop("host")
+        if not isinstance(destination, str):
+            raise ProvisionerConfigError(f"hosts: entry {item!r}: 'host' must be a string")
+        host = Host.parse(destination)
+        where = f"hosts: entry {destination!r}"
+        max_kernels = fields.pop("max_kernels", None)
+        if max_kernels is not None and (
+            isinstance(max_kernels, bool) or not isinstance(max_kernels, int) or max_kernels < 1
+        ):
+            raise ProvisionerConfigError(f"{where}: max_kernels must be a positive integer")
+        labels = fields.pop("labels", [])
+        if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+            raise ProvisionerConfigError(f"{where}: labels must be a list of strings")
+        for option, value in fields.items():
+            if option not in HOST_OVERRIDES:
+                known = ", ".join(["host", "max_kernels", "labels", *HOST_OVERRIDES])
+                raise ProvisionerConfigError(f"{where}: unknown key {option!r} (known: {known})")
+            if not isinstance(value, HOST_OVERRIDES[option]):
+                raise ProvisionerConfigError(
+                    f"{where}: {option} must be a {HOST_OVERRIDES[option][0].__name__}"
+                )
+        if fields.get("remote_transport", "tcp") not in TRANSPORTS:
+            raise ProvisionerConfigError(f"{where}: remote_transport must be tcp or ipc")
+        return cls(host, max_kernels, frozenset(labels), tuple(sorted(fields.items())))

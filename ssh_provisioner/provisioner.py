@@ -16,12 +16,24 @@ from typing import Any
 
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
-from traitlets import Bool, CaselessStrEnum, Dict, Float, Int, List, TraitError, Unicode
+from traitlets import (
+    Bool,
+    CaselessStrEnum,
+    Dict,
+    Float,
+    Int,
+    List,
+    TraitError,
+    Unicode,
+    Union,
+)
 
-from .errors import HostSelectionError, ProvisionerConfigError
-from .hosts import Host
+from .errors import HostSelectionError, ProvisionerConfigError, SSHConnectError
+from .hosts import HostEntry
+from .placement import PlacementRequest, get_placement_state
+from .policies import HostPolicy, Placement, load_policy
 from .pool import Lease, check_connect_options, get_pool
-from .remote import Handshake, RemoteKernel, start_launcher
+from .remote import Handshake, RemoteKernel, run_probe, start_launcher
 from .tunnels import KernelTunnels
 
 # Forwarded from the launch request whatever forward_env says: what a kernel needs from
@@ -33,22 +45,56 @@ _BASE_INIT_ARGS = frozenset({"kernel_id", "kernel_spec", "parent", "config", "lo
 
 @dataclass(frozen=True)
 class LaunchPlan:
-    """Everything pre_launch decided; launch_kernel carries it out."""
+    """What pre_launch took from the start request; launch_kernel carries it out."""
 
     argv: list[str]
     env: dict[str, str]
-    env_templates: list[tuple[str, str]]
     resource_files: dict[str, str]
+    pinned_host: str | None = None
+    labels: frozenset[str] = frozenset()
 
 
 class SSHProvisioner(KernelProvisionerBase):
     """Runs the kernel on a remote host over SSH, as if it were local."""
 
     hosts = List(
-        Unicode(),
+        Union([Unicode(), Dict()]),
         config=True,
-        help="SSH destinations, each [user@]host[:port] or a ~/.ssh/config Host alias. "
-        "The kernel runs on the first (host selection policies build on this).",
+        help="Where kernels may run. Each entry is an SSH destination, [user@]host[:port] "
+        "or a ~/.ssh/config Host alias, or a dict with 'host' and per-host settings: "
+        "max_kernels, labels, remote_python, remote_cwd, remote_env, remote_transport, "
+        "connect_options (these win over the provisioner-wide values).",
+    )
+    policy = Unicode(
+        "least-kernels",
+        config=True,
+        help="How a host is chosen: round-robin, random, least-kernels, least-load, "
+        "most-free-gpu-memory, first-available, an entry point of the group "
+        "ssh_provisioner.policies, or a dotted path pkg.module:Class.",
+    )
+    max_kernels = Int(0, config=True, help="Kernels this server may run per host (0 = no limit).")
+    max_launch_attempts = Int(
+        3, config=True, help="Hosts tried, one after another, when connecting fails."
+    )
+    host_cooldown = Float(
+        30.0,
+        config=True,
+        help="Seconds a host that could not be reached is passed over while others can "
+        "take the kernel.",
+    )
+    probe_ttl = Float(
+        10.0, config=True, help="Seconds a host probe (load, GPUs) is reused by policies."
+    )
+    restart_same_host = Bool(
+        True,
+        config=True,
+        help="A restarted kernel stays on its host (unless that host is down or full).",
+    )
+    allow_any_host = Bool(
+        False,
+        config=True,
+        help="Let a start request name (KERNEL_SSH_HOST) a host that is not in 'hosts'. "
+        "Off by default: users cannot send kernels to arbitrary machines.",
     )
     connect_options = Dict(
         config=True,
@@ -134,30 +180,69 @@ class SSHProvisioner(KernelProvisionerBase):
             super().__init__(**kwargs)
         except TraitError as exc:
             raise ProvisionerConfigError(f"{where}: invalid ssh-provisioner option: {exc}") from exc
-        self._hosts = self._parse_hosts(where)
-        check_connect_options(self.connect_options)
+        try:
+            self._entries = [self._with_defaults(HostEntry.parse(item)) for item in self.hosts]
+            self._policy: HostPolicy = load_policy(self.policy)
+            check_connect_options(self.connect_options)
+            for entry in self._entries:
+                check_connect_options(entry.override("connect_options", {}))
+        except ProvisionerConfigError as exc:
+            raise ProvisionerConfigError(f"{where}: {exc}") from exc
         self._plan: LaunchPlan | None = None
         self._lease: Lease | None = None
         self._kernel: RemoteKernel | None = None
         self._tunnels: KernelTunnels | None = None
-        self._host: Host | None = None
+        self._placement: Placement | None = None
+        self._reserved: HostEntry | None = None
         self._handshake: Handshake | None = None
         self._reaped = False
         self._restart_ports: dict[str, int] | None = None
 
-    def _parse_hosts(self, where: str) -> list[Host]:
-        try:
-            return [Host.parse(entry) for entry in self.hosts]
-        except ProvisionerConfigError as exc:
-            raise ProvisionerConfigError(f"{where}: {exc}") from exc
+    def _with_defaults(self, entry: HostEntry) -> HostEntry:
+        if entry.max_kernels is None and self.max_kernels > 0:
+            return HostEntry(entry.host, self.max_kernels, entry.labels, entry.overrides)
+        return entry
 
-    # -- host selection (the seam host policies plug into) ----------------------------
+    # -- host selection ----------------------------------------------------------------
 
-    def select_host(self) -> Host:
-        """Choose where the next kernel runs."""
-        if not self._hosts:
+    def _candidates(self, pinned: str | None, labels: frozenset[str]) -> list[HostEntry]:
+        """The configured hosts a start may use, after KERNEL_SSH_HOST / _LABELS."""
+        if not self._entries and not pinned:
             raise HostSelectionError("no hosts configured: set the 'hosts' option")
-        return self._hosts[0]
+        candidates = self._entries
+        if pinned:
+            candidates = [entry for entry in self._entries if entry.matches(pinned)]
+            if not candidates:
+                if not self.allow_any_host:
+                    names = ", ".join(entry.name for entry in self._entries)
+                    raise HostSelectionError(
+                        f"KERNEL_SSH_HOST={pinned!r} is not one of the configured hosts "
+                        f"({names}); an admin can set allow_any_host to permit any host"
+                    )
+                candidates = [self._with_defaults(HostEntry.parse(pinned))]
+        if labels:
+            labelled = [entry for entry in candidates if labels <= entry.labels]
+            if not labelled:
+                raise HostSelectionError(
+                    f"no host has the labels {sorted(labels)} (KERNEL_SSH_LABELS); hosts: "
+                    + ", ".join(f"{e.name} {sorted(e.labels)}" for e in candidates)
+                )
+            candidates = labelled
+        return candidates
+
+    async def _probe(self, entry: HostEntry, command: str) -> str | None:
+        """Run a policy's probe on ``entry`` over its pooled connection."""
+        try:
+            lease = await get_pool().lease(
+                entry.host, self._connect_options(entry), connect_timeout=self.connect_timeout
+            )
+        except SSHConnectError as exc:
+            get_placement_state().mark_unhealthy(entry, str(exc), self.host_cooldown)
+            return None
+        try:
+            return await run_probe(lease.connection, entry.host, command, self.connect_timeout)
+        finally:
+            lease.release(self.pool_idle_timeout)
 
     # -- KernelProvisionerBase -------------------------------------------------------
 
@@ -179,44 +264,99 @@ class SSHProvisioner(KernelProvisionerBase):
             raise ProvisionerConfigError(
                 f"kernelspec {self.kernel_spec.display_name!r}: empty argv"
             )
-        if argv[0] in ("python", "python3"):
-            argv[0] = self.remote_python
         patterns = (*ALWAYS_FORWARDED, *self.forward_env)
         forwarded = {
             name: value
             for name, value in request_env.items()
             if any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
         }
-        templates = [*self.kernel_spec.env.items(), *self.remote_env.items()]
         resource_files = await asyncio.to_thread(
             _read_resource_files, self.kernel_spec.resource_dir
         )
-        self._plan = LaunchPlan(argv, forwarded, templates, resource_files)
+        labels = request_env.get("KERNEL_SSH_LABELS", "")
+        self._plan = LaunchPlan(
+            argv,
+            forwarded,
+            resource_files,
+            pinned_host=request_env.get("KERNEL_SSH_HOST") or None,
+            labels=frozenset(label.strip() for label in labels.split(",") if label.strip()),
+        )
         kwargs["cmd"] = argv
         return kwargs
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
         """Called by KernelManager._async_launch_kernel after pre_launch.
 
-        Leases the host's pooled connection, runs the launcher there, waits for its
+        Places the kernel (policy, pinning, limits, health; a restart stays on its host),
+        runs the launcher there over the host's pooled connection, waits for its
         handshake, opens the five forwards on the same connection and returns
-        connection info that points at the LOCAL ends of the forwards.
+        connection info that points at the LOCAL ends of the forwards.  A host that
+        cannot be reached is passed over for ``host_cooldown`` seconds and the next
+        choice is tried, up to ``max_launch_attempts`` hosts.
         """
         if self._plan is None:
             raise RuntimeError("launch_kernel called before pre_launch")
+        state = get_placement_state()
+        previous = self._placement.entry if self._placement and self.restart_same_host else None
+        request = PlacementRequest(
+            self._candidates(self._plan.pinned_host, self._plan.labels),
+            self._policy,
+            prefer=previous,
+        )
+        failures: list[tuple[str, SSHConnectError]] = []
+        for _ in range(max(1, self.max_launch_attempts)):
+            placement, skipped = await state.choose(request, self._probe, self.probe_ttl)
+            if placement is None:
+                break
+            entry = placement.entry
+            try:
+                info = await self._launch_on(placement, cmd)
+            except SSHConnectError as exc:
+                state.release(entry)
+                state.mark_unhealthy(entry, str(exc), self.host_cooldown)
+                failures.append((entry.name, exc))
+                request.exclude.add(entry.name)
+                request.prefer = None
+                continue
+            except BaseException:
+                state.release(entry)
+                raise
+            if previous is not None and previous.name != entry.name:
+                self.log.warning(
+                    "kernel %s: restarted on %s, its host %s could not take it back",
+                    self.kernel_id,
+                    entry.name,
+                    previous.name,
+                )
+            self._placement, self._reserved = placement, entry
+            return info
+        if len(failures) == 1 and not skipped:
+            raise failures[0][1]  # one host, one cause: its own precise error
+        lines = [f"  {name}: {exc}" for name, exc in failures]
+        lines += [f"  {name}: skipped, {reason}" for name, reason in skipped]
+        error = HostSelectionError(
+            f"kernel {self.kernel_id}: no host could take it (policy {self._policy.name}):\n"
+            + "\n".join(lines or ["  (no candidate hosts)"])
+        )
+        if failures:
+            raise error from failures[-1][1]
+        raise error
+
+    async def _launch_on(self, placement: Placement, cmd: list[str]) -> KernelConnectionInfo:
         started = time.perf_counter()
-        host = self.select_host()
+        entry = placement.entry
+        host = entry.host
+        python = entry.override("remote_python", self.remote_python)
         lease = await get_pool().lease(
-            host, self._connect_options(), connect_timeout=self.connect_timeout
+            host, self._connect_options(entry), connect_timeout=self.connect_timeout
         )
         kernel: RemoteKernel | None = None
-        python = self.remote_python
         try:
             kernel = await RemoteKernel.start(
                 lease.connection,
                 host,
                 python=python,
-                spec=self._launch_spec(cmd),
+                spec=self._launch_spec(cmd, placement, python),
                 kernel_id=str(self.kernel_id),
                 timeout=self.launch_timeout,
                 spare=lease.take_spare(python) if self.prewarm_launcher else None,
@@ -231,7 +371,7 @@ class SSHProvisioner(KernelProvisionerBase):
             raise
         if self.prewarm_launcher:
             lease.prepare_spare(python, lambda connection: start_launcher(connection, python))
-        self._host, self._lease, self._kernel, self._tunnels = host, lease, kernel, tunnels
+        self._lease, self._kernel, self._tunnels = lease, kernel, tunnels
         self._handshake = kernel.ready
         self._reaped = False
         self._restart_ports = None
@@ -242,7 +382,7 @@ class SSHProvisioner(KernelProvisionerBase):
             host,
             self._handshake.hostname,
             self._handshake.pid,
-            self.remote_transport,
+            entry.override("remote_transport", self.remote_transport),
             (time.perf_counter() - started) * 1000,
         )
         return self.connection_info
@@ -282,6 +422,9 @@ class SSHProvisioner(KernelProvisionerBase):
         tunnels, kernel, lease = self._tunnels, self._kernel, self._lease
         self._tunnels = self._kernel = self._lease = None
         self._reaped = True
+        reserved, self._reserved = self._reserved, None
+        if reserved is not None:
+            get_placement_state().release(reserved)
         if tunnels is not None:
             if restart:
                 self._restart_ports = tunnels.local_ports
@@ -295,8 +438,11 @@ class SSHProvisioner(KernelProvisionerBase):
         """Called by applications that persist kernels; carries where the kernel runs."""
         info: dict[str, Any] = await super().get_provisioner_info()
         handshake = self._handshake
-        info["host"] = str(self._host) if self._host else None
-        info["remote_transport"] = self.remote_transport
+        entry = self._placement.entry if self._placement else None
+        info["host"] = entry.name if entry else None
+        info["remote_transport"] = (
+            entry.override("remote_transport", self.remote_transport) if entry else None
+        )
         if handshake is not None:
             info.update(
                 hostname=handshake.hostname,
@@ -315,7 +461,7 @@ class SSHProvisioner(KernelProvisionerBase):
         """Inverse of get_provisioner_info (reattaching is built on top of this)."""
         await super().load_provisioner_info(provisioner_info)
         if provisioner_info.get("host"):
-            self._host = Host.parse(provisioner_info["host"])
+            self._placement = Placement(HostEntry.parse(provisioner_info["host"]))
 
     def resolve_path(self, path: str) -> str | None:
         """Resolve ``path`` against the kernel's working directory on the host."""
@@ -328,8 +474,8 @@ class SSHProvisioner(KernelProvisionerBase):
 
     # -- helpers -------------------------------------------------------------------
 
-    def _connect_options(self) -> dict[str, Any]:
-        options = dict(self.connect_options)
+    def _connect_options(self, entry: HostEntry) -> dict[str, Any]:
+        options = {**self.connect_options, **entry.override("connect_options", {})}
         options.setdefault("keepalive_interval", self.keepalive_interval)
         options.setdefault("keepalive_count_max", self.keepalive_count_max)
         return options
@@ -337,18 +483,22 @@ class SSHProvisioner(KernelProvisionerBase):
     def _session(self) -> Any:
         return getattr(self.parent, "session", None)
 
-    def _launch_spec(self, argv: list[str]) -> dict[str, Any]:
+    def _launch_spec(self, argv: list[str], placement: Placement, python: str) -> dict[str, Any]:
         if self._plan is None:
             raise RuntimeError("launch_kernel called before pre_launch")
+        entry = placement.entry
         session = self._session()
         key = session.key if session is not None else uuid.uuid4().hex.encode()
+        if argv and argv[0] in ("python", "python3"):
+            argv = [python, *argv[1:]]
+        remote_env = {**self.remote_env, **entry.override("remote_env", {})}
         return {
             "argv": argv,
-            "env": self._plan.env,
-            "env_templates": self._plan.env_templates,
+            "env": {**self._plan.env, **placement.env},
+            "env_templates": [*self.kernel_spec.env.items(), *remote_env.items()],
             "resource_files": self._plan.resource_files,
-            "cwd": self.remote_cwd or None,
-            "transport": self.remote_transport,
+            "cwd": entry.override("remote_cwd", self.remote_cwd) or None,
+            "transport": entry.override("remote_transport", self.remote_transport),
             "kernel_id": str(self.kernel_id),
             "orphan_timeout": self.orphan_timeout,
             "ready_timeout": self.launch_timeout,

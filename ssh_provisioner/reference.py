@@ -40,5 +40,18 @@ def config_reference() -> str:
     return "\n".join(lines)
 
 
+def update(path: str) -> None:
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    start, end = text.index(BEGIN), text.index(END) + len(END)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text[:start] + config_reference() + text[end:])
+
+
 if __name__ == "__main__":
-    print(config_reference())
+    import sys
+
+    if len(sys.argv) > 1:
+        update(sys.argv[1])
+    else:
+        print(config_reference())

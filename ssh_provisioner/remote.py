@@ -91,6 +91,21 @@ async def start_launcher(
     return process
 
 
+async def run_probe(
+    connection: asyncssh.SSHClientConnection, host: Host, command: str, timeout: float
+) -> str | None:
+    """Output of ``command`` on the host, or None if it failed (probes never raise)."""
+    try:
+        result = await asyncio.wait_for(connection.run(command), timeout)
+    except (asyncssh.Error, OSError, TimeoutError) as exc:
+        log.info("probe on %s failed: %s", host, exc)
+        return None
+    if result.exit_status != 0:
+        log.debug("probe %r on %s: exit status %s", command, host, result.exit_status)
+        return None
+    return str(result.stdout or "")
+
+
 class _LineReader:
     """Bounded line reader: a hostile peer cannot make us buffer without limit."""
 

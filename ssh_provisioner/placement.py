@@ -1,0 +1,168 @@
+"""Placement state shared by every kernel of a server process: who runs where, which
+hosts are cooling down after a failure, probe results, rotation counters.
+
+One ``PlacementState`` per event loop (``get_placement_state``), guarded by one lock:
+filtering, ranking and reserving a host happen atomically, so concurrent starts never
+double-book a host's ``max_kernels`` and a rotation never hands two starts one turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import weakref
+from collections import Counter
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .hosts import HostEntry
+from .policies import HostPolicy, Placement
+
+log = logging.getLogger(__name__)
+
+# Runs a probe command on a host; returns its output, or None if it failed (never raises).
+Prober = Callable[[HostEntry, str], Coroutine[Any, Any, str | None]]
+
+
+@dataclass
+class PlacementRequest:
+    """One start's constraints; ``exclude`` grows with every host that failed it."""
+
+    candidates: list[HostEntry]
+    policy: HostPolicy
+    prefer: HostEntry | None = None
+    exclude: set[str] = field(default_factory=set)
+
+
+class PlacementState:
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self._kernels: Counter[str] = Counter()
+        self._unhealthy: dict[str, tuple[float, str]] = {}
+        self._turns: Counter[tuple[str, ...]] = Counter()
+        self._probes: dict[tuple[str, str], tuple[float, asyncio.Task[str | None]]] = {}
+
+    # -- what policies see ------------------------------------------------------------
+
+    def kernels(self, entry: HostEntry) -> int:
+        return self._kernels[entry.name]
+
+    def next_turn(self, entries: Sequence[HostEntry]) -> int:
+        key = tuple(entry.name for entry in entries)
+        turn = self._turns[key]
+        self._turns[key] += 1
+        return turn
+
+    # -- health ----------------------------------------------------------------------
+
+    def mark_unhealthy(self, entry: HostEntry, reason: str, cooldown: float) -> None:
+        self._unhealthy[entry.name] = (time.monotonic() + cooldown, reason)
+        log.warning("host %s is unhealthy for %gs: %s", entry.name, cooldown, reason)
+
+    def unhealthy_reason(self, entry: HostEntry) -> str | None:
+        record = self._unhealthy.get(entry.name)
+        if record is None:
+            return None
+        until, reason = record
+        if time.monotonic() >= until:
+            del self._unhealthy[entry.name]
+            return None
+        return reason
+
+    # -- probes ----------------------------------------------------------------------
+
+    async def probe_all(
+        self, entries: Sequence[HostEntry], command: str, prober: Prober, ttl: float
+    ) -> dict[str, str | None]:
+        """Probe output per host, cached for ``ttl`` seconds, one probe in flight per host."""
+        now = time.monotonic()
+        tasks: dict[str, asyncio.Task[str | None]] = {}
+        for entry in entries:
+            key = (entry.name, command)
+            cached = self._probes.get(key)
+            if cached is None or now - cached[0] > ttl:
+                cached = self._probes[key] = (now, asyncio.create_task(prober(entry, command)))
+            tasks[entry.name] = cached[1]
+        # shielded: a cancelled start must not cancel a probe other starts wait for
+        results = await asyncio.gather(*(asyncio.shield(t) for t in tasks.values()))
+        return dict(zip(tasks, results, strict=True))
+
+    # -- choosing ---------------------------------------------------------------------
+
+    async def choose(
+        self, request: PlacementRequest, prober: Prober, probe_ttl: float
+    ) -> tuple[Placement | None, list[tuple[str, str]]]:
+        """Pick and reserve a host; otherwise None and why each host was skipped."""
+        usable = [e for e in request.candidates if e.name not in request.exclude]
+        probes: dict[str, str | None] = {}
+        command = request.policy.probe_command
+        if command and usable:
+            probes = await self.probe_all(usable, command, prober, probe_ttl)
+        async with self.lock:
+            skipped: list[tuple[str, str]] = []
+            eligible = []
+            for entry in usable:
+                reason = self.unhealthy_reason(entry)
+                full = (
+                    entry.max_kernels is not None and self._kernels[entry.name] >= entry.max_kernels
+                )
+                if reason is None and full:
+                    reason = f"full ({entry.max_kernels} kernels, max_kernels)"
+                if reason is None:
+                    eligible.append(entry)
+                else:
+                    skipped.append((entry.name, reason))
+            preferred = request.prefer
+            if preferred is not None and any(e.name == preferred.name for e in eligible):
+                placement: Placement | None = Placement(preferred)
+            else:
+                if preferred is not None:
+                    log.warning(
+                        "host %s cannot take the kernel back; placing it elsewhere", preferred.name
+                    )
+                view = _View(self, probes)
+                ranked = request.policy.rank(eligible, view) if eligible else []
+                placement = ranked[0] if ranked else None
+                ranked_names = {p.entry.name for p in ranked}
+                for entry in eligible:
+                    if entry.name not in ranked_names:
+                        skipped.append((entry.name, f"ruled out by policy {request.policy.name}"))
+            if placement is not None:
+                self._kernels[placement.entry.name] += 1
+            return placement, skipped
+
+    def release(self, entry: HostEntry) -> None:
+        """The kernel placed on ``entry`` is gone (or never started)."""
+        if self._kernels[entry.name] > 0:
+            self._kernels[entry.name] -= 1
+
+
+@dataclass
+class _View:
+    state: PlacementState
+    probes: dict[str, str | None]
+
+    def kernels(self, entry: HostEntry) -> int:
+        return self.state.kernels(entry)
+
+    def probe(self, entry: HostEntry) -> str | None:
+        return self.probes.get(entry.name)
+
+    def next_turn(self, entries: Sequence[HostEntry]) -> int:
+        return self.state.next_turn(entries)
+
+
+_states: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, PlacementState] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def get_placement_state() -> PlacementState:
+    """The placement state of the running event loop (one per server process)."""
+    loop = asyncio.get_running_loop()
+    state = _states.get(loop)
+    if state is None:
+        state = _states[loop] = PlacementState()
+    return state
