@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -68,6 +69,7 @@ class SSHDaemon:
     port: int
     directory: Path
     host_public_key: str
+    argv: list[str]
     process: subprocess.Popen[bytes]
     log_path: Path
     known_hosts: Path = field(init=False)
@@ -86,8 +88,15 @@ class SSHDaemon:
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
+        """Stop the daemon and the sshd processes serving its connections.
+
+        Those run in sessions of their own, so stopping the listener alone would leave
+        established connections up; users' processes (kernels) are left alone.
+        """
+        for pid in _sshd_descendants(self.process.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         if self.process.poll() is None:
-            # the daemon leads its own process group: connection handlers go with it
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, signal.SIGTERM)
             try:
@@ -99,11 +108,78 @@ class SSHDaemon:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGKILL)
 
+    def start(self) -> None:
+        """(Re)start on the same address, port and host key."""
+        if self.process.poll() is None:
+            return
+        process = _spawn(self.argv, self.log_path)
+        if not _wait_for_banner(process, self.address, self.port):
+            raise SSHDUnavailable(f"sshd on {self.address}:{self.port} did not restart")
+        self.process = process
+
+
+def _sshd_descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    names: dict[int, str] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        name, _, rest = stat.partition("(")[2].rpartition(")")
+        pid = int(entry)
+        names[pid] = name
+        children.setdefault(int(rest.split()[1]), []).append(pid)
+    found, pending = [], list(children.get(root, []))
+    while pending:
+        pid = pending.pop()
+        if names.get(pid) == "sshd":
+            found.append(pid)
+            pending.extend(children.get(pid, []))
+    return found
+
+
+def _spawn(argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(  # noqa: S603 - fixed binary, argv list
+            argv,
+            stdout=log,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+
+def _wait_for_banner(process: subprocess.Popen[bytes], address: str, port: int) -> bool:
+    deadline = time.monotonic() + READY_TIMEOUT
+    while time.monotonic() < deadline and process.poll() is None:
+        if read_banner(address, port):
+            return True
+        time.sleep(0.02)
+    if process.poll() is None:
+        process.kill()
+    process.wait()
+    return False
+
 
 def start_sshd(
-    directory: Path, address: str, authorized_keys: str, *, host_key: Path | None = None
+    directory: Path,
+    address: str,
+    authorized_keys: str,
+    *,
+    host_key: Path | None = None,
+    hostname: str | None = None,
+    bind_mounts: dict[str, Path] | None = None,
+    set_env: dict[str, str] | None = None,
 ) -> SSHDaemon:
-    """Start ``/usr/sbin/sshd -D -e -f CONFIG`` on a free port and wait for its banner."""
+    """Start ``/usr/sbin/sshd -D -e -f CONFIG`` on a free port and wait for its banner.
+
+    ``hostname`` and ``bind_mounts`` (target -> source) give the host an identity of
+    its own: the daemon, and so every session, runs in new UTS and mount namespaces
+    (root only).  ``set_env`` is sshd's SetEnv for every session (PATH, for example).
+    """
     reason = sshd_missing_reason()
     if reason:
         raise SSHDUnavailable(reason)
@@ -119,6 +195,7 @@ def start_sshd(
     auth.write_text(authorized_keys)
     auth.chmod(0o644)  # sshd reads it as the login user
     directory.chmod(0o755)
+    environment = " ".join(f"{k}={v}" for k, v in (set_env or {}).items())
     last_error = ""
     for _ in range(5):  # Port 0 is refused; a picked port can be taken before bind
         port = free_port(address)
@@ -142,27 +219,25 @@ def start_sshd(
                     "PrintMotd no",
                     "MaxSessions 100",
                     "LogLevel VERBOSE",
+                    *([f"SetEnv {environment}"] if environment else []),
                     "",
                 ]
             )
         )
+        argv = [SSHD, "-D", "-e", "-f", str(config)]
+        if hostname or bind_mounts:
+            script = [f"hostname {shlex.quote(hostname)}"] if hostname else []
+            for target, source in (bind_mounts or {}).items():
+                script.append(shlex.join(["mount", "--bind", str(source), target]))
+            script.append("exec " + shlex.join(argv))
+            argv = [
+                "unshare", "--uts", "--mount", "--propagation", "private", "--",
+                "/bin/sh", "-c", " && ".join(script),
+            ]  # fmt: skip
         log_path = directory / "sshd.log"
-        with open(log_path, "ab") as log:
-            process = subprocess.Popen(  # noqa: S603 - fixed binary, argv list
-                [SSHD, "-D", "-e", "-f", str(config)],
-                stdout=log,
-                stderr=log,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + READY_TIMEOUT
-        while time.monotonic() < deadline and process.poll() is None:
-            if read_banner(address, port):
-                return SSHDaemon(address, port, directory, public, process, log_path)
-            time.sleep(0.02)
-        if process.poll() is None:
-            process.kill()
-        process.wait()
+        process = _spawn(argv, log_path)
+        if _wait_for_banner(process, address, port):
+            return SSHDaemon(address, port, directory, public, argv, process, log_path)
         last_error = log_path.read_text(errors="replace")[-2000:]
     raise SSHDUnavailable(f"sshd on {address} did not start:\n{last_error}")
 

@@ -24,6 +24,7 @@ from .sshd import (
     remove_test_user,
     running_sshd,
     sshd_unavailable_reason,
+    start_sshd,
     user_can_run_kernel,
 )
 
@@ -84,6 +85,73 @@ def host_a(rig_dir: Path, client_key: tuple[Path, str]) -> Iterator[SSHDaemon]:
             yield daemon
     except SSHDUnavailable as exc:
         _unavailable(str(exc))
+
+
+TRIO = (
+    # name, address, fake /proc/loadavg (1-min load), fake GPUs (free, total, util) or None
+    ("host-a", "127.0.0.3", "0.50", None),
+    ("host-b", "127.0.0.4", "3.00", "1000, 16000, 5\n8000, 16000, 50\n"),
+    ("host-c", "127.0.0.5", "1.50", "3000, 24000, 80\n12000, 24000, 10\n"),
+)
+
+
+@pytest.fixture(scope="session")
+def trio(rig_dir: Path, client_key: tuple[Path, str]) -> Iterator[list[SSHDaemon]]:
+    """Three hosts, each with its own hostname, load average and GPUs (or none).
+
+    Loopback hosts share one kernel, so a busy process would load them all alike:
+    each host gets its own /proc/loadavg (a bind mount in its own mount namespace)
+    and its own nvidia-smi (first on the PATH its sshd sets)."""
+    reason = sshd_unavailable_reason()
+    if reason:
+        _unavailable(reason)
+    daemons: list[SSHDaemon] = []
+    try:
+        for name, address, load, gpus in TRIO:
+            directory = rig_dir / name
+            directory.mkdir()
+            loadavg = directory / "loadavg"
+            loadavg.write_text(f"{load} {load} {load} 1/100 12345\n")
+            bin_dir = directory / "bin"
+            bin_dir.mkdir()
+            if gpus is not None:
+                (directory / "gpus.csv").write_text(gpus)
+                smi = bin_dir / "nvidia-smi"
+                smi.write_text(f"#!/bin/sh\nexec cat {directory / 'gpus.csv'}\n")
+                smi.chmod(0o755)
+            daemons.append(
+                start_sshd(
+                    directory,
+                    address,
+                    client_key[1] + "\n",
+                    hostname=name,
+                    bind_mounts={"/proc/loadavg": loadavg},
+                    set_env={"PATH": f"{bin_dir}:/usr/local/bin:/usr/bin:/bin"},
+                )
+            )
+        yield daemons
+    except SSHDUnavailable as exc:
+        _unavailable(str(exc))
+    finally:
+        for daemon in daemons:
+            daemon.stop()
+
+
+@pytest.fixture
+def trio_config(trio: list[SSHDaemon], client_key: tuple[Path, str]) -> dict[str, Any]:
+    """Provisioner config over the three hosts, as root; known_hosts lists all three."""
+    known_hosts = trio[0].directory.parent / "trio_known_hosts"
+    known_hosts.write_text("".join(d.known_hosts_line() + "\n" for d in trio))
+    return {
+        "hosts": [d.destination("root") for d in trio],
+        "connect_options": {
+            **connect_options(trio[0], client_key[0]),
+            "known_hosts": str(known_hosts),
+        },
+        "remote_python": sys.executable,
+        "launch_timeout": 30.0,
+        "orphan_timeout": 5.0,
+    }
 
 
 @pytest.fixture(params=["root", "user"])

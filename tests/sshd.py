@@ -13,6 +13,7 @@ from ssh_provisioner.throwaway import (
     generate_key,
     running_sshd,
     sshd_missing_reason,
+    start_sshd,
 )
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "generate_key",
     "running_sshd",
     "sshd_unavailable_reason",
+    "start_sshd",
 ]
 
 TEST_USER = "sshp-test"
