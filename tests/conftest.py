@@ -108,7 +108,7 @@ def trio(rig_dir: Path, client_key: tuple[Path, str]) -> Iterator[list[SSHDaemon
     daemons: list[SSHDaemon] = []
     try:
         for name, address, load, gpus in TRIO:
-            directory = rig_dir / name
+            directory = rig_dir / f"trio-{name}"
             directory.mkdir()
             loadavg = directory / "loadavg"
             loadavg.write_text(f"{load} {load} {load} 1/100 12345\n")
