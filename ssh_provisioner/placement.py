@@ -102,18 +102,21 @@ class PlacementState:
             probes = await self.probe_all(usable, command, prober, probe_ttl)
         async with self.lock:
             skipped: list[tuple[str, str]] = []
-            eligible = []
+            eligible, cooling = [], []
             for entry in usable:
-                reason = self.unhealthy_reason(entry)
-                full = (
-                    entry.max_kernels is not None and self._kernels[entry.name] >= entry.max_kernels
-                )
-                if reason is None and full:
-                    reason = f"full ({entry.max_kernels} kernels, max_kernels)"
-                if reason is None:
-                    eligible.append(entry)
+                limit = entry.max_kernels
+                if limit is not None and self._kernels[entry.name] >= limit:
+                    skipped.append((entry.name, f"full ({limit} kernels, max_kernels)"))
+                elif (reason := self.unhealthy_reason(entry)) is not None:
+                    cooling.append((entry, reason))
                 else:
-                    skipped.append((entry.name, reason))
+                    eligible.append(entry)
+            if not eligible and cooling:
+                # Cooling down steers kernels to other hosts; with none left, try anyway
+                # (the user may just have fixed the host).
+                eligible = [entry for entry, _ in cooling]
+            else:
+                skipped += [(entry.name, reason) for entry, reason in cooling]
             preferred = request.prefer
             if preferred is not None and any(e.name == preferred.name for e in eligible):
                 placement: Placement | None = Placement(preferred)

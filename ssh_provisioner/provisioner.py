@@ -28,7 +28,7 @@ from traitlets import (
     Union,
 )
 
-from .errors import HostSelectionError, ProvisionerConfigError, SSHConnectError
+from .errors import HostSelectionError, ProvisionerConfigError, SSHConnectError, TunnelError
 from .hosts import HostEntry
 from .placement import PlacementRequest, get_placement_state
 from .policies import HostPolicy, Placement, load_policy
@@ -343,13 +343,32 @@ class SSHProvisioner(KernelProvisionerBase):
         raise error
 
     async def _launch_on(self, placement: Placement, cmd: list[str]) -> KernelConnectionInfo:
-        started = time.perf_counter()
+        entry = placement.entry
+        for attempt in (1, 2):
+            started = time.perf_counter()
+            lease = await get_pool().lease(
+                entry.host, self._connect_options(entry), connect_timeout=self.connect_timeout
+            )
+            try:
+                return await self._start_kernel(lease, placement, cmd, started)
+            except (SSHConnectError, TunnelError):
+                # A pooled connection can die unnoticed (sshd restarted, a NAT forgot it):
+                # the pool replaces it on the next lease.
+                if attempt == 2 or not lease.connection.is_closed():
+                    raise
+                self.log.info(
+                    "kernel %s: the connection to %s was dead; reconnecting",
+                    self.kernel_id,
+                    entry.name,
+                )
+        raise AssertionError("unreachable")
+
+    async def _start_kernel(
+        self, lease: Lease, placement: Placement, cmd: list[str], started: float
+    ) -> KernelConnectionInfo:
         entry = placement.entry
         host = entry.host
         python = entry.override("remote_python", self.remote_python)
-        lease = await get_pool().lease(
-            host, self._connect_options(entry), connect_timeout=self.connect_timeout
-        )
         kernel: RemoteKernel | None = None
         try:
             kernel = await RemoteKernel.start(

@@ -183,6 +183,12 @@ class RemoteKernel:
                     host=str(host),
                     stderr_tail=kernel.stderr_tail,
                 ) from None
+        except (asyncssh.Error, OSError) as exc:
+            await kernel.abort()
+            raise SSHConnectError(
+                f"SSH to {host}: the connection failed while starting kernel {kernel_id}: {exc}",
+                host=str(host),
+            ) from exc
         except BaseException:
             await kernel.abort()
             raise
@@ -197,6 +203,11 @@ class RemoteKernel:
         except ValueError as exc:
             raise LaunchError(f"launcher on {host} sent {exc}", host=str(host)) from exc
         if line is None:
+            if self.connection.is_closed():
+                raise SSHConnectError(
+                    f"SSH to {host}: the connection was lost before the kernel's handshake",
+                    host=str(host),
+                )
             status = await self._closed_status()
             await self._drain_stderr()
             if status == COMMAND_NOT_FOUND:

@@ -323,3 +323,31 @@ async def test_restart_goes_elsewhere_when_its_host_is_down(
         out, _ = await execute(kc, "import socket; print(socket.gethostname())")
         assert out.strip() == "host-b"
     assert any("could not take it back" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_dead_connection_is_replaced_for_the_next_kernel(
+    make_kernelspec: KernelSpecFactory, trio_config: dict[str, Any], host_d: SSHDaemon
+) -> None:
+    config = with_host(trio_config, host_d, [host_d.destination("root")])
+    config.update(orphan_timeout=1.0, pool_idle_timeout=60.0)
+    async with kernel_on(make_kernelspec, config) as (km1, _, first):
+        assert first == "host-d"
+        host_d.stop()  # the pooled connection dies with the daemon
+        host_d.start()
+        async with kernel_on(make_kernelspec, config) as (_, kc2, second):
+            assert second == "host-d"
+            out, _ = await execute(kc2, "print('on a fresh connection')")
+            assert out.strip() == "on a fresh connection"
+        await asyncio.wait_for(km1.provisioner.wait(), 30)  # the first is gone with its link
+
+
+async def test_idle_connections_close(
+    make_kernelspec: KernelSpecFactory, trio_config: dict[str, Any]
+) -> None:
+    config = {**trio_config, "hosts": trio_config["hosts"][:1], "pool_idle_timeout": 0.2}
+    async with kernel_on(make_kernelspec, config):
+        assert get_pool().open_connections == 1
+    deadline = time.monotonic() + 5
+    while get_pool().open_connections:
+        assert time.monotonic() < deadline, "the idle connection stayed open"
+        await asyncio.sleep(0.05)
