@@ -21,7 +21,13 @@ from typing import Any
 
 import asyncssh
 
-from .errors import LaunchError, LaunchTimeout, RemoteCommandError, SSHConnectError
+from .errors import (
+    LaunchError,
+    LaunchTimeout,
+    RemoteCommandError,
+    SSHConnectError,
+    SSHProvisionerError,
+)
 from .hosts import Host
 from .launcher import BOOTSTRAP, CHANNELS, RUNTIME_DIR_PREFIX
 
@@ -183,6 +189,9 @@ class RemoteKernel:
                     host=str(host),
                     stderr_tail=kernel.stderr_tail,
                 ) from None
+        except SSHProvisionerError:  # before OSError: LaunchTimeout is a TimeoutError
+            await kernel.abort()
+            raise
         except (asyncssh.Error, OSError) as exc:
             await kernel.abort()
             raise SSHConnectError(
