@@ -6,10 +6,11 @@ Figures (each a ratio against a baseline measured in the same run):
 - start -> first kernel_info reply: LocalProvisioner vs SSH cold (new connection)
   and warm (pooled connection reused);
 - execute round trip of `pass`, median and p99: direct local kernel vs SSH;
-- iopub throughput of 200 MB of display_data: direct vs SSH.
+- iopub throughput of 200 MB of display_data: direct vs SSH;
+- 24 concurrent starts over 3 hosts (round-robin) vs 24 concurrent local starts.
 
-The SSH host is a throwaway sshd on 127.0.0.2, so the figures are the provisioner's
-own overhead (launcher, handshake, forwards), not a network's.
+The SSH hosts are throwaway sshd daemons on 127.0.0.2-4, so the figures are the
+provisioner's own overhead (launcher, handshake, forwards), not a network's.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, ExitStack, asynccontextmanager
 from pathlib import Path
 
 from jupyter_client.asynchronous import AsyncKernelClient
@@ -36,24 +37,33 @@ from ssh_provisioner.throwaway import SSHDaemon, generate_key, running_sshd
 ARGV = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
 IOPUB_MB = 200
 CHUNK = 1 << 20
+CONCURRENT = 24
 
 
-def write_specs(directory: Path, host: SSHDaemon, key: Path, login: str) -> KernelSpecManager:
+def write_specs(
+    directory: Path, hosts: list[SSHDaemon], key: Path, login: str
+) -> KernelSpecManager:
+    known_hosts = directory / "known_hosts"
+    known_hosts.write_text("".join(host.known_hosts_line() + "\n" for host in hosts))
     config = {
-        "hosts": [host.destination(login)],
+        "hosts": [hosts[0].destination(login)],
         "connect_options": {
             "client_keys": [str(key)],
-            "known_hosts": str(host.known_hosts),
+            "known_hosts": str(known_hosts),
             "config": [],
             "agent_path": "",
         },
         "remote_python": sys.executable,
         "pool_idle_timeout": 600,
     }
-    for name, metadata in (
-        ("local", {}),
-        ("ssh", {"kernel_provisioner": {"provisioner_name": "ssh-provisioner", "config": config}}),
-    ):
+    pool = {**config, "hosts": [h.destination(login) for h in hosts], "policy": "round-robin"}
+    for name, provisioner in (("local", None), ("ssh", config), ("ssh-pool", pool)):
+        metadata = {}
+        if provisioner is not None:
+            metadata["kernel_provisioner"] = {
+                "provisioner_name": "ssh-provisioner",
+                "config": provisioner,
+            }
         kernel_dir = directory / "kernels" / name
         kernel_dir.mkdir(parents=True)
         spec = {"argv": ARGV, "display_name": name, "language": "python", "metadata": metadata}
@@ -139,14 +149,29 @@ def p99(samples: list[float]) -> float:
 
 
 def measure(rounds: int, login: str) -> None:
-    with tempfile.TemporaryDirectory(prefix="sshp-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="sshp-bench-") as tmp, ExitStack() as hosts:
         directory = Path(tmp)
         directory.chmod(0o755)
         key = directory / "client_ed25519"
         public = generate_key(key)
-        with running_sshd(directory / "host", "127.0.0.2", public + "\n") as host:
-            ksm = write_specs(directory, host, key, login)
-            asyncio.run(report(ksm, rounds, login))
+        daemons = [
+            hosts.enter_context(running_sshd(directory / f"host{i}", f"127.0.0.{i}", public + "\n"))
+            for i in (2, 3, 4)
+        ]
+        ksm = write_specs(directory, daemons, key, login)
+        asyncio.run(report(ksm, rounds, login))
+
+
+async def concurrent_starts(ksm: KernelSpecManager, name: str, count: int) -> tuple[float, int]:
+    """Wall time until every one of ``count`` concurrent starts has answered kernel_info."""
+    async with AsyncExitStack() as stack:
+        started = time.perf_counter()
+        results = await asyncio.gather(
+            *(stack.enter_async_context(kernel(ksm, name)) for _ in range(count)),
+            return_exceptions=True,
+        )
+        elapsed = time.perf_counter() - started
+    return elapsed, sum(isinstance(result, BaseException) for result in results)
 
 
 async def report(ksm: KernelSpecManager, rounds: int, login: str) -> None:
@@ -191,6 +216,15 @@ async def report_figures(ksm: KernelSpecManager, rounds: int, login: str) -> Non
             f"  direct {base:6.0f} MB/s   ssh {value:6.0f} MB/s   "
             f"{value / base:.2f}x  (target >= 0.9x)"
         )
+    await get_pool().aclose()
+    local_time, local_failures = await concurrent_starts(ksm, "local", CONCURRENT)
+    ssh_time, ssh_failures = await concurrent_starts(ksm, "ssh-pool", CONCURRENT)
+    print(f"\n{CONCURRENT} concurrent starts, all answering kernel_info (3 hosts, round-robin)")
+    print(f"  LocalProvisioner  {local_time:6.2f} s   failures {local_failures}   baseline")
+    print(
+        f"  ssh, cold pool    {ssh_time:6.2f} s   failures {ssh_failures}   "
+        f"{ssh_time / local_time:.2f}x  (target <= 1.3x, 0 failures)"
+    )
 
 
 def main() -> None:

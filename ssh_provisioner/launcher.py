@@ -35,7 +35,7 @@ from typing import Any
 CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
 STDERR_TAIL_LINES = 40
 RUNTIME_DIR_PREFIX = "jupyter-sshp-"
-BIND_ATTEMPTS = 3
+BIND_ATTEMPTS = 5
 TERMINATE_GRACE = 3.0
 
 # Run by the remote shell as `python -c BOOTSTRAP`; the launcher source is the first
@@ -105,6 +105,45 @@ def endpoint_listening(transport: str, endpoint: Any) -> bool:
     finally:
         sock.close()
     return True
+
+
+def tcp_listeners(ports: set[int]) -> dict[int, int] | None:
+    """Port -> socket inode of the IPv4 listeners on ``ports``; None without /proc."""
+    try:
+        with open("/proc/net/tcp") as f:
+            lines = f.read().splitlines()[1:]
+    except OSError:
+        return None
+    found = {}
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 10 or fields[3] != "0A":  # 0A: LISTEN
+            continue
+        address, _, port_hex = fields[1].partition(":")
+        port = int(port_hex, 16)
+        if port in ports and address in ("0100007F", "00000000"):
+            found[port] = int(fields[9])
+    return found
+
+
+def group_socket_inodes(pgid: int) -> set[int]:
+    """Inodes of the sockets that processes of group ``pgid`` hold open."""
+    inodes = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % entry) as f:
+                if int(f.read().rpartition(")")[2].split()[2]) != pgid:
+                    continue
+            fd_dir = "/proc/%s/fd" % entry
+            for fd in os.listdir(fd_dir):
+                link = os.readlink(os.path.join(fd_dir, fd))
+                if link.startswith("socket:["):
+                    inodes.add(int(link[8:-1]))
+        except (OSError, ValueError, IndexError):
+            continue
+    return inodes
 
 
 class Supervisor:
@@ -228,8 +267,17 @@ class Supervisor:
         self.relay_thread.start()
 
     def wait_until_listening(self, endpoints: dict[str, Any], deadline: float) -> None:
+        """Return once the kernel listens on every endpoint.
+
+        For tcp on Linux, a port counts only if *this* kernel's process group holds the
+        listening socket: kernels started at the same moment on one host can be handed
+        the same free port, and a connect probe would then mistake another kernel's
+        socket for ours.  Such a clash raises ``port-taken`` and the start is retried.
+        """
         assert self.process is not None
+        ports = set(endpoints.values()) if self.transport == "tcp" else set()
         pending = list(endpoints.values())
+        checked: dict[int, int] = {}
         delay = 0.002
         while pending:
             if self.process.poll() is not None:
@@ -246,7 +294,19 @@ class Supervisor:
                 raise LaunchFailed("aborted", "the client went away before the kernel was ready")
             if time.monotonic() > deadline:
                 raise LaunchFailed("ready-timeout", "the kernel did not open its ports in time")
-            pending = [e for e in pending if not endpoint_listening(self.transport, e)]
+            listeners = tcp_listeners(ports) if ports else None
+            if listeners is None:
+                pending = [e for e in pending if not endpoint_listening(self.transport, e)]
+            else:
+                if listeners != checked:
+                    owned = group_socket_inodes(self.pgid)
+                    foreign = sorted(p for p, inode in listeners.items() if inode not in owned)
+                    if foreign:
+                        raise LaunchFailed(
+                            "port-taken", "port(s) %s were taken by another process" % foreign
+                        )
+                    checked = listeners
+                pending = [p for p in pending if p not in listeners]
             if pending:
                 time.sleep(delay)
                 delay = min(delay * 2, 0.005)
@@ -265,9 +325,12 @@ class Supervisor:
             try:
                 self.wait_until_listening(endpoints, deadline)
             except LaunchFailed as exc:
-                raced = "Address already in use" in exc.stderr
-                if exc.reason == "kernel-exited" and raced and attempt < BIND_ATTEMPTS:
-                    log("a kernel port was taken between pick and bind; retrying")
+                raced = exc.reason == "port-taken" or (
+                    exc.reason == "kernel-exited" and "Address already in use" in exc.stderr
+                )
+                if raced and attempt < BIND_ATTEMPTS:
+                    log("%s; retrying with other ports" % exc.message)
+                    self.stop_kernel()
                     os.unlink(connection_file)
                     continue
                 raise
