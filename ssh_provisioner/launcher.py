@@ -269,17 +269,19 @@ class Supervisor:
     def wait_until_listening(self, endpoints: dict[str, Any], deadline: float) -> None:
         """Return once the kernel listens on every endpoint.
 
-        For tcp on Linux, a port counts only if *this* kernel's process group holds the
-        listening socket: kernels started at the same moment on one host can be handed
-        the same free port, and a connect probe would then mistake another kernel's
-        socket for ours.  Such a clash raises ``port-taken`` and the start is retried.
+        Probes are plain connects (cheap).  For tcp on Linux a port then counts only if
+        *this* kernel's process group holds the listening socket: kernels started at the
+        same moment on one host can be handed the same free port, and a probe would
+        mistake another kernel's socket for ours.  Such a clash raises ``port-taken``
+        and the start is retried.  (Reading /proc/net/tcp costs milliseconds on a busy
+        host, so it is read when all ports answer, and once a second before that.)
         """
         assert self.process is not None
         ports = set(endpoints.values()) if self.transport == "tcp" else set()
         pending = list(endpoints.values())
-        checked: dict[int, int] = {}
-        delay = 0.002
-        while pending:
+        started = time.monotonic()
+        next_audit = started + 1.0
+        while True:
             if self.process.poll() is not None:
                 self.process.wait()
                 self.relay_thread.join(1.0)  # the kernel's last words
@@ -292,24 +294,28 @@ class Supervisor:
                 )
             if self.stdin_closed.is_set():
                 raise LaunchFailed("aborted", "the client went away before the kernel was ready")
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if now > deadline:
                 raise LaunchFailed("ready-timeout", "the kernel did not open its ports in time")
-            listeners = tcp_listeners(ports) if ports else None
-            if listeners is None:
-                pending = [e for e in pending if not endpoint_listening(self.transport, e)]
-            else:
-                if listeners != checked:
-                    owned = group_socket_inodes(self.pgid)
-                    foreign = sorted(p for p, inode in listeners.items() if inode not in owned)
-                    if foreign:
-                        raise LaunchFailed(
-                            "port-taken", "port(s) %s were taken by another process" % foreign
-                        )
-                    checked = listeners
-                pending = [p for p in pending if p not in listeners]
-            if pending:
-                time.sleep(delay)
-                delay = min(delay * 2, 0.005)
+            pending = [e for e in pending if not endpoint_listening(self.transport, e)]
+            answering = ports - set(pending)
+            if answering and (not pending or now >= next_audit):
+                self.check_ownership(answering)
+                next_audit = now + 1.0
+            if not pending:
+                return
+            # Poll at about 5% of the time waited so far: quick for a quick kernel, and
+            # cheap when many kernels start at once and each takes seconds.
+            time.sleep(min(0.05, max(0.002, (now - started) / 20)))
+
+    def check_ownership(self, ports: set[int]) -> None:
+        listeners = tcp_listeners(ports)
+        if listeners is None:
+            return  # no /proc: trust the probes
+        owned = group_socket_inodes(self.pgid)
+        foreign = sorted(p for p, inode in listeners.items() if inode not in owned)
+        if foreign:
+            raise LaunchFailed("port-taken", "port(s) %s were taken by another process" % foreign)
 
     def start(self) -> dict[str, Any]:
         env = self.kernel_env()
