@@ -1,0 +1,223 @@
+"""Security properties: shell-free command construction, secrets, private endpoints,
+hostile launcher output, host keys that change."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from jupyter_client.manager import AsyncKernelManager
+
+from ssh_provisioner import HostKeyError, LaunchError, LaunchTimeout
+
+from ..conftest import KernelSpecFactory
+from ..helpers import execute
+from ..sshd import SSHDaemon, generate_key, start_sshd
+from .test_lifecycle import running_kernel
+
+pytestmark = [pytest.mark.sshd, pytest.mark.usefixtures("no_leaks")]
+
+# Everything a shell would act on; none of it may be acted on.
+HOSTILE = "$(touch {m}/1) `touch {m}/2`; touch {m}/3 && 'q' \"dq\" \\ | > {m}/4\nline2 ünïcødé ✓"
+
+
+@pytest.fixture
+def shared_tmp() -> Iterator[Path]:
+    """A temp dir the unprivileged login can reach too (pytest's lives under a 0700 dir)."""
+    path = Path(tempfile.mkdtemp(prefix="sshp-shared-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def markers(shared_tmp: Path) -> Path:
+    directory = shared_tmp / "markers"
+    directory.mkdir()
+    directory.chmod(0o777)
+    return directory
+
+
+async def test_hostile_text_reaches_the_kernel_verbatim(
+    make_kernelspec: KernelSpecFactory,
+    host_config: dict[str, Any],
+    markers: Path,
+    shared_tmp: Path,
+) -> None:
+    hostile = HOSTILE.format(m=markers)
+    cwd = shared_tmp / "cwd $(touch sshp-marker-6) ü"
+    cwd.mkdir()
+    cwd.chmod(0o777)
+    python_dir = shared_tmp / "py $(touch sshp-marker-5) `touch sshp-marker-7` dir"
+    python_dir.mkdir()
+    python = python_dir / "python"  # a venv's python must not be symlinked away
+    python.write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    wrapper = (
+        "import os, runpy, sys\n"
+        "os.environ['ARGV_TAIL'] = sys.argv.pop()\n"
+        "sys.argv = ['ipykernel_launcher', *sys.argv[1:]]\n"
+        "runpy.run_module('ipykernel_launcher', run_name='__main__')\n"
+    )
+    config = {
+        **host_config,
+        "remote_python": str(python),
+        "remote_cwd": str(cwd),
+        "remote_env": {"HOSTILE_ENV": hostile},
+        "forward_env": ["HOSTILE_FORWARDED"],
+    }
+    argv = ["python3", "{resource_dir}/wrapper.py", "-f", "{connection_file}", hostile]
+    async with running_kernel(
+        make_kernelspec, config, argv=argv, files={"wrapper.py": wrapper}
+    ) as (_, kc):
+        out, _ = await execute(
+            kc,
+            "import os, sys, json; print(json.dumps([os.environ['HOSTILE_ENV'], "
+            "os.environ['ARGV_TAIL'], os.getcwd()]))",
+        )
+        env_value, argv_tail, kernel_cwd = json.loads(out)
+    assert env_value == hostile
+    assert argv_tail == hostile
+    assert kernel_cwd == str(cwd)
+    assert sorted(os.listdir(markers)) == []
+    for home in ("/root", "/home/sshp-test", str(cwd)):  # where a shell would have run
+        assert not list(Path(home).glob("sshp-marker-*"))
+
+
+async def test_secrets_stay_out_of_command_lines_and_logs(
+    make_kernelspec: KernelSpecFactory,
+    host_config: dict[str, Any],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from ..helpers import cmdlines_containing
+
+    caplog.set_level(logging.DEBUG)
+    async with running_kernel(make_kernelspec, host_config) as (km, kc):
+        key = km.session.key
+        await execute(kc, "print('hello')")
+        assert cmdlines_containing(key) == []
+        await km.restart_kernel()
+        await kc.wait_for_ready(timeout=30)
+        assert cmdlines_containing(key) == []
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert "kernel" in logged  # the capture did see our log lines
+    assert key.decode() not in logged
+
+
+def kernel_tcp_listeners(pid: int) -> set[int]:
+    from ssh_provisioner.launcher import group_socket_inodes, tcp_listeners
+
+    owned = group_socket_inodes(
+        int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[2])
+    )
+    listeners = tcp_listeners(set(range(1, 65536))) or {}
+    return {port for port, inode in listeners.items() if inode in owned}
+
+
+async def test_ipc_channels_are_private_and_not_on_tcp(
+    make_kernelspec: KernelSpecFactory, host_config: dict[str, Any], login: str
+) -> None:
+    config = {**host_config, "remote_transport": "ipc"}
+    async with running_kernel(make_kernelspec, config) as (km, kc):
+        info = await km.provisioner.get_provisioner_info()
+        out, _ = await execute(kc, "print(get_ipython().kernel.iopub_thread._pipe_port or 0)")
+        iopub_pipe = {int(out)} - {0}  # ipykernel's own pipe for subprocess output
+        assert kernel_tcp_listeners(info["pid"]) - iopub_pipe == set()
+        other = "nobody"
+        for endpoint in info["endpoints"].values():
+            probe = subprocess.run(
+                ["runuser", "-u", other, "--", sys.executable, "-c",
+                 "import socket, sys; s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])",
+                 endpoint],
+                capture_output=True, text=True, check=False, timeout=30,
+            )  # fmt: skip
+            assert probe.returncode != 0
+            assert "Permission denied" in probe.stderr
+
+
+async def test_tcp_endpoints_listen_on_loopback_only(
+    make_kernelspec: KernelSpecFactory, host_config: dict[str, Any]
+) -> None:
+    from ssh_provisioner.launcher import tcp_listeners
+
+    async with running_kernel(make_kernelspec, host_config) as (km, _):
+        info = await km.provisioner.get_provisioner_info()
+        ports = set(info["endpoints"].values())
+        assert set(tcp_listeners(ports) or {}) == ports
+        table = Path("/proc/net/tcp").read_text().splitlines()[1:]
+        for line in table:
+            fields = line.split()
+            address, _, port = fields[1].partition(":")
+            if fields[3] == "0A" and int(port, 16) in ports:
+                assert address == "0100007F"
+
+
+@pytest.mark.parametrize(
+    ("script", "error", "words"),
+    [
+        ("echo 'not json at all'", LaunchError, "invalid handshake"),
+        ('echo \'{"event": "ready"}\'', LaunchError, "invalid handshake"),
+        ("head -c 3000000 /dev/zero | tr '\\0' x", LaunchError, "longer than"),
+        ("exit 0", LaunchError, "before its handshake"),
+        ("exec sleep 120", LaunchTimeout, "launch_timeout"),
+    ],
+)
+async def test_hostile_launcher_output(
+    make_kernelspec: KernelSpecFactory,
+    host_config: dict[str, Any],
+    shared_tmp: Path,
+    script: str,
+    error: type[Exception],
+    words: str,
+) -> None:
+    """Whatever comes back instead of a handshake fails the start cleanly, in time."""
+    fake = shared_tmp / "fake-python"
+    fake.write_text(f"#!/bin/sh\n{script}\n")
+    fake.chmod(0o755)
+    config = {**host_config, "remote_python": str(fake), "launch_timeout": 2.0}
+    ksm, name = make_kernelspec(config)
+    km = AsyncKernelManager(kernel_name=name, kernel_spec_manager=ksm)
+    try:
+        with pytest.raises(error, match=words):
+            await km.start_kernel()
+    finally:
+        await km.cleanup_resources()
+
+
+async def test_a_changed_host_key_is_refused_on_reconnect(
+    make_kernelspec: KernelSpecFactory, client_key: tuple[Path, str], tmp_path: Path
+) -> None:
+    from ..conftest import connect_options
+
+    daemon: SSHDaemon = start_sshd(tmp_path / "host", "127.0.0.8", client_key[1] + "\n")
+    try:
+        config = {
+            "hosts": [daemon.destination("root")],
+            "connect_options": connect_options(daemon, client_key[0]),
+            "remote_python": sys.executable,
+            "pool_idle_timeout": 0,
+        }
+        async with running_kernel(make_kernelspec, config):
+            pass
+        daemon.stop()
+        generate_key(tmp_path / "host" / "host_ed25519.new")
+        (tmp_path / "host" / "host_ed25519.new").replace(tmp_path / "host" / "host_ed25519")
+        daemon.start()
+        ksm, name = make_kernelspec(config)
+        km = AsyncKernelManager(kernel_name=name, kernel_spec_manager=ksm)
+        try:
+            with pytest.raises(HostKeyError, match="CHANGED"):
+                await km.start_kernel()
+        finally:
+            await km.cleanup_resources()
+    finally:
+        daemon.stop()
