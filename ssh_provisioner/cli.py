@@ -3,22 +3,162 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 import sys
 from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from .errors import ProvisionerConfigError, SSHProvisionerError
+from .hosts import HostEntry
 
 EXAMPLES = """examples:
-  ssh-provisioner demo          run a kernel on a throwaway local SSH host
+  ssh-provisioner demo                                  a kernel on a throwaway local SSH host
+  ssh-provisioner install gpu1-py --host gpu1 --check   a kernelspec for host gpu1
+  ssh-provisioner install pool --host gpu1 --host gpu2 --policy most-free-gpu-memory
+  ssh-provisioner list                                  kernelspecs that use ssh-provisioner
+  ssh-provisioner check gpu1-py                         diagnose the hosts of a kernelspec
+  ssh-provisioner check --host alice@gpu3:2222 --json
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """One line, status 2: `prog: error: message (see prog --help)`."""
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def _connect_option(text: str) -> tuple[str, Any]:
+    key, value = _key_value(text)
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="ssh-provisioner",
         description="Run Jupyter kernels on remote hosts over SSH.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
+    )
+
+    install = commands.add_parser(
+        "install",
+        help="write a kernelspec whose kernels run on remote hosts",
+        description="Write (or replace) a kernelspec that names ssh-provisioner. It shows "
+        "up in `jupyter kernelspec list`, JupyterLab and Jupyter Server.",
+        epilog="examples:\n"
+        "  ssh-provisioner install gpu1-py --host gpu1 --python /opt/conda/bin/python\n"
+        "  ssh-provisioner install pool --host gpu1 --host gpu2 --policy least-load --check\n"
+        "  ssh-provisioner install shared --host alice@box --transport ipc --env OMP_NUM_THREADS=4"
+        "\n"
+        "  ssh-provisioner install r-gpu1 --host gpu1 --language R \\\n"
+        "      --kernel-argv R --slave -e 'IRkernel::main()' --args '{connection_file}'",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    install.add_argument("name", help="kernelspec name (letters, digits, . _ -)")
+    install.add_argument(
+        "--host",
+        dest="hosts",
+        action="append",
+        required=True,
+        metavar="H",
+        help="SSH destination [user@]host[:port] or ~/.ssh/config alias; repeat",
+    )
+    install.add_argument("--policy", help="host selection policy (default least-kernels)")
+    install.add_argument("--python", help="interpreter on the hosts (default python3)")
+    install.add_argument("--cwd", help="kernel working directory on the hosts (default: home)")
+    install.add_argument(
+        "--env",
+        action="append",
+        type=_key_value,
+        default=[],
+        metavar="K=V",
+        help="environment variable for the kernel; repeat",
+    )
+    install.add_argument(
+        "--transport",
+        choices=["tcp", "ipc"],
+        help="tcp (default) or ipc (private Unix sockets: shared hosts)",
+    )
+    install.add_argument(
+        "--connect-option",
+        action="append",
+        type=_connect_option,
+        default=[],
+        metavar="K=V",
+        help="asyncssh.connect option, value as JSON or text; repeat",
+    )
+    install.add_argument("--display-name", help="name shown in JupyterLab")
+    install.add_argument("--language", default="python", help="kernel language (default python)")
+    install.add_argument(
+        "--kernel-argv",
+        nargs=argparse.REMAINDER,
+        metavar="ARG",
+        help="kernel command on the host (last option; must contain "
+        "{connection_file}); default: python3 -m ipykernel_launcher",
+    )
+    where = install.add_mutually_exclusive_group()
+    where.add_argument("--user", action="store_true", help="install for this user only")
+    where.add_argument("--sys-prefix", action="store_true", help="install into sys.prefix")
+    where.add_argument("--prefix", metavar="DIR", help="install under DIR/share/jupyter")
+    install.add_argument(
+        "--check",
+        action="store_true",
+        help="check every host first; refuse to install if none works",
+    )
+
+    commands.add_parser(
+        "list",
+        help="installed kernelspecs that use ssh-provisioner",
+        description="List installed kernelspecs that use ssh-provisioner, with hosts and policy.",
+        epilog="example:\n  ssh-provisioner list",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+    check = commands.add_parser(
+        "check",
+        help="diagnose hosts: DNS, TCP, host key, auth, python, ipykernel, load, GPUs",
+        description="Check each host of a kernelspec (or the --host ones) concurrently. "
+        "Exit status 0 when every host can run kernels, 1 otherwise.",
+        epilog="examples:\n  ssh-provisioner check gpu1-py\n"
+        "  ssh-provisioner check --host gpu1 --host alice@gpu2:2222 --python /opt/py/bin/python\n"
+        "  ssh-provisioner check gpu1-py --json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    check.add_argument("name", nargs="?", help="an installed kernelspec")
+    check.add_argument(
+        "--host",
+        dest="hosts",
+        action="append",
+        default=[],
+        metavar="H",
+        help="a destination to check; repeat",
+    )
+    check.add_argument("--python", help="interpreter to look for (default: the kernelspec's)")
+    check.add_argument(
+        "--connect-option",
+        action="append",
+        type=_connect_option,
+        default=[],
+        metavar="K=V",
+        help="asyncssh.connect option; repeat",
+    )
+    check.add_argument("--timeout", type=float, default=10.0, help="seconds per step")
+    check.add_argument("--json", action="store_true", help="machine-readable output")
+
     commands.add_parser(
         "demo",
         help="start a throwaway local sshd host, run a kernel there, print what came back",
@@ -32,16 +172,167 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "demo":
-        from .demo import run_demo
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "install":
+            return _install(args)
+        if args.command == "list":
+            return _list()
+        if args.command == "check":
+            return _check(parser, args)
+        if args.command == "demo":
+            from .demo import run_demo
 
-        try:
             return run_demo()
-        except KeyboardInterrupt:
-            print("interrupted; everything the demo started was removed", file=sys.stderr)
-            return 130
+    except KeyboardInterrupt:
+        print("interrupted; everything started was removed", file=sys.stderr)
+        return 130
+    except ProvisionerConfigError as exc:  # a bad argument value
+        print(f"ssh-provisioner {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except SSHProvisionerError as exc:
+        print(f"ssh-provisioner {args.command}: {exc}", file=sys.stderr)
+        return 1
     raise AssertionError(f"unhandled command {args.command}")
+
+
+def _install(args: argparse.Namespace) -> int:
+    import sys as _sys
+
+    from .kernelspec import build_kernelspec, install_kernelspec
+
+    config: dict[str, Any] = {}
+    if args.policy:
+        from .policies import load_policy
+
+        load_policy(args.policy)
+        config["policy"] = args.policy
+    if args.python:
+        config["remote_python"] = args.python
+    if args.cwd:
+        config["remote_cwd"] = args.cwd
+    if args.env:
+        config["remote_env"] = dict(args.env)
+    if args.transport:
+        config["remote_transport"] = args.transport
+    if args.connect_option:
+        config["connect_options"] = dict(args.connect_option)
+    spec = build_kernelspec(
+        hosts=args.hosts,
+        display_name=args.display_name or f"{args.language.capitalize()} ({', '.join(args.hosts)})",
+        language=args.language,
+        argv=args.kernel_argv or None,
+        config=config,
+    )
+    if args.check:
+        reports = asyncio.run(
+            _run_checks(
+                [HostEntry.parse(h) for h in args.hosts],
+                config.get("connect_options", {}),
+                config.get("remote_python", "python3"),
+                needs_ipykernel=not args.kernel_argv,
+                timeout=10.0,
+                progress=True,
+            )
+        )
+        if not any(report.ok for report in reports):
+            from .doctor import render_table
+
+            print(render_table(reports), file=_sys.stderr)
+            print(
+                f"ssh-provisioner install: no host works; {args.name!r} not installed",
+                file=_sys.stderr,
+            )
+            return 1
+    prefix = _sys.prefix if args.sys_prefix else args.prefix
+    path, replaced = install_kernelspec(args.name, spec, user=args.user, prefix=prefix)
+    print(f"{'Replaced' if replaced else 'Installed'} kernelspec {args.name!r} in {path}")
+    return 0
+
+
+def _list() -> int:
+    from .kernelspec import installed_specs
+
+    specs = installed_specs()
+    if not specs:
+        print("No installed kernelspec uses ssh-provisioner (see: ssh-provisioner install -h).")
+        return 0
+    width = max(len(spec.name) for spec in specs)
+    for spec in specs:
+        print(f"{spec.name.ljust(width)}  {spec.policy:<20}  {', '.join(spec.hosts)}")
+        print(f"{''.ljust(width)}  {spec.path}")
+    return 0
+
+
+def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from .doctor import render_table
+
+    hosts: list[HostEntry] = [HostEntry.parse(h) for h in args.hosts]
+    options: dict[str, Any] = {}
+    python = args.python or "python3"
+    needs_ipykernel = True
+    if args.name:
+        from .kernelspec import installed_specs
+
+        found = [spec for spec in installed_specs() if spec.name == args.name]
+        if not found:
+            parser.error(f"no installed ssh-provisioner kernelspec is named {args.name!r}")
+        config = found[0].config
+        hosts += [HostEntry.parse(item) for item in config.get("hosts", [])]
+        options = dict(config.get("connect_options", {}))
+        python = args.python or config.get("remote_python", "python3")
+    if not hosts:
+        parser.error("name a kernelspec or give --host")
+    options.update(dict(args.connect_option))
+    reports = asyncio.run(
+        _run_checks(
+            hosts,
+            options,
+            python,
+            needs_ipykernel=needs_ipykernel,
+            timeout=args.timeout,
+            progress=not args.json,
+        )
+    )
+    if args.json:
+        print(json.dumps([report.as_dict() for report in reports], indent=1))
+    else:
+        print(render_table(reports))
+    return 0 if all(report.ok for report in reports) else 1
+
+
+async def _run_checks(
+    hosts: list[HostEntry],
+    options: dict[str, Any],
+    python: str,
+    *,
+    needs_ipykernel: bool,
+    timeout: float,
+    progress: bool,
+) -> list[Any]:
+    from .doctor import check_host
+
+    if progress:
+        print(f"checking {len(hosts)} host(s)...", file=sys.stderr)
+    done = 0
+
+    async def one(entry: HostEntry) -> Any:
+        nonlocal done
+        report = await check_host(
+            entry,
+            connect_options={**options, **entry.override("connect_options", {})},
+            python=entry.override("remote_python", python),
+            needs_ipykernel=needs_ipykernel,
+            timeout=timeout,
+        )
+        done += 1
+        if progress:
+            mark = "ok" if report.ok else "PROBLEM"
+            print(f"  [{done}/{len(hosts)}] {entry.name}: {mark}", file=sys.stderr)
+        return report
+
+    return list(await asyncio.gather(*(one(entry) for entry in hosts)))
 
 
 if __name__ == "__main__":

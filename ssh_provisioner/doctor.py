@@ -1,0 +1,186 @@
+"""`ssh-provisioner check`: can each host run kernels, and if not, why not."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shlex
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncssh
+
+from .errors import AuthenticationError, HostKeyError, SSHConnectError
+from .hosts import HostEntry
+from .policies import LeastLoad, MostFreeGpuMemory, parse_gpus, parse_load
+from .pool import connect
+from .remote import run_probe
+
+CHECKS = ("dns", "tcp", "host key", "auth", "python", "ipykernel", "load", "gpus", "rtt")
+OK, FAIL, WARN, SKIP, INFO = "ok", "FAIL", "warn", "skip", "info"
+PYTHON_VERSION = "import sys; print('%d.%d.%d' % sys.version_info[:3])"
+IPYKERNEL_VERSION = "import ipykernel; print(ipykernel.__version__)"
+LOAD_PROBE = str(LeastLoad.probe_command)
+GPU_PROBE = str(MostFreeGpuMemory.probe_command)
+
+
+@dataclass
+class Check:
+    status: str
+    detail: str = ""
+
+
+@dataclass
+class HostReport:
+    host: str
+    checks: dict[str, Check] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not any(check.status == FAIL for check in self.checks.values())
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "host": self.host,
+            "ok": self.ok,
+            "checks": {
+                name: {"status": c.status, "detail": c.detail} for name, c in self.checks.items()
+            },
+        }
+
+
+async def check_host(
+    entry: HostEntry,
+    *,
+    connect_options: dict[str, Any],
+    python: str,
+    needs_ipykernel: bool = True,
+    timeout: float = 10.0,
+) -> HostReport:
+    """Every check for one host; later checks are skipped once an earlier one fails."""
+    report = HostReport(entry.name)
+    checks = report.checks
+    host = entry.host
+    port = host.port or 22
+    loop = asyncio.get_running_loop()
+    address: str | None = None
+    try:
+        infos = await asyncio.wait_for(
+            loop.getaddrinfo(host.hostname, port, type=socket.SOCK_STREAM), timeout
+        )
+        address = str(infos[0][4][0])
+        checks["dns"] = Check(OK, address)
+    except (OSError, TimeoutError) as exc:
+        # Not fatal yet: it may be a Host alias that ~/.ssh/config maps to a real name.
+        checks["dns"] = Check(WARN, f"not resolved here ({exc}); a ~/.ssh/config alias?")
+    if address is not None:
+        started = time.perf_counter()
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(address, port), timeout)
+            rtt = (time.perf_counter() - started) * 1000
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+            checks["tcp"] = Check(OK, f"port {port} open")
+            checks["rtt"] = Check(INFO, f"{rtt:.1f} ms")
+        except ConnectionRefusedError:
+            checks["tcp"] = Check(FAIL, f"port {port}: connection refused")
+        except OSError as exc:
+            checks["tcp"] = Check(FAIL, f"port {port}: {exc.strerror or exc}")
+        except TimeoutError:
+            checks["tcp"] = Check(FAIL, f"port {port}: timed out")
+    if checks.get("tcp", Check(OK)).status == FAIL:
+        return _skip_rest(report)
+    try:
+        connection = await connect(host, connect_options, connect_timeout=timeout)
+    except HostKeyError as exc:
+        checks["host key"] = Check(FAIL, str(exc))
+        return _skip_rest(report)
+    except AuthenticationError as exc:
+        checks["host key"] = Check(OK, "known and matching")
+        checks["auth"] = Check(FAIL, str(exc))
+        return _skip_rest(report)
+    except SSHConnectError as exc:
+        if checks["dns"].status == WARN:
+            checks["dns"] = Check(FAIL, checks["dns"].detail)
+        checks["tcp"] = Check(FAIL, str(exc))
+        return _skip_rest(report)
+    try:
+        checks["host key"] = Check(OK, "known and matching")
+        checks["auth"] = Check(OK, f"as {connection.get_extra_info('username')}")
+        version = await _run(connection, [python, "-c", PYTHON_VERSION], timeout)
+        if version.exit_status != 0:
+            checks["python"] = Check(FAIL, f"{python}: {_why(version)}")
+            return _skip_rest(report)
+        checks["python"] = Check(OK, f"{python} {str(version.stdout).strip()}")
+        kernel = await _run(connection, [python, "-c", IPYKERNEL_VERSION], timeout)
+        if kernel.exit_status == 0:
+            checks["ipykernel"] = Check(OK, str(kernel.stdout).strip())
+        else:
+            status = FAIL if needs_ipykernel else SKIP
+            checks["ipykernel"] = Check(status, f"not importable by {python}: {_why(kernel)}")
+        load = parse_load(await run_probe(connection, host, LOAD_PROBE, timeout))
+        checks["load"] = Check(INFO, f"{load:.2f} per CPU" if load is not None else "unknown")
+        gpus = parse_gpus(await run_probe(connection, host, GPU_PROBE, timeout))
+        checks["gpus"] = Check(
+            INFO,
+            f"{len(gpus)}, most free {max(g.free_mib for g in gpus)} MiB" if gpus else "none",
+        )
+    except (asyncssh.Error, OSError, TimeoutError) as exc:
+        checks.setdefault("python", Check(FAIL, f"connection failed: {exc}"))
+        return _skip_rest(report)
+    finally:
+        connection.close()
+        with contextlib.suppress(Exception):
+            await connection.wait_closed()
+    return report
+
+
+def _skip_rest(report: HostReport) -> HostReport:
+    for name in CHECKS:
+        report.checks.setdefault(name, Check(SKIP))
+    return report
+
+
+async def _run(
+    connection: asyncssh.SSHClientConnection, argv: list[str], timeout: float
+) -> asyncssh.SSHCompletedProcess:
+    return await asyncio.wait_for(connection.run("exec " + shlex.join(argv)), timeout)
+
+
+def _why(result: asyncssh.SSHCompletedProcess) -> str:
+    lines = str(result.stderr or "").strip().splitlines()
+    return lines[-1] if lines else f"exit status {result.exit_status}"
+
+
+def render_table(reports: list[HostReport]) -> str:
+    headers = ["host", *CHECKS]
+    rows = [[r.host, *(_cell(r.checks.get(name, Check(SKIP))) for name in CHECKS)] for r in reports]
+    widths = [max(len(row[i]) for row in [headers, *rows]) for i in range(len(headers))]
+    lines = [
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in [headers, *rows]
+    ]
+    problems = [
+        f"  {r.host}: {name}: {c.detail}"
+        for r in reports
+        for name, c in r.checks.items()
+        if c.status in (FAIL, WARN) and c.detail
+    ]
+    failed = [r.host for r in reports if not r.ok]
+    verdict = (
+        f"All {len(reports)} host(s) can run kernels."
+        if not failed
+        else f"{len(failed)} of {len(reports)} host(s) cannot run kernels: {', '.join(failed)}"
+    )
+    return "\n".join([*lines, *(["", "problems:", *problems] if problems else []), "", verdict])
+
+
+def _cell(check: Check) -> str:
+    if check.status == INFO:
+        return check.detail[:28]
+    if check.status == OK and check.detail and len(check.detail) <= 28:
+        return check.detail
+    return check.status
