@@ -19,6 +19,7 @@ kernel's process group is killed after ``orphan_timeout`` seconds.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import queue
@@ -30,7 +31,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
 STDERR_TAIL_LINES = 40
@@ -55,12 +56,27 @@ class LaunchFailed(Exception):
         self.status = status
 
 
+class Client:
+    """Where events go: the launcher's own stdout, or a reattached control connection."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.write: Callable[[bytes], Any] = self.write_stdout
+
+    @staticmethod
+    def write_stdout(data: bytes) -> None:
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+
+
+CLIENT = Client()
+
+
 def emit(event: dict[str, Any]) -> None:
-    try:
-        sys.stdout.write(json.dumps(event) + "\n")
-        sys.stdout.flush()
-    except (OSError, ValueError):
-        pass  # the channel is gone; supervision goes on without a listener
+    data = (json.dumps(event) + "\n").encode()
+    # A gone client is no error: supervision goes on without a listener.
+    with CLIENT.lock, contextlib.suppress(OSError, ValueError):
+        CLIENT.write(data)
 
 
 def log(message: str) -> None:
@@ -156,6 +172,9 @@ class Supervisor:
         self.process: subprocess.Popen[bytes] | None = None
         self.pgid = 0
         self.stdin_closed = threading.Event()
+        self.generation = 0
+        self.ready_event: dict[str, Any] = {}
+        self.control_path = ""
 
     # -- setup -------------------------------------------------------------------
 
@@ -340,7 +359,7 @@ class Supervisor:
                     os.unlink(connection_file)
                     continue
                 raise
-            return {
+            self.ready_event = {
                 "event": "ready",
                 "pid": self.process.pid if self.process else 0,
                 "pgid": self.pgid,
@@ -352,6 +371,8 @@ class Supervisor:
                 "hostname": socket.gethostname(),
                 "launcher_pid": os.getpid(),
             }
+            self.listen_for_reattach()
+            return dict(self.ready_event, control=self.control_path)
         raise AssertionError("unreachable")
 
     # -- supervision -------------------------------------------------------------------
@@ -360,7 +381,61 @@ class Supervisor:
         for line in sys.stdin:
             self.events.put(("line", line))
         self.stdin_closed.set()
-        self.events.put(("eof", None))
+        self.events.put(("eof", 0))
+
+    def listen_for_reattach(self) -> None:
+        """A 0600 Unix socket in the private runtime dir: a client whose SSH channel was
+        lost comes back here (through `attach`) with the token it was given."""
+        token = self.spec.get("attach_token")
+        if not token:
+            return
+        path = os.path.join(self.runtime_dir, "control")
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)
+        try:
+            server.bind(path)
+        finally:
+            os.umask(old_umask)
+        server.listen(4)
+        self.control_path = path
+
+        def accept() -> None:
+            while True:
+                try:
+                    conn, _ = server.accept()
+                except OSError:
+                    return
+                threading.Thread(target=self.authenticate, args=(conn, token), daemon=True).start()
+
+        threading.Thread(target=accept, daemon=True).start()
+
+    def authenticate(self, conn: socket.socket, token: str) -> None:
+        conn.settimeout(10)
+        reader = conn.makefile("rb")
+        try:
+            hello = json.loads(reader.readline(4096) or b"{}")
+        except ValueError:
+            hello = {}
+        if not isinstance(hello, dict) or hello.get("token") != token:
+            log("refused a control connection without the right token")
+            conn.close()
+            return
+        conn.settimeout(None)
+        self.events.put(("attach", (conn, reader)))
+
+    def read_client(self, reader: Any, generation: int) -> None:
+        for raw in iter(reader.readline, b""):
+            self.events.put(("line", raw.decode("utf-8", "replace")))
+        self.events.put(("eof", generation))
+
+    def attach(self, conn: socket.socket, reader: Any) -> None:
+        self.generation += 1
+        with CLIENT.lock:
+            CLIENT.write = conn.sendall
+        emit(dict(self.ready_event, event="attached"))
+        threading.Thread(
+            target=self.read_client, args=(reader, self.generation), daemon=True
+        ).start()
 
     def wait_kernel(self) -> None:
         assert self.process is not None
@@ -399,8 +474,12 @@ class Supervisor:
                 continue
             if kind == "line":
                 self.handle_control(value)
-            elif kind == "eof":
+            elif kind == "eof" and value == self.generation:  # the current client left
                 orphan_deadline = time.monotonic() + float(self.spec["orphan_timeout"])
+            elif kind == "attach":
+                self.attach(*value)
+                orphan_deadline = killed_at = None
+                log("a client reattached")
             elif kind == "exit":
                 return int(value)
 
@@ -436,11 +515,34 @@ def on_terminate(supervisor: Supervisor | None) -> Any:
     return handler
 
 
+def attach(request: dict[str, Any]) -> int:
+    """Relay this SSH channel to a running launcher's control socket (reattach)."""
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        conn.connect(request["control"])
+    except OSError as exc:
+        emit({"event": "error", "reason": "gone", "message": "no launcher there: %s" % exc})
+        return 4
+    conn.sendall((json.dumps({"token": request["token"]}) + "\n").encode())
+
+    def forward_stdin() -> None:
+        for raw in iter(sys.stdin.buffer.readline, b""):
+            conn.sendall(raw)
+        conn.shutdown(socket.SHUT_WR)
+
+    threading.Thread(target=forward_stdin, daemon=True).start()
+    for data in iter(lambda: conn.recv(65536), b""):
+        Client.write_stdout(data)
+    return 0
+
+
 def main() -> int:
     line = sys.stdin.readline()
     if not line:
         return 2
     spec = json.loads(line)
+    if "attach" in spec:
+        return attach(spec["attach"])
     supervisor = Supervisor(spec)
     # Interrupts sent to the launcher (an SSH `signal` request, for instance) go to the
     # kernel; Python resets handled signals to SIG_DFL in the child, which is exactly

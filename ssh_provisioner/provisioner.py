@@ -8,6 +8,7 @@ import difflib
 import fnmatch
 import os
 import posixpath
+import secrets
 import signal
 import time
 import uuid
@@ -28,12 +29,18 @@ from traitlets import (
     Union,
 )
 
-from .errors import HostSelectionError, ProvisionerConfigError, SSHConnectError, TunnelError
+from .errors import (
+    HostKeyError,
+    HostSelectionError,
+    ProvisionerConfigError,
+    SSHConnectError,
+    TunnelError,
+)
 from .hosts import HostEntry
 from .placement import PlacementRequest, get_placement_state
 from .policies import HostPolicy, Placement, load_policy
 from .pool import Lease, check_connect_options, get_pool
-from .remote import Handshake, RemoteKernel, run_probe, start_launcher
+from .remote import Handshake, KernelGone, RemoteKernel, run_probe, start_launcher
 from .tunnels import KernelTunnels
 
 # Forwarded from the launch request whatever forward_env says: what a kernel needs from
@@ -136,10 +143,18 @@ class SSHProvisioner(KernelProvisionerBase):
         60.0, config=True, help="Seconds allowed from exec of the launcher to a listening kernel."
     )
     orphan_timeout = Float(
-        30.0,
+        900.0,
         config=True,
-        help="Seconds a kernel outlives its launcher's SSH channel before the launcher "
-        "kills it (a lost client must not leave a kernel running forever).",
+        help="Seconds a kernel outlives its client (its launcher's SSH channel lost, the "
+        "server gone) waiting to be reattached, before the launcher kills it. Long "
+        "enough for a laptop to sleep; 0 kills at once.",
+    )
+    reconnect_timeout = Float(
+        300.0,
+        config=True,
+        help="Seconds the provisioner keeps trying to reconnect and reattach to a kernel "
+        "whose SSH connection was lost (it reports the kernel alive meanwhile); after "
+        "that the kernel counts as dead. 0 disables reattaching.",
     )
     keepalive_interval = Float(
         15.0,
@@ -390,6 +405,8 @@ class SSHProvisioner(KernelProvisionerBase):
             raise
         if self.prewarm_launcher:
             lease.prepare_spare(python, lambda connection: start_launcher(connection, python))
+        if self.reconnect_timeout > 0:
+            kernel.reconnect = self._reattach
         self._lease, self._kernel, self._tunnels = lease, kernel, tunnels
         self._handshake = kernel.ready
         self._reaped = False
@@ -405,6 +422,65 @@ class SSHProvisioner(KernelProvisionerBase):
             (time.perf_counter() - started) * 1000,
         )
         return self.connection_info
+
+    async def _reattach(self, kernel: RemoteKernel) -> bool:
+        """The kernel's SSH connection died: reconnect, reattach to its launcher and reopen
+        the forwards on the same local ports, for up to ``reconnect_timeout`` seconds.
+        Meanwhile poll() reports the kernel alive: it is unreachable, not dead."""
+        if self._placement is None or self._tunnels is None:
+            return False
+        entry = self._placement.entry
+        python = entry.override("remote_python", self.remote_python)
+        ports = self._tunnels.local_ports
+        started = time.monotonic()
+        deadline = started + self.reconnect_timeout
+        self.log.warning(
+            "kernel %s on %s: SSH connection lost; reconnecting for up to %gs",
+            self.kernel_id, entry.name, self.reconnect_timeout,
+        )  # fmt: skip
+        delay = 0.25
+        while (remaining := deadline - time.monotonic()) > 0:
+            try:
+                lease = await get_pool().lease(
+                    entry.host,
+                    self._connect_options(entry),
+                    connect_timeout=min(self.connect_timeout, remaining),
+                )
+            except HostKeyError as exc:
+                self.log.error("kernel %s: not reattaching: %s", self.kernel_id, exc)
+                return False
+            except SSHConnectError as exc:
+                self.log.info("kernel %s: still unreachable: %s", self.kernel_id, exc)
+            else:
+                try:
+                    await kernel.resume(lease.connection, python, self.connect_timeout)
+                    await self._tunnels.aclose()
+                    self._tunnels = await KernelTunnels.open(
+                        lease.connection, entry.host, kernel.endpoints, preferred_ports=ports
+                    )
+                except KernelGone as exc:
+                    lease.release(self.pool_idle_timeout)
+                    self.log.warning("kernel %s: %s", self.kernel_id, exc)
+                    return False
+                except (SSHConnectError, TunnelError) as exc:
+                    lease.release(self.pool_idle_timeout)
+                    self.log.info("kernel %s: reattach failed: %s", self.kernel_id, exc)
+                else:
+                    if self._lease is not None:
+                        self._lease.release(self.pool_idle_timeout)
+                    self._lease = lease
+                    self.log.warning(
+                        "kernel %s on %s: reattached after %.1fs",
+                        self.kernel_id, entry.name, time.monotonic() - started,
+                    )  # fmt: skip
+                    return True
+            await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 2, 5.0)
+        self.log.warning(
+            "kernel %s on %s: unreachable for %gs (reconnect_timeout); counting it as dead",
+            self.kernel_id, entry.name, self.reconnect_timeout,
+        )  # fmt: skip
+        return False
 
     async def poll(self) -> int | None:
         """Called by KernelManager.is_alive (and so the KernelRestarter): no round trip."""
@@ -520,6 +596,7 @@ class SSHProvisioner(KernelProvisionerBase):
             "transport": entry.override("remote_transport", self.remote_transport),
             "kernel_id": str(self.kernel_id),
             "orphan_timeout": self.orphan_timeout,
+            "attach_token": secrets.token_hex(16),
             "ready_timeout": self.launch_timeout,
             "connection": {
                 "key": key.decode(),

@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import json
 import logging
 import posixpath
 import shlex
 import signal
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -40,6 +42,10 @@ COMMAND_NOT_FOUND = 127
 CONNECTION_LOST_STATUS = 255  # what ssh(1) reports when the link, not the command, failed
 
 
+class KernelGone(Exception):
+    """Reattaching found no launcher: the kernel has ended."""
+
+
 @dataclass(frozen=True)
 class Handshake:
     """What the launcher reports once the kernel listens on all five endpoints."""
@@ -53,6 +59,7 @@ class Handshake:
     cwd: str
     home: str
     hostname: str
+    control: str = ""  # the launcher's reattach socket
 
     @classmethod
     def from_event(cls, event: dict[str, Any]) -> Handshake:
@@ -69,9 +76,11 @@ class Handshake:
             cwd=str(event["cwd"]),
             home=str(event["home"]),
             hostname=str(event["hostname"]),
+            control=str(event.get("control") or ""),
         )
 
 
+@functools.cache
 def launcher_source() -> str:
     return resources.files("ssh_provisioner").joinpath("launcher.py").read_text("utf-8")
 
@@ -152,7 +161,10 @@ class RemoteKernel:
         self._stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
         self._exit: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._tasks: list[asyncio.Task[None]] = []
+        self._attach_token: str | None = None
         self.handshake: Handshake | None = None
+        # Called when the connection is lost; True once it has reattached (see resume).
+        self.reconnect: Callable[[RemoteKernel], Awaitable[bool]] | None = None
 
     # -- start -----------------------------------------------------------------------
 
@@ -177,6 +189,7 @@ class RemoteKernel:
                 host=str(host),
             ) from exc
         kernel = cls(host, connection, process, kernel_id)
+        kernel._attach_token = spec.get("attach_token")
         kernel._tasks.append(asyncio.create_task(kernel._pump_stderr()))
         try:
             process.stdin.write(json.dumps(spec).encode() + b"\n")
@@ -254,23 +267,18 @@ class RemoteKernel:
 
     async def _pump_events(self) -> None:
         status: int | None = None
-        try:
-            while True:
-                line = await self._stdout.readline()
-                if line is None:
-                    break
-                with contextlib.suppress(ValueError, KeyError, TypeError):
-                    event = json.loads(line)
-                    if event["event"] == "exit":
-                        status = int(event["status"])
-        except (ValueError, asyncssh.Error, OSError) as exc:
-            log.warning(
-                "kernel %s on %s: launcher channel failed: %s", self.kernel_id, self.host, exc
-            )
-        if status is None:
+        while True:
+            status = await self._read_events()
+            if status is not None:
+                break
             status = await self._closed_status()
             if self._process.exit_signal is not None and not self.connection.is_closed():
                 status = await self._reap_after_launcher_death()
+                break
+            lost = status is None and self.connection.is_closed()
+            if lost and self.reconnect is not None and await self.reconnect(self):
+                continue  # reattached: read the launcher's events on the new channel
+            break
         if status is None:
             log.warning(
                 "kernel %s on %s: the SSH connection was lost; treating the kernel as dead",
@@ -280,6 +288,54 @@ class RemoteKernel:
             status = CONNECTION_LOST_STATUS
         if not self._exit.done():
             self._exit.set_result(status)
+
+    async def _read_events(self) -> int | None:
+        """Events of the current channel until it ends; the kernel's exit status if told."""
+        try:
+            while (line := await self._stdout.readline()) is not None:
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    event = json.loads(line)
+                    if event["event"] == "exit":
+                        return int(event["status"])
+        except (ValueError, asyncssh.Error, OSError) as exc:
+            log.warning(
+                "kernel %s on %s: launcher channel failed: %s", self.kernel_id, self.host, exc
+            )
+        return None
+
+    async def resume(
+        self, connection: asyncssh.SSHClientConnection, python: str, timeout: float
+    ) -> None:
+        """Reattach to the launcher over ``connection`` (after the old one was lost).
+
+        Raises KernelGone if the launcher is not there any more (the kernel ended or was
+        killed as an orphan), SSHConnectError if this attempt failed.
+        """
+        control = self.ready.control
+        if not control or not self._attach_token:
+            raise KernelGone(f"kernel {self.kernel_id} on {self.host} cannot be reattached")
+        request = {"attach": {"control": control, "token": self._attach_token}}
+        try:
+            process = await start_launcher(connection, python)
+            process.stdin.write(json.dumps(request).encode() + b"\n")
+            reader = _LineReader(process.stdout)
+            line = await asyncio.wait_for(reader.readline(), timeout)
+        except (asyncssh.Error, OSError, ValueError) as exc:  # TimeoutError is an OSError
+            raise SSHConnectError(
+                f"SSH to {self.host}: reattaching kernel {self.kernel_id} failed: {exc}",
+                host=str(self.host),
+            ) from exc
+        try:
+            event = json.loads(line or b"{}")
+        except ValueError:
+            event = {}
+        if event.get("event") != "attached":
+            process.close()
+            raise KernelGone(
+                f"kernel {self.kernel_id} on {self.host} is gone: {event.get('message', line)}"
+            )
+        self.connection, self._process, self._stdout = connection, process, reader
+        self._tasks.append(asyncio.create_task(self._pump_stderr()))
 
     async def _reap_after_launcher_death(self) -> int:
         """The launcher ended without a word (killed?): end what it supervised."""
@@ -397,7 +453,10 @@ class RemoteKernel:
         A kernel still running at this point is killed: nothing outlives ``cleanup``.
         """
         if not self._exit.done():
-            await self.send_signal(signal.SIGKILL)
+            try:
+                await self.send_signal(signal.SIGKILL)
+            except RemoteCommandError as exc:  # unreachable: its launcher ends it as an orphan
+                log.warning("kernel %s on %s: %s", self.kernel_id, self.host, exc)
         with contextlib.suppress(asyncssh.Error, OSError):
             self._process.stdin.write_eof()
         await self._close_channel()

@@ -51,6 +51,24 @@ def server(tmp_path: Path, jupyter_path: Path) -> Iterator[Server]:
     running.stop()
 
 
+async def iopub_connected(channels: Channels) -> None:
+    """Nudge until IOPub delivers (as JupyterLab does): after a (re)start the SUB socket
+    reconnects on its own schedule, and PUB drops what is sent before it has."""
+    for _ in range(50):
+        msg_id = channels.send("shell", "kernel_info_request", {})
+        try:
+            while True:
+                message = await channels.receive(timeout=0.5)
+                if (
+                    message["channel"] == "iopub"
+                    and message["parent_header"].get("msg_id") == msg_id
+                ):
+                    return
+        except TimeoutError:
+            continue
+    raise AssertionError("IOPub never delivered")
+
+
 async def kernel_pid(channels: Channels) -> int:
     messages = await channels.collect(channels.execute("import os; print(os.getpid())"))
     return int(next(m for m in messages if m["msg_type"] == "stream")["content"]["text"])
@@ -67,6 +85,7 @@ async def test_rest_and_websocket_lifecycle(server: Server) -> None:
     assert kernels[0]["execution_state"] in ("starting", "idle", "busy")
     channels = await server.channels(kernel_id)
     try:
+        await iopub_connected(channels)
         code = (
             "import os, socket\n"
             "from IPython.display import HTML, display\n"
@@ -110,6 +129,7 @@ async def test_rest_and_websocket_lifecycle(server: Server) -> None:
         old_pid = await kernel_pid(channels)
         await server.request("POST", f"/api/kernels/{kernel_id}/restart")
         assert not process_alive(old_pid)
+        await iopub_connected(channels)
         new_pid = await kernel_pid(channels)
         assert new_pid != old_pid
     finally:

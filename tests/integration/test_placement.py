@@ -313,7 +313,7 @@ async def test_restart_goes_elsewhere_when_its_host_is_down(
 ) -> None:
     d = host_d.destination("root")
     config = with_host(trio_config, host_d, [d, trio_config["hosts"][1]])
-    config.update(policy="first-available", orphan_timeout=1.0)
+    config.update(policy="first-available", orphan_timeout=1.0, reconnect_timeout=0)
     async with kernel_on(make_kernelspec, config) as (km, kc, hostname):
         assert hostname == "host-d"
         host_d.stop()  # its connection dies with it
@@ -329,7 +329,7 @@ async def test_a_dead_connection_is_replaced_for_the_next_kernel(
     make_kernelspec: KernelSpecFactory, trio_config: dict[str, Any], host_d: SSHDaemon
 ) -> None:
     config = with_host(trio_config, host_d, [host_d.destination("root")])
-    config.update(orphan_timeout=1.0, pool_idle_timeout=60.0)
+    config.update(orphan_timeout=1.0, pool_idle_timeout=60.0, reconnect_timeout=0)
     async with kernel_on(make_kernelspec, config) as (km1, _, first):
         assert first == "host-d"
         host_d.stop()  # the pooled connection dies with the daemon
