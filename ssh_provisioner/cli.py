@@ -198,8 +198,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _install(args: argparse.Namespace) -> int:
-    import sys as _sys
-
     from .kernelspec import build_kernelspec, install_kernelspec
 
     config: dict[str, Any] = {}
@@ -239,13 +237,13 @@ def _install(args: argparse.Namespace) -> int:
         if not any(report.ok for report in reports):
             from .doctor import render_table
 
-            print(render_table(reports), file=_sys.stderr)
+            print(render_table(reports), file=sys.stderr)
             print(
                 f"ssh-provisioner install: no host works; {args.name!r} not installed",
-                file=_sys.stderr,
+                file=sys.stderr,
             )
             return 1
-    prefix = _sys.prefix if args.sys_prefix else args.prefix
+    prefix = sys.prefix if args.sys_prefix else args.prefix
     path, replaced = install_kernelspec(args.name, spec, user=args.user, prefix=prefix)
     print(f"{'Replaced' if replaced else 'Installed'} kernelspec {args.name!r} in {path}")
     return 0

@@ -11,9 +11,8 @@ import posixpath
 import secrets
 import signal
 import time
-import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
@@ -212,6 +211,7 @@ class SSHProvisioner(KernelProvisionerBase):
         self._handshake: Handshake | None = None
         self._reaped = False
         self._restart_ports: dict[str, int] | None = None
+        self._standalone_key: bytes | None = None
 
     def _with_defaults(self, entry: HostEntry) -> HostEntry:
         if entry.max_kernels is None and self.max_kernels > 0:
@@ -575,15 +575,24 @@ class SSHProvisioner(KernelProvisionerBase):
         options.setdefault("keepalive_count_max", self.keepalive_count_max)
         return options
 
-    def _session(self) -> Any:
-        return getattr(self.parent, "session", None)
+    def _session_fields(self) -> tuple[bytes, str, str]:
+        """(key, signature scheme, kernel name): the KernelManager's, or our own when a
+        provisioner runs without one (the key then lives as long as this provisioner)."""
+        session = getattr(self.parent, "session", None)
+        if session is not None:
+            key: bytes = session.key
+        else:
+            if self._standalone_key is None:
+                self._standalone_key = secrets.token_hex(32).encode()
+            key = self._standalone_key
+        scheme = str(getattr(session, "signature_scheme", "hmac-sha256"))
+        return key, scheme, str(getattr(self.parent, "kernel_name", ""))
 
     def _launch_spec(self, argv: list[str], placement: Placement, python: str) -> dict[str, Any]:
         if self._plan is None:
             raise RuntimeError("launch_kernel called before pre_launch")
         entry = placement.entry
-        session = self._session()
-        key = session.key if session is not None else uuid.uuid4().hex.encode()
+        key, scheme, kernel_name = self._session_fields()
         if argv and argv[0] in ("python", "python3"):
             argv = [python, *argv[1:]]
         remote_env = {**self.remote_env, **entry.override("remote_env", {})}
@@ -600,14 +609,14 @@ class SSHProvisioner(KernelProvisionerBase):
             "ready_timeout": self.launch_timeout,
             "connection": {
                 "key": key.decode(),
-                "signature_scheme": getattr(session, "signature_scheme", "hmac-sha256"),
-                "kernel_name": getattr(self.parent, "kernel_name", ""),
+                "signature_scheme": scheme,
+                "kernel_name": kernel_name,
             },
         }
 
     def _local_connection_info(self, ports: dict[str, int]) -> KernelConnectionInfo:
-        session = self._session()
-        info: KernelConnectionInfo = {
+        key, scheme, kernel_name = self._session_fields()
+        info = {
             "transport": "tcp",
             "ip": "127.0.0.1",
             "shell_port": ports["shell"],
@@ -615,12 +624,12 @@ class SSHProvisioner(KernelProvisionerBase):
             "stdin_port": ports["stdin"],
             "control_port": ports["control"],
             "hb_port": ports["hb"],
-            "signature_scheme": getattr(session, "signature_scheme", "hmac-sha256"),
-            "kernel_name": getattr(self.parent, "kernel_name", ""),
+            "key": key,
+            "signature_scheme": scheme,
+            "kernel_name": kernel_name,
         }
-        if session is not None:
-            info["key"] = session.key
-        return info
+        # jupyter_client carries the key as bytes (Session.key), whatever the TypedDict says
+        return cast(KernelConnectionInfo, info)
 
 
 def _read_resource_files(resource_dir: str | None) -> dict[str, str]:

@@ -9,7 +9,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from jupyter_client.asynchronous import AsyncKernelClient
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import AsyncKernelManager
 
 
 def process_alive(pid: int) -> bool:
@@ -89,3 +92,24 @@ async def execute(
 
     reply = await kc.execute_interactive(code, output_hook=on_output, timeout=timeout)
     return "".join(chunks), reply["content"]
+
+
+async def start_failing(
+    make_kernelspec: Callable[..., tuple[KernelSpecManager, str]],
+    config: dict[str, Any],
+    error: type[BaseException],
+    *,
+    env: dict[str, str] | None = None,
+    **spec: Any,
+) -> str:
+    """Start a kernel that must fail with ``error``; return the message. Checks that the
+    failed start left no local connection file behind."""
+    ksm, name = make_kernelspec(config, **spec)
+    km = AsyncKernelManager(kernel_name=name, kernel_spec_manager=ksm)
+    try:
+        with pytest.raises(error) as raised:
+            await (km.start_kernel(env=env) if env is not None else km.start_kernel())
+    finally:
+        await km.cleanup_resources()
+    assert not km.connection_file or not Path(km.connection_file).exists()
+    return str(raised.value)

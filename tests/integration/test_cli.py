@@ -160,6 +160,15 @@ def test_bad_arguments_one_line_status_2(args: list[str]) -> None:
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
+def test_jupyter_subcommand() -> None:
+    result = subprocess.run(
+        [str(BIN / "jupyter"), "ssh-provisioner", "--help"],
+        capture_output=True, text=True, check=False, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0
+    assert "install" in result.stdout
+
+
 def test_help_shows_examples() -> None:
     for command in ([], ["install"], ["list"], ["check"], ["demo"]):
         result = cli(*command, "--help")

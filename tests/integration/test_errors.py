@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from jupyter_client.manager import AsyncKernelManager
 
 from ssh_provisioner import (
     AuthenticationError,
@@ -22,26 +21,10 @@ from ssh_provisioner import (
 )
 
 from ..conftest import KernelSpecFactory, connect_options
+from ..helpers import start_failing
 from ..sshd import SSHDaemon, free_port, generate_key
 
 pytestmark = [pytest.mark.sshd, pytest.mark.usefixtures("no_leaks")]
-
-
-async def start_failing(
-    make_kernelspec: KernelSpecFactory,
-    config: dict[str, Any],
-    error: type[BaseException],
-    **spec: Any,
-) -> str:
-    ksm, name = make_kernelspec(config, **spec)
-    km = AsyncKernelManager(kernel_name=name, kernel_spec_manager=ksm)
-    try:
-        with pytest.raises(error) as raised:
-            await km.start_kernel()
-    finally:
-        await km.cleanup_resources()
-    assert not km.connection_file or not Path(km.connection_file).exists()
-    return str(raised.value)
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from ssh_provisioner.placement import get_placement_state
 from ssh_provisioner.pool import get_pool
 
 from ..conftest import KernelSpecFactory
-from ..helpers import execute
+from ..helpers import execute, start_failing
 from ..sshd import SSHDaemon, start_sshd
 
 pytestmark = [pytest.mark.sshd, pytest.mark.usefixtures("no_leaks")]
@@ -108,13 +108,8 @@ async def test_gpu_policy_excludes_hosts_without_gpus(
     make_kernelspec: KernelSpecFactory, trio_config: dict[str, Any]
 ) -> None:
     config = {**trio_config, "policy": "most-free-gpu-memory", "hosts": trio_config["hosts"][:1]}
-    ksm, name = make_kernelspec(config)
-    km = AsyncKernelManager(kernel_name=name, kernel_spec_manager=ksm)
-    try:
-        with pytest.raises(HostSelectionError, match="ruled out by policy most-free-gpu-memory"):
-            await km.start_kernel()
-    finally:
-        await km.cleanup_resources()
+    message = await start_failing(make_kernelspec, config, HostSelectionError)
+    assert "ruled out by policy most-free-gpu-memory" in message
 
 
 async def test_first_available_prefers_list_order(
@@ -150,13 +145,8 @@ async def test_pinning_and_labels(
         ({"KERNEL_SSH_HOST": "root@evil.example:22"}, "is not one of the configured hosts"),
         ({"KERNEL_SSH_LABELS": "h100"}, "no host has the labels"),
     ):
-        ksm, name = make_kernelspec(config)
-        km = AsyncKernelManager(kernel_name=name, kernel_spec_manager=ksm)
-        try:
-            with pytest.raises(HostSelectionError, match=problem):
-                await km.start_kernel(env=env)
-        finally:
-            await km.cleanup_resources()
+        message = await start_failing(make_kernelspec, config, HostSelectionError, env=env)
+        assert problem in message
 
 
 async def test_allow_any_host_lets_a_request_name_a_host(
@@ -179,14 +169,7 @@ async def test_max_kernels(make_kernelspec: KernelSpecFactory, trio_config: dict
     async with AsyncExitStack() as stack:
         names = await hostnames_of(stack, make_kernelspec, config, 3)
         assert names == ["host-a", "host-b", "host-b"]
-        ksm, name = make_kernelspec(config)
-        km = AsyncKernelManager(kernel_name=name, kernel_spec_manager=ksm)
-        try:
-            with pytest.raises(HostSelectionError) as raised:
-                await km.start_kernel()
-        finally:
-            await km.cleanup_resources()
-        message = str(raised.value)
+        message = await start_failing(make_kernelspec, config, HostSelectionError)
         assert f"{hosts[0]}: skipped, full (1 kernels" in message
         assert f"{hosts[1]}: skipped, full (2 kernels" in message
 
@@ -293,14 +276,7 @@ async def test_all_hosts_down_lists_every_host_and_cause(
     refused = f"root@127.0.0.7:{host_d.port}"
     config = with_host(trio_config, host_d, [d, refused])
     host_d.stop()
-    ksm, name = make_kernelspec(config)
-    km = AsyncKernelManager(kernel_name=name, kernel_spec_manager=ksm)
-    try:
-        with pytest.raises(HostSelectionError) as raised:
-            await km.start_kernel()
-    finally:
-        await km.cleanup_resources()
-    message = str(raised.value)
+    message = await start_failing(make_kernelspec, config, HostSelectionError)
     assert f"{d}: SSH to {d}: connection refused" in message
     assert f"{refused}: SSH to {refused}: connection refused" in message
 

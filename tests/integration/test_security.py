@@ -15,12 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from jupyter_client.manager import AsyncKernelManager
 
 from ssh_provisioner import HostKeyError, LaunchError, LaunchTimeout
 
 from ..conftest import KernelSpecFactory
-from ..helpers import execute
+from ..helpers import execute, start_failing
 from ..sshd import SSHDaemon, generate_key, start_sshd
 from .test_lifecycle import running_kernel
 
@@ -184,13 +183,7 @@ async def test_hostile_launcher_output(
     fake.write_text(f"#!/bin/sh\n{script}\n")
     fake.chmod(0o755)
     config = {**host_config, "remote_python": str(fake), "launch_timeout": 2.0}
-    ksm, name = make_kernelspec(config)
-    km = AsyncKernelManager(kernel_name=name, kernel_spec_manager=ksm)
-    try:
-        with pytest.raises(error, match=words):
-            await km.start_kernel()
-    finally:
-        await km.cleanup_resources()
+    assert words in await start_failing(make_kernelspec, config, error)
 
 
 async def test_a_changed_host_key_is_refused_on_reconnect(
@@ -212,12 +205,6 @@ async def test_a_changed_host_key_is_refused_on_reconnect(
         generate_key(tmp_path / "host" / "host_ed25519.new")
         (tmp_path / "host" / "host_ed25519.new").replace(tmp_path / "host" / "host_ed25519")
         daemon.start()
-        ksm, name = make_kernelspec(config)
-        km = AsyncKernelManager(kernel_name=name, kernel_spec_manager=ksm)
-        try:
-            with pytest.raises(HostKeyError, match="CHANGED"):
-                await km.start_kernel()
-        finally:
-            await km.cleanup_resources()
+        assert "CHANGED" in await start_failing(make_kernelspec, config, HostKeyError)
     finally:
         daemon.stop()
