@@ -136,6 +136,10 @@ class PlacementState:
                 self._kernels[placement.entry.name] += 1
             return placement, skipped
 
+    def adopt(self, entry: HostEntry) -> None:
+        """Count a kernel placed elsewhere (reattached from another process) on ``entry``."""
+        self._kernels[entry.name] += 1
+
     def release(self, entry: HostEntry) -> None:
         """The kernel placed on ``entry`` is gone (or never started)."""
         if self._kernels[entry.name] > 0:

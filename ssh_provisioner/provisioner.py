@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import difflib
 import fnmatch
 import os
@@ -530,7 +531,12 @@ class SSHProvisioner(KernelProvisionerBase):
             lease.release(self.pool_idle_timeout)
 
     async def get_provisioner_info(self) -> dict[str, Any]:
-        """Called by applications that persist kernels; carries where the kernel runs."""
+        """Called by applications that persist kernels (to reattach from another process).
+
+        Carries where the kernel runs and how to reach it again: host, pids, endpoints,
+        runtime dir, the local ports, and the reattach token.  The token, like the session
+        key in ``connection_info``, is a secret: store the info as privately.
+        """
         info: dict[str, Any] = await super().get_provisioner_info()
         handshake = self._handshake
         entry = self._placement.entry if self._placement else None
@@ -549,14 +555,72 @@ class SSHProvisioner(KernelProvisionerBase):
                 remote_connection_file=handshake.connection_file,
                 remote_cwd=handshake.cwd,
                 remote_home=handshake.home,
+                handshake=dataclasses.asdict(handshake),
             )
+        if self._kernel is not None:
+            info["attach_token"] = self._kernel.attach_token
+        if self._tunnels is not None:
+            info["local_ports"] = self._tunnels.local_ports
         return info
 
     async def load_provisioner_info(self, provisioner_info: dict[str, Any]) -> None:
-        """Inverse of get_provisioner_info (reattaching is built on top of this)."""
+        """Reattach to a kernel that another process (or an earlier server) started.
+
+        ``provisioner_info`` is what get_provisioner_info returned there.  The kernel's
+        launcher must still be waiting (within its ``orphan_timeout``).  Afterwards the
+        provisioner manages the kernel as if it had started it: the forwards listen on
+        the same local ports when they are free, and ``connection_info`` says where.
+        """
         await super().load_provisioner_info(provisioner_info)
-        if provisioner_info.get("host"):
-            self._placement = Placement(HostEntry.parse(provisioner_info["host"]))
+        host_name = provisioner_info.get("host")
+        if not host_name or "handshake" not in provisioner_info:
+            return  # nothing running to reattach to
+        entry = next((e for e in self._entries if e.name == host_name), None)
+        entry = entry or self._with_defaults(HostEntry.parse(host_name))
+        handshake = Handshake.from_event(provisioner_info["handshake"])
+        python = entry.override("remote_python", self.remote_python)
+        lease = await get_pool().lease(
+            entry.host, self._connect_options(entry), connect_timeout=self.connect_timeout
+        )
+        kernel: RemoteKernel | None = None
+        try:
+            kernel = await RemoteKernel.attach(
+                lease.connection,
+                entry.host,
+                python=python,
+                handshake=handshake,
+                token=str(provisioner_info.get("attach_token") or ""),
+                kernel_id=str(self.kernel_id),
+                timeout=self.launch_timeout,
+            )
+            tunnels = await KernelTunnels.open(
+                lease.connection,
+                entry.host,
+                kernel.endpoints,
+                preferred_ports=provisioner_info.get("local_ports"),
+            )
+        except BaseException:
+            if kernel is not None:
+                await kernel.aclose()
+            lease.release(self.pool_idle_timeout)
+            raise
+        get_placement_state().adopt(entry)
+        if self.reconnect_timeout > 0:
+            kernel.reconnect = self._reattach
+        self._placement, self._reserved = Placement(entry), entry
+        self._lease, self._kernel, self._tunnels = lease, kernel, tunnels
+        self._handshake, self._reaped = handshake, False
+        key = provisioner_info.get("connection_info", {}).get("key")
+        if key and self._session_fields()[0] != _as_bytes(key):
+            session = getattr(self.parent, "session", None)
+            if session is not None:
+                session.key = _as_bytes(key)
+            else:
+                self._standalone_key = _as_bytes(key)
+        self.connection_info = self._local_connection_info(tunnels.local_ports)
+        self.log.info(
+            "kernel %s on %s: reattached (pid %d)", self.kernel_id, entry.name, handshake.pid
+        )
 
     def resolve_path(self, path: str) -> str | None:
         """Resolve ``path`` against the kernel's working directory on the host."""
@@ -630,6 +694,10 @@ class SSHProvisioner(KernelProvisionerBase):
         }
         # jupyter_client carries the key as bytes (Session.key), whatever the TypedDict says
         return cast(KernelConnectionInfo, info)
+
+
+def _as_bytes(value: str | bytes) -> bytes:
+    return value if isinstance(value, bytes) else value.encode()
 
 
 def _read_resource_files(resource_dir: str | None) -> dict[str, str]:

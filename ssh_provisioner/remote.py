@@ -121,6 +121,38 @@ async def run_probe(
     return str(result.stdout or "")
 
 
+async def _attach_channel(
+    connection: asyncssh.SSHClientConnection,
+    host: Host,
+    python: str,
+    handshake: Handshake,
+    token: str,
+    kernel_id: str,
+    timeout: float,
+) -> tuple[asyncssh.SSHClientProcess[bytes], _LineReader]:
+    """A new channel relayed to the launcher's control socket, past its "attached" event."""
+    if not handshake.control:
+        raise KernelGone(f"kernel {kernel_id} on {host} cannot be reattached")
+    request = {"attach": {"control": handshake.control, "token": token}}
+    try:
+        process = await start_launcher(connection, python)
+        process.stdin.write(json.dumps(request).encode() + b"\n")
+        reader = _LineReader(process.stdout)
+        line = await asyncio.wait_for(reader.readline(), timeout)
+    except (asyncssh.Error, OSError, ValueError) as exc:  # TimeoutError is an OSError
+        raise SSHConnectError(
+            f"SSH to {host}: reattaching kernel {kernel_id} failed: {exc}", host=str(host)
+        ) from exc
+    try:
+        event = json.loads(line or b"{}")
+    except ValueError:
+        event = {}
+    if event.get("event") != "attached":
+        process.close()
+        raise KernelGone(f"kernel {kernel_id} on {host} is gone: {event.get('message', line)}")
+    return process, reader
+
+
 class _LineReader:
     """Bounded line reader: a hostile peer cannot make us buffer without limit."""
 
@@ -265,6 +297,30 @@ class RemoteKernel:
 
     # -- supervision --------------------------------------------------------------------
 
+    @classmethod
+    async def attach(
+        cls,
+        connection: asyncssh.SSHClientConnection,
+        host: Host,
+        *,
+        python: str,
+        handshake: Handshake,
+        token: str,
+        kernel_id: str,
+        timeout: float,
+    ) -> RemoteKernel:
+        """A kernel started by another process (or before a restart of this one)."""
+        process, reader = await _attach_channel(
+            connection, host, python, handshake, token, kernel_id, timeout
+        )
+        kernel = cls(host, connection, process, kernel_id)
+        kernel._stdout = reader
+        kernel._attach_token = token
+        kernel.handshake = handshake
+        kernel._tasks.append(asyncio.create_task(kernel._pump_stderr()))
+        kernel._tasks.append(asyncio.create_task(kernel._pump_events()))
+        return kernel
+
     async def _pump_events(self) -> None:
         status: int | None = None
         while True:
@@ -311,29 +367,11 @@ class RemoteKernel:
         Raises KernelGone if the launcher is not there any more (the kernel ended or was
         killed as an orphan), SSHConnectError if this attempt failed.
         """
-        control = self.ready.control
-        if not control or not self._attach_token:
+        if not self._attach_token:
             raise KernelGone(f"kernel {self.kernel_id} on {self.host} cannot be reattached")
-        request = {"attach": {"control": control, "token": self._attach_token}}
-        try:
-            process = await start_launcher(connection, python)
-            process.stdin.write(json.dumps(request).encode() + b"\n")
-            reader = _LineReader(process.stdout)
-            line = await asyncio.wait_for(reader.readline(), timeout)
-        except (asyncssh.Error, OSError, ValueError) as exc:  # TimeoutError is an OSError
-            raise SSHConnectError(
-                f"SSH to {self.host}: reattaching kernel {self.kernel_id} failed: {exc}",
-                host=str(self.host),
-            ) from exc
-        try:
-            event = json.loads(line or b"{}")
-        except ValueError:
-            event = {}
-        if event.get("event") != "attached":
-            process.close()
-            raise KernelGone(
-                f"kernel {self.kernel_id} on {self.host} is gone: {event.get('message', line)}"
-            )
+        process, reader = await _attach_channel(
+            connection, self.host, python, self.ready, self._attach_token, self.kernel_id, timeout
+        )
         self.connection, self._process, self._stdout = connection, process, reader
         self._tasks.append(asyncio.create_task(self._pump_stderr()))
 
@@ -383,6 +421,10 @@ class RemoteKernel:
         if self.handshake is None:
             raise RuntimeError(f"kernel {self.kernel_id} on {self.host} has not started")
         return self.handshake
+
+    @property
+    def attach_token(self) -> str | None:
+        return self._attach_token
 
     @property
     def endpoints(self) -> dict[str, int | str]:

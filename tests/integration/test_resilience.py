@@ -4,6 +4,8 @@ the launcher, reopening the forwards on the same local ports."""
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -11,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from jupyter_client.manager import AsyncKernelManager
+from jupyter_client.provisioning import KernelProvisionerFactory
 
 from ..conftest import KernelSpecFactory, connect_options
 from ..helpers import execute, process_alive, wait_until
@@ -87,3 +91,60 @@ async def test_an_unreachable_kernel_counts_as_dead_then_is_reaped(
         assert time.monotonic() - started >= 1.0  # it tried to reconnect first
         # the launcher kills its orphan after orphan_timeout: nothing is left on the host
         await wait_until(lambda: not process_alive(pid), 15, "the orphaned kernel to be killed")
+
+
+PROCESS_A = """
+import asyncio, json, os, sys
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import AsyncKernelManager
+
+async def main():
+    ksm = KernelSpecManager(kernel_dirs=[sys.argv[1]])
+    km = AsyncKernelManager(kernel_name=sys.argv[2], kernel_spec_manager=ksm)
+    await km.start_kernel()
+    kc = km.client()
+    kc.start_channels()
+    await kc.wait_for_ready(timeout=30)
+    await kc.execute("secret = 'kept across processes'", reply=True, timeout=30)
+    info = await km.provisioner.get_provisioner_info()
+    info["connection_info"]["key"] = info["connection_info"]["key"].decode()
+    with open(sys.argv[3], "w") as f:
+        json.dump(info, f)
+    os._exit(0)  # gone without a shutdown, as a crashed server would be
+
+asyncio.run(main())
+"""
+
+
+async def test_reattach_from_another_process(
+    make_kernelspec: KernelSpecFactory, flaky_config: dict[str, Any], tmp_path: Path
+) -> None:
+    ksm, name = make_kernelspec(flaky_config)
+    saved = tmp_path / "provisioner-info.json"
+    kernel_dirs = ksm.kernel_dirs[0]
+    subprocess.run(
+        [sys.executable, "-c", PROCESS_A, kernel_dirs, name, str(saved)],
+        check=True, timeout=120,
+    )  # fmt: skip
+    info = json.loads(saved.read_text())
+    assert process_alive(info["pid"])  # orphaned, waiting to be reattached
+
+    km = AsyncKernelManager(kernel_name=name, kernel_spec_manager=ksm)
+    km.kernel_id = info["kernel_id"]
+    km.provisioner = KernelProvisionerFactory.instance().create_provisioner_instance(
+        info["kernel_id"], km.kernel_spec, parent=km
+    )
+    await km.provisioner.load_provisioner_info(info)
+    km.load_connection_info(km.provisioner.connection_info)
+    kc = km.client()
+    kc.start_channels()
+    try:
+        await kc.wait_for_ready(timeout=30)
+        out, _ = await execute(kc, "print(secret)")
+        assert out.strip() == "kept across processes"
+        assert km.provisioner.connection_info["shell_port"] == info["local_ports"]["shell"]
+    finally:
+        kc.stop_channels()
+        await km.shutdown_kernel()
+    assert not process_alive(info["pid"])
+    assert not Path(info["runtime_dir"]).exists()
