@@ -112,16 +112,17 @@ async def test_rest_and_websocket_lifecycle(server: Server) -> None:
         assert after > before
 
         # interrupt a long cell through the REST API
-        msg_id = channels.execute("import time; time.sleep(60)")
-        while not (
-            (m := await channels.receive())["msg_type"] == "status"
-            and m["content"]["execution_state"] == "busy"
+        msg_id = channels.execute("import time; print('sleeping', flush=True); time.sleep(60)")
+        while not (  # the cell runs (a SIGINT before that can be lost by ipykernel)
+            (m := await channels.receive())["msg_type"] == "stream"
+            and m["parent_header"].get("msg_id") == msg_id
         ):
             pass
         started = time.monotonic()
         await server.request("POST", f"/api/kernels/{kernel_id}/interrupt")
         messages = await channels.collect(msg_id, timeout=10)
         reply = next(m for m in messages if m["msg_type"] == "execute_reply")
+        assert reply["content"]["status"] == "error"
         assert reply["content"]["ename"] == "KeyboardInterrupt"
         assert time.monotonic() - started < 2
 

@@ -1,0 +1,70 @@
+"""Soak: 200 start -> execute -> shutdown cycles over three hosts, with kills and
+interrupts mixed in; afterwards nothing is left anywhere."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import time
+from typing import Any
+
+import pytest
+from jupyter_client.manager import AsyncKernelManager
+
+from ssh_provisioner.pool import get_pool
+
+from ..conftest import KernelSpecFactory
+from ..helpers import execute
+
+pytestmark = [pytest.mark.sshd, pytest.mark.slow, pytest.mark.usefixtures("no_leaks")]
+CYCLES = int(os.environ.get("SSHP_SOAK_CYCLES", "200"))
+
+
+async def cycle(ksm: Any, name: str, index: int) -> None:
+    km = AsyncKernelManager(kernel_name=name, kernel_spec_manager=ksm)
+    await km.start_kernel()
+    kc = km.client()
+    kc.start_channels()
+    try:
+        await kc.wait_for_ready(timeout=60)
+        if index % 5 == 1:  # interrupt a running cell
+            # interrupt once the cell runs: a SIGINT that lands before, while the kernel
+            # is still setting up the execution, can be lost (ipykernel, not us)
+            msg_id = kc.execute("import time; print('sleeping', flush=True); time.sleep(30)")
+            while not (
+                (m := await kc.get_iopub_msg(timeout=10))["msg_type"] == "stream"
+                and m["parent_header"].get("msg_id") == msg_id
+            ):
+                pass
+            await km.interrupt_kernel()
+            reply = await kc.get_shell_msg(timeout=10)
+            assert reply["content"]["ename"] == "KeyboardInterrupt"
+        out, _ = await execute(kc, f"print({index} * 2)")
+        assert out.strip() == str(index * 2)
+    finally:
+        kc.stop_channels()
+        await km.shutdown_kernel(now=index % 5 == 3)  # every fifth is killed
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.timeout(900)
+async def test_soak(make_kernelspec: KernelSpecFactory, trio_config: dict[str, Any]) -> None:
+    ksm, name = make_kernelspec({**trio_config, "policy": "round-robin"})
+    for index in range(3):  # warm up: imports, lazy singletons, the thread pool
+        await cycle(ksm, name, index * 5)
+    await get_pool().aclose()
+    gc.collect()
+    fds, tasks = open_fds(), len(asyncio.all_tasks())
+    started = time.monotonic()
+    for index in range(CYCLES):
+        await cycle(ksm, name, index)
+    elapsed = time.monotonic() - started
+    await get_pool().aclose()
+    gc.collect()
+    print(f"\nsoak: {CYCLES} cycles in {elapsed:.1f}s, {elapsed / CYCLES * 1000:.0f} ms per cycle")
+    assert open_fds() <= fds
+    assert len(asyncio.all_tasks()) <= tasks
