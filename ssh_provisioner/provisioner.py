@@ -475,8 +475,9 @@ class SSHProvisioner(KernelProvisionerBase):
                         self.kernel_id, entry.name, time.monotonic() - started,
                     )  # fmt: skip
                     return True
+            # short backoff: a link that comes back should carry the kernel again at once
             await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-            delay = min(delay * 2, 5.0)
+            delay = min(delay * 2, 2.0)
         self.log.warning(
             "kernel %s on %s: unreachable for %gs (reconnect_timeout); counting it as dead",
             self.kernel_id, entry.name, self.reconnect_timeout,

@@ -79,7 +79,8 @@ class SSHDaemon:
         self.known_hosts.write_text(self.known_hosts_line() + "\n")
 
     def known_hosts_line(self, public_key: str | None = None) -> str:
-        return f"[{self.address}]:{self.port} {public_key or self.host_public_key}"
+        name = self.address if self.port == 22 else f"[{self.address}]:{self.port}"
+        return f"{name} {public_key or self.host_public_key}"
 
     def destination(self, user: str) -> str:
         return f"{user}@{self.address}:{self.port}"
