@@ -433,6 +433,9 @@ class SSHProvisioner(KernelProvisionerBase):
         entry = self._placement.entry
         python = entry.override("remote_python", self.remote_python)
         ports = self._tunnels.local_ports
+        # Refuse local connections while the host is unreachable, so that clients see
+        # closed ports and reconnect once the forwards are back.
+        await self._tunnels.aclose()
         started = time.monotonic()
         deadline = started + self.reconnect_timeout
         self.log.warning(
@@ -455,7 +458,6 @@ class SSHProvisioner(KernelProvisionerBase):
             else:
                 try:
                     await kernel.resume(lease.connection, python, self.connect_timeout)
-                    await self._tunnels.aclose()
                     self._tunnels = await KernelTunnels.open(
                         lease.connection, entry.host, kernel.endpoints, preferred_ports=ports
                     )

@@ -174,12 +174,14 @@ def start_sshd(
     hostname: str | None = None,
     bind_mounts: dict[str, Path] | None = None,
     set_env: dict[str, str] | None = None,
+    netns: str | None = None,
 ) -> SSHDaemon:
     """Start ``/usr/sbin/sshd -D -e -f CONFIG`` on a free port and wait for its banner.
 
     ``hostname`` and ``bind_mounts`` (target -> source) give the host an identity of
     its own: the daemon, and so every session, runs in new UTS and mount namespaces
     (root only).  ``set_env`` is sshd's SetEnv for every session (PATH, for example).
+    ``netns`` runs it in that network namespace (root only), on port 22 of ``address``.
     """
     reason = sshd_missing_reason()
     if reason:
@@ -199,7 +201,7 @@ def start_sshd(
     environment = " ".join(f"{k}={v}" for k, v in (set_env or {}).items())
     last_error = ""
     for _ in range(5):  # Port 0 is refused; a picked port can be taken before bind
-        port = free_port(address)
+        port = 22 if netns else free_port(address)  # a namespace of our own is empty
         config = directory / "sshd_config"
         config.write_text(
             "\n".join(
@@ -235,6 +237,8 @@ def start_sshd(
                 "unshare", "--uts", "--mount", "--propagation", "private", "--",
                 "/bin/sh", "-c", " && ".join(script),
             ]  # fmt: skip
+        if netns:
+            argv = ["ip", "netns", "exec", netns, *argv]
         log_path = directory / "sshd.log"
         process = _spawn(argv, log_path)
         if _wait_for_banner(process, address, port):

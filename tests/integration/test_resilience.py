@@ -18,6 +18,7 @@ from jupyter_client.provisioning import KernelProvisionerFactory
 
 from ..conftest import KernelSpecFactory, connect_options
 from ..helpers import execute, process_alive, wait_until
+from ..netns import namespace_host
 from ..sshd import SSHDaemon, start_sshd
 from .test_lifecycle import running_kernel
 
@@ -148,3 +149,50 @@ async def test_reattach_from_another_process(
         await km.shutdown_kernel()
     assert not process_alive(info["pid"])
     assert not Path(info["runtime_dir"]).exists()
+
+
+async def test_a_cell_survives_a_cut_link(
+    make_kernelspec: KernelSpecFactory, client_key: tuple[Path, str], tmp_path: Path
+) -> None:
+    """The link to the host is down for about 10 s while a cell runs (no FIN, no RST:
+    only keepalives notice); the cell's output arrives once it is back."""
+    with namespace_host() as link:
+        daemon = start_sshd(
+            tmp_path / "ns-host", link.address, client_key[1] + "\n", netns=link.namespace
+        )
+        try:
+            config = {
+                "hosts": [daemon.destination("root")],
+                "connect_options": connect_options(daemon, client_key[0]),
+                "remote_python": sys.executable,
+                "keepalive_interval": 1.0,
+                "connect_timeout": 2.0,
+                "orphan_timeout": 60.0,
+                "reconnect_timeout": 60.0,
+            }
+            async with running_kernel(make_kernelspec, config) as (km, kc):
+                await execute(kc, "x = 'survived'")
+                code = "import time; print('start', flush=True); time.sleep(20); print(x)"
+                msg_id = kc.execute(code)
+                while not (
+                    (m := await kc.get_iopub_msg(timeout=10))["msg_type"] == "stream"
+                    and m["parent_header"].get("msg_id") == msg_id
+                ):
+                    pass
+                link.down()
+                cut = time.monotonic()
+                lease = km.provisioner._lease
+                await wait_until(lambda: lease.connection.is_closed(), 15, "keepalives to notice")
+                assert await km.provisioner.poll() is None  # unreachable, not dead
+                await asyncio.sleep(max(0.0, cut + 10 - time.monotonic()))  # the outage itself
+                link.up()
+                printed = ""
+                deadline = time.monotonic() + 40
+                while "survived" not in printed:
+                    m = await kc.get_iopub_msg(timeout=max(0.1, deadline - time.monotonic()))
+                    if m["msg_type"] == "stream" and m["parent_header"].get("msg_id") == msg_id:
+                        printed += m["content"]["text"]
+                out, _ = await execute(kc, "print(x)")
+                assert out.strip() == "survived"
+        finally:
+            daemon.stop()
