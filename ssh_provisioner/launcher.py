@@ -506,9 +506,9 @@ class _Keep(dict):  # type: ignore[type-arg]
         return "{" + key + "}"
 
 
-def on_terminate(supervisor: Supervisor | None) -> Any:
+def on_terminate(supervisor: Supervisor) -> Any:
     def handler(signum: int, frame: Any) -> None:
-        if supervisor is not None and supervisor.pgid:
+        if supervisor.pgid:
             killpg(supervisor.pgid, signal.SIGTERM)
         raise SystemExit(128 + signum)
 

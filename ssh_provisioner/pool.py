@@ -77,7 +77,6 @@ class Lease:
 
     pool: ConnectionPool
     key: str
-    host: Host
     connection: asyncssh.SSHClientConnection
     released: bool = field(default=False)
 
@@ -128,7 +127,7 @@ class ConnectionPool:
         key = self.key_for(host, options)
         async with self._locks.setdefault(key, asyncio.Lock()):
             entry = self._entries.get(key)
-            if entry is not None and _is_dead(entry.connection):
+            if entry is not None and entry.connection.is_closed():
                 log.info("SSH connection to %s was lost; reconnecting", host)
                 self._entries.pop(key, None)
                 self._close_later(entry)
@@ -140,7 +139,7 @@ class ConnectionPool:
                 entry.idle_close.cancel()
                 entry.idle_close = None
             entry.leases += 1
-            return Lease(self, key, host, entry.connection)
+            return Lease(self, key, entry.connection)
 
     def _release(
         self, key: str, connection: asyncssh.SSHClientConnection, idle_timeout: float
@@ -211,10 +210,6 @@ class ConnectionPool:
                 await entry.connection.wait_closed()
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
-
-
-def _is_dead(connection: asyncssh.SSHClientConnection) -> bool:
-    return connection.is_closed()
 
 
 async def connect(

@@ -194,6 +194,7 @@ class RemoteKernel:
         self._exit: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._tasks: list[asyncio.Task[None]] = []
         self._attach_token: str | None = None
+        self._stderr_task: asyncio.Task[None] | None = None
         self.handshake: Handshake | None = None
         # Called when the connection is lost; True once it has reattached (see resume).
         self.reconnect: Callable[[RemoteKernel], Awaitable[bool]] | None = None
@@ -222,7 +223,8 @@ class RemoteKernel:
             ) from exc
         kernel = cls(host, connection, process, kernel_id)
         kernel._attach_token = spec.get("attach_token")
-        kernel._tasks.append(asyncio.create_task(kernel._pump_stderr()))
+        kernel._stderr_task = asyncio.create_task(kernel._pump_stderr())
+        kernel._tasks.append(kernel._stderr_task)
         try:
             process.stdin.write(json.dumps(spec).encode() + b"\n")
             try:
@@ -407,8 +409,10 @@ class RemoteKernel:
                 log.debug("kernel %s on %s: %s", self.kernel_id, self.host, text)
 
     async def _drain_stderr(self) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self._tasks[0]), 1.0)
+        """Let the launcher's last words arrive before they are quoted in an error."""
+        if self._stderr_task is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._stderr_task), 1.0)
 
     async def _closed_status(self) -> int | None:
         with contextlib.suppress(TimeoutError, asyncssh.Error, OSError):
