@@ -101,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="K=V",
         help="asyncssh.connect option, value as JSON or text; repeat",
     )
+    install.add_argument(
+        "--curve",
+        action="store_true",
+        help="declare CurveZMQ support (the hosts' kernel must have it: ipykernel 7.4 does); "
+        "managers with transport_encryption auto or required then encrypt the channels",
+    )
     install.add_argument("--display-name", help="name shown in JupyterLab")
     install.add_argument("--language", default="python", help="kernel language (default python)")
     install.add_argument(
@@ -222,6 +228,7 @@ def _install(args: argparse.Namespace) -> int:
         language=args.language,
         argv=args.kernel_argv or None,
         config=config,
+        curve=args.curve,
     )
     if args.check:
         reports = asyncio.run(

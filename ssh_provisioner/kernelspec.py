@@ -43,8 +43,11 @@ def build_kernelspec(
     language: str = "python",
     argv: list[str] | None = None,
     config: dict[str, Any] | None = None,
+    curve: bool = False,
 ) -> dict[str, Any]:
-    """kernel.json content: ``argv`` runs on the host; ``config`` holds provisioner options."""
+    """kernel.json content: ``argv`` runs on the host; ``config`` holds provisioner options;
+    ``curve`` declares that the kernel speaks CurveZMQ (jupyter_client's
+    ``metadata.supported_encryption``), for managers with ``transport_encryption``."""
     if not hosts:
         raise ProvisionerConfigError("at least one host is needed")
     for host in hosts:
@@ -58,10 +61,11 @@ def build_kernelspec(
         "language": language,
         "interrupt_mode": "signal",
         "metadata": {
+            **({"supported_encryption": ["curve"]} if curve else {}),
             "kernel_provisioner": {
                 "provisioner_name": PROVISIONER_NAME,
                 "config": {"hosts": list(hosts), **(config or {})},
-            }
+            },
         },
     }
 

@@ -29,6 +29,7 @@ from traitlets import (
     Union,
 )
 
+from .encryption import CurveKeys, adopt, negotiate
 from .errors import (
     HostKeyError,
     HostSelectionError,
@@ -213,6 +214,7 @@ class SSHProvisioner(KernelProvisionerBase):
         self._reaped = False
         self._restart_ports: dict[str, int] | None = None
         self._standalone_key: bytes | None = None
+        self._curve: CurveKeys | None = None
 
     def _with_defaults(self, entry: HostEntry) -> HostEntry:
         if entry.max_kernels is None and self.max_kernels > 0:
@@ -275,6 +277,9 @@ class SSHProvisioner(KernelProvisionerBase):
         request_env: dict[str, str] = dict(kwargs.pop("env", None) or {})
         extra_arguments = list(kwargs.pop("extra_arguments", None) or [])
         kwargs.pop("cwd", None)  # a path on *this* machine; remote_cwd applies on the host
+        self._curve = negotiate(
+            self.parent, kwargs.pop("transport_encryption", None), self.kernel_spec.display_name
+        )
         argv = list(self.kernel_spec.argv) + extra_arguments
         if not argv:
             raise ProvisionerConfigError(
@@ -613,7 +618,10 @@ class SSHProvisioner(KernelProvisionerBase):
         self._placement, self._reserved = Placement(entry), entry
         self._lease, self._kernel, self._tunnels = lease, kernel, tunnels
         self._handshake, self._reaped = handshake, False
-        key = provisioner_info.get("connection_info", {}).get("key")
+        saved_info = provisioner_info.get("connection_info") or {}
+        self._curve = CurveKeys.from_connection_info(saved_info)
+        adopt(self.parent, self._curve)
+        key = saved_info.get("key")
         if key and self._session_fields()[0] != _as_bytes(key):
             session = getattr(self.parent, "session", None)
             if session is not None:
@@ -678,6 +686,7 @@ class SSHProvisioner(KernelProvisionerBase):
                 "key": key.decode(),
                 "signature_scheme": scheme,
                 "kernel_name": kernel_name,
+                **(self._curve.connection_fields() if self._curve else {}),
             },
         }
 
@@ -694,6 +703,7 @@ class SSHProvisioner(KernelProvisionerBase):
             "key": key,
             "signature_scheme": scheme,
             "kernel_name": kernel_name,
+            **(self._curve.connection_fields() if self._curve else {}),
         }
         # jupyter_client carries the key as bytes (Session.key), whatever the TypedDict says
         return cast(KernelConnectionInfo, info)

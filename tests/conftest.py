@@ -190,6 +190,7 @@ def make_kernelspec(tmp_path: Path) -> KernelSpecFactory:
         interrupt_mode: str = "signal",
         provisioner_name: str = "ssh-provisioner",
         files: dict[str, str] | None = None,
+        metadata: dict[str, Any] | None = None,
     ) -> tuple[KernelSpecManager, str]:
         name = f"ssh-test-{next(counter)}"
         kernel_dir = tmp_path / "kernels" / name
@@ -201,10 +202,11 @@ def make_kernelspec(tmp_path: Path) -> KernelSpecFactory:
             "interrupt_mode": interrupt_mode,
             "env": env or {},
             "metadata": {
+                **(metadata or {}),
                 "kernel_provisioner": {
                     "provisioner_name": provisioner_name,
                     "config": provisioner_config,
-                }
+                },
             },
         }
         (kernel_dir / "kernel.json").write_text(json.dumps(spec))

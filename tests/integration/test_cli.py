@@ -58,7 +58,7 @@ async def test_install_list_and_start_a_kernel(
     options = connect_options(host_a, client_key[0])
     args = ["install", "gpu-test", "--host", host_a.destination("root"), "--python",
             sys.executable, "--prefix", str(tmp_path), "--env", "GREETING=hello there",
-            "--check", *option_args(options)]  # fmt: skip
+            "--check", "--curve", *option_args(options)]  # fmt: skip
     first = cli(*args, env=jupyter_env)
     assert first.returncode == 0, first.stderr
     assert "Installed kernelspec 'gpu-test'" in first.stdout
@@ -74,8 +74,11 @@ async def test_install_list_and_start_a_kernel(
     assert host_a.destination("root") in ours.stdout
 
     ksm = KernelSpecManager(kernel_dirs=[str(tmp_path / "share" / "jupyter" / "kernels")])
-    km = AsyncKernelManager(kernel_name="gpu-test", kernel_spec_manager=ksm)
+    km = AsyncKernelManager(
+        kernel_name="gpu-test", kernel_spec_manager=ksm, transport_encryption="required"
+    )
     await km.start_kernel()
+    assert km.curve_publickey is not None  # --curve declared it; the channels speak CURVE
     kc = km.client()
     kc.start_channels()
     try:

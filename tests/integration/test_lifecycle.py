@@ -35,10 +35,11 @@ async def running_kernel(
     make_kernelspec: KernelSpecFactory,
     config: dict[str, Any],
     manager_class: type[AsyncKernelManager] = AsyncKernelManager,
+    manager_options: dict[str, Any] | None = None,
     **spec: Any,
 ) -> AsyncIterator[tuple[AsyncKernelManager, AsyncKernelClient]]:
     ksm, name = make_kernelspec(config, **spec)
-    km = manager_class(kernel_name=name, kernel_spec_manager=ksm)
+    km = manager_class(kernel_name=name, kernel_spec_manager=ksm, **(manager_options or {}))
     km.shutdown_wait_time = 4.0
     await km.start_kernel()
     kc = km.client()

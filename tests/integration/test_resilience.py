@@ -101,7 +101,9 @@ from jupyter_client.manager import AsyncKernelManager
 
 async def main():
     ksm = KernelSpecManager(kernel_dirs=[sys.argv[1]])
-    km = AsyncKernelManager(kernel_name=sys.argv[2], kernel_spec_manager=ksm)
+    km = AsyncKernelManager(
+        kernel_name=sys.argv[2], kernel_spec_manager=ksm, transport_encryption=sys.argv[4]
+    )
     await km.start_kernel()
     kc = km.client()
     kc.start_channels()
@@ -117,20 +119,27 @@ asyncio.run(main())
 """
 
 
+@pytest.mark.parametrize("encryption", ["disabled", "required"])
 async def test_reattach_from_another_process(
-    make_kernelspec: KernelSpecFactory, flaky_config: dict[str, Any], tmp_path: Path
+    make_kernelspec: KernelSpecFactory,
+    flaky_config: dict[str, Any],
+    tmp_path: Path,
+    encryption: str,
 ) -> None:
-    ksm, name = make_kernelspec(flaky_config)
+    ksm, name = make_kernelspec(flaky_config, metadata={"supported_encryption": ["curve"]})
     saved = tmp_path / "provisioner-info.json"
     kernel_dirs = ksm.kernel_dirs[0]
     subprocess.run(
-        [sys.executable, "-c", PROCESS_A, kernel_dirs, name, str(saved)],
+        [sys.executable, "-c", PROCESS_A, kernel_dirs, name, str(saved), encryption],
         check=True, timeout=120,
     )  # fmt: skip
     info = json.loads(saved.read_text())
     assert process_alive(info["pid"])  # orphaned, waiting to be reattached
+    assert ("curve_publickey" in info["connection_info"]) == (encryption == "required")
 
-    km = AsyncKernelManager(kernel_name=name, kernel_spec_manager=ksm)
+    km = AsyncKernelManager(
+        kernel_name=name, kernel_spec_manager=ksm, transport_encryption=encryption
+    )
     km.kernel_id = info["kernel_id"]
     km.provisioner = KernelProvisionerFactory.instance().create_provisioner_instance(
         info["kernel_id"], km.kernel_spec, parent=km
@@ -144,6 +153,8 @@ async def test_reattach_from_another_process(
         out, _ = await execute(kc, "print(secret)")
         assert out.strip() == "kept across processes"
         assert km.provisioner.connection_info["shell_port"] == info["local_ports"]["shell"]
+        public = info["connection_info"].get("curve_publickey")
+        assert km.curve_publickey == (public.encode() if public else None)
     finally:
         kc.stop_channels()
         await km.shutdown_kernel()

@@ -3,6 +3,7 @@ hostile launcher output, host keys that change."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import zmq
 
 from ssh_provisioner import HostKeyError, LaunchError, LaunchTimeout
 
@@ -208,3 +210,96 @@ async def test_a_changed_host_key_is_refused_on_reconnect(
         assert "CHANGED" in await start_failing(make_kernelspec, config, HostKeyError)
     finally:
         daemon.stop()
+
+
+CURVE_SPEC = {"metadata": {"supported_encryption": ["curve"]}}
+HANDSHAKE_FAILED = {
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL,
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH,
+}
+
+
+async def zmtp_handshake(url: str, server_key: bytes | None) -> int:
+    """Connect a DEALER to ``url`` (as a CURVE client of ``server_key``, or plain) and
+    return the monitor event that ends its handshake: succeeded or failed."""
+    import zmq.asyncio
+    from zmq.utils.monitor import parse_monitor_message
+
+    ends = {zmq.EVENT_HANDSHAKE_SUCCEEDED, *HANDSHAKE_FAILED}
+    context = zmq.asyncio.Context()
+    sock = context.socket(zmq.DEALER)
+    sock.linger = 0
+    try:
+        if server_key is not None:
+            sock.curve_publickey, sock.curve_secretkey = zmq.curve_keypair()
+            sock.curve_serverkey = server_key
+        monitor = sock.get_monitor_socket()
+        sock.connect(url)
+        async with asyncio.timeout(20):
+            while True:
+                event = parse_monitor_message(await monitor.recv_multipart())
+                if event["event"] in ends:
+                    return int(event["event"])
+    finally:
+        sock.disable_monitor()
+        sock.close(0)
+        context.destroy(0)
+
+
+@pytest.mark.parametrize("policy", ["auto", "required"])
+async def test_curve_encrypts_every_channel_and_refuses_clients_without_the_key(
+    make_kernelspec: KernelSpecFactory,
+    host_config: dict[str, Any],
+    policy: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from ..helpers import cmdlines_containing
+
+    caplog.set_level(logging.DEBUG)
+    options = {"transport_encryption": policy}
+    async with running_kernel(
+        make_kernelspec, host_config, manager_options=options, **CURVE_SPEC
+    ) as (km, kc):
+        assert km.curve_publickey is not None
+        assert km.curve_secretkey is not None
+        assert km.get_connection_info()["curve_publickey"] == km.curve_publickey.decode()
+        # the kernel is the CURVE server of its channels, with the manager's key pair
+        out, _ = await execute(
+            kc,
+            "from ipykernel.kernelapp import IPKernelApp as A; import os, stat, json\n"
+            "app = A.instance(); f = app.abs_connection_file\n"
+            "print(json.dumps([app.curve_publickey.decode(), app.shell_socket.curve_server,"
+            " oct(stat.S_IMODE(os.stat(f).st_mode)), 'curve_secretkey' in json.load(open(f))]))",
+        )
+        assert json.loads(out) == [km.curve_publickey.decode(), True, "0o600", True]
+        assert cmdlines_containing(km.curve_secretkey) == []
+
+        info = await km.provisioner.get_provisioner_info()
+        local = f"tcp://127.0.0.1:{km.shell_port}"
+        on_host = f"tcp://127.0.0.1:{info['endpoints']['shell']}"
+        for url in (local, on_host):
+            assert await zmtp_handshake(url, km.curve_publickey) == zmq.EVENT_HANDSHAKE_SUCCEEDED
+            assert await zmtp_handshake(url, None) in HANDSHAKE_FAILED
+            stranger = zmq.curve_keypair()[0]
+            assert await zmtp_handshake(url, stranger) in HANDSHAKE_FAILED
+
+        await km.restart_kernel()  # a restart keeps the keys, like the session key
+        await kc.wait_for_ready(timeout=30)
+        out, _ = await execute(kc, "print('after restart')")
+        assert out.strip() == "after restart"
+        assert cmdlines_containing(km.curve_secretkey) == []
+    assert km.curve_secretkey.decode() not in "\n".join(r.getMessage() for r in caplog.records)
+
+
+async def test_curve_is_off_when_the_kernelspec_does_not_declare_it(
+    make_kernelspec: KernelSpecFactory, host_config: dict[str, Any]
+) -> None:
+    options = {"transport_encryption": "auto"}
+    async with running_kernel(make_kernelspec, host_config, manager_options=options) as (km, kc):
+        assert km.curve_publickey is None
+        out, _ = await execute(
+            kc,
+            "from ipykernel.kernelapp import IPKernelApp as A; print(A.instance().curve_publickey)",
+        )
+        assert out.strip() == "None"
