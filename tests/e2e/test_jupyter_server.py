@@ -23,7 +23,9 @@ from .jupyter_server import Channels, Server, start_server
 pytestmark = [pytest.mark.sshd, pytest.mark.usefixtures("no_leaks")]
 
 
-def write_kernelspec(jupyter_path: Path, name: str, config: dict[str, Any]) -> None:
+def write_kernelspec(
+    jupyter_path: Path, name: str, config: dict[str, Any], **metadata: Any
+) -> None:
     directory = jupyter_path / "kernels" / name
     directory.mkdir(parents=True)
     spec = {
@@ -31,7 +33,8 @@ def write_kernelspec(jupyter_path: Path, name: str, config: dict[str, Any]) -> N
         "display_name": f"Remote {name}",
         "language": "python",
         "metadata": {
-            "kernel_provisioner": {"provisioner_name": "ssh-provisioner", "config": config}
+            "kernel_provisioner": {"provisioner_name": "ssh-provisioner", "config": config},
+            **metadata,
         },
     }
     (directory / "kernel.json").write_text(json.dumps(spec))
@@ -168,6 +171,33 @@ async def test_websocket_reconnect_replays_buffered_output(server: Server) -> No
     await server.request("DELETE", f"/api/kernels/{kernel['id']}")
 
 
+async def start_busy_cell(server: Server, kernel_id: str, seconds: float) -> int:
+    """Start a sleeping cell and disconnect (connected kernels are never culled, busy or
+    not, unless cull_connected): returns the kernel's pid on the host."""
+    channels = await server.channels(kernel_id)
+    try:
+        pid = await kernel_pid(channels)
+        msg_id = channels.execute(f"import time; print('busy', flush=True); time.sleep({seconds})")
+        while not (
+            (m := await channels.receive())["msg_type"] == "stream"
+            and m["parent_header"].get("msg_id") == msg_id
+        ):
+            pass
+    finally:
+        channels.close()
+    state = (await server.request("GET", f"/api/kernels/{kernel_id}"))["execution_state"]
+    assert state == "busy"
+    return pid
+
+
+async def kernel_gone_from_host(server: Server, kernel_id: str, pid: int) -> None:
+    deadline = time.monotonic() + 20
+    while kernel_id in [k["id"] for k in await server.request("GET", "/api/kernels")]:
+        assert time.monotonic() < deadline, f"kernel {kernel_id} was not culled"
+        await asyncio.sleep(0.2)
+    await wait_until(lambda: not process_alive(pid), 10, "the culled kernel to stop")
+
+
 async def test_idle_kernels_are_culled_busy_ones_are_not(
     tmp_path: Path, jupyter_path: Path
 ) -> None:
@@ -178,17 +208,53 @@ async def test_idle_kernels_are_culled_busy_ones_are_not(
     try:
         idle = await server.request("POST", "/api/kernels", {"name": "remote"})
         busy = await server.request("POST", "/api/kernels", {"name": "remote"})
-        channels = await server.channels(busy["id"])
-        pid = await kernel_pid(channels)
-        channels.execute("import time; time.sleep(8)")
-        deadline = time.monotonic() + 20
-        while idle["id"] in [k["id"] for k in await server.request("GET", "/api/kernels")]:
-            assert time.monotonic() < deadline, "the idle kernel was not culled"
-            await asyncio.sleep(0.2)
+        idle_channels = await server.channels(idle["id"])
+        idle_pid = await kernel_pid(idle_channels)
+        idle_channels.close()
+        pid = await start_busy_cell(server, busy["id"], seconds=8)
+        await kernel_gone_from_host(server, idle["id"], idle_pid)
         assert busy["id"] in [k["id"] for k in await server.request("GET", "/api/kernels")]
         assert process_alive(pid)
-        channels.close()
         await server.request("DELETE", f"/api/kernels/{busy['id']}")
+    finally:
+        server.stop()
+
+
+async def test_cull_busy_culls_a_busy_kernel(tmp_path: Path, jupyter_path: Path) -> None:
+    server = start_server(
+        tmp_path, jupyter_path,
+        "--MappingKernelManager.cull_idle_timeout=3", "--MappingKernelManager.cull_interval=1",
+        "--MappingKernelManager.cull_busy=True",
+    )  # fmt: skip
+    try:
+        busy = await server.request("POST", "/api/kernels", {"name": "remote"})
+        pid = await start_busy_cell(server, busy["id"], seconds=60)
+        await kernel_gone_from_host(server, busy["id"], pid)
+    finally:
+        server.stop()
+    assert "Culling 'busy' kernel" in server.log()
+
+
+async def test_curve_through_jupyter_server(tmp_path: Path, host_config: dict[str, Any]) -> None:
+    """--MappingKernelManager.transport_encryption=required: the server's own channels
+    (websocket, nudge, activity) speak CURVE to the remote kernel."""
+    path = tmp_path / "share" / "jupyter"
+    write_kernelspec(path, "curve", host_config, supported_encryption=["curve"])
+    server = start_server(tmp_path, path, "--MappingKernelManager.transport_encryption=required")
+    try:
+        kernel = await server.request("POST", "/api/kernels", {"name": "curve"})
+        channels = await server.channels(kernel["id"])
+        code = (
+            "from ipykernel.kernelapp import IPKernelApp as A\n"
+            "bool(A.instance().shell_socket.curve_server)"
+        )
+        try:
+            messages = await channels.collect(channels.execute(code))
+        finally:
+            channels.close()
+        result = next(m for m in messages if m["msg_type"] == "execute_result")
+        assert result["content"]["data"]["text/plain"] == "True"
+        await server.request("DELETE", f"/api/kernels/{kernel['id']}")
     finally:
         server.stop()
 
