@@ -118,7 +118,7 @@ class Channels:
         self.ws.close()
 
 
-def start_server(root: Path, jupyter_path: Path, *args: str) -> Server:
+def start_server(root: Path, jupyter_path: Path, *args: str, log_level: str = "DEBUG") -> Server:
     """`jupyter server` on 127.0.0.1 with a token, waiting until /api/status answers."""
     port = free_port("127.0.0.1")
     token = uuid.uuid4().hex
@@ -137,7 +137,7 @@ def start_server(root: Path, jupyter_path: Path, *args: str) -> Server:
             [JUPYTER, "server", "--no-browser", "--allow-root", "--ServerApp.ip=127.0.0.1",
              f"--ServerApp.port={port}", "--ServerApp.port_retries=0",
              f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={notebooks}",
-             "--Application.log_level=DEBUG", *args],
+             f"--Application.log_level={log_level}", *args],
             stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env,
         )  # fmt: skip
     server = Server(f"http://127.0.0.1:{port}", token, process, log_path)
