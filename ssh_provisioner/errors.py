@@ -38,6 +38,28 @@ class HostKeyError(SSHConnectError):
     """The host's key is unknown or differs from the one on record."""
 
 
+class SessionLimitError(SSHConnectError):
+    """The host refused another session channel on a connection (sshd's MaxSessions).
+
+    The connection itself is fine; the pool opens another one to the same host."""
+
+
+def session_open_error(host: str, purpose: str, exc: BaseException) -> SSHConnectError:
+    """Translate a failed session-channel open.  A live connection whose server refuses
+    the channel is at its MaxSessions: OpenSSH 9.2 answers "open failed" with the code
+    connect-failed, others administratively-prohibited; a lost connection raises
+    something else."""
+    if isinstance(exc, asyncssh.ChannelOpenError):
+        return SessionLimitError(
+            f"SSH to {host}: the server refused another session for {purpose} on this "
+            f"connection (sshd's MaxSessions, 10 by default): {exc.reason}",
+            host=host,
+        )
+    return SSHConnectError(
+        f"SSH to {host}: cannot open a session channel for {purpose}: {exc}", host=host
+    )
+
+
 class LaunchError(SSHProvisionerError):
     """The kernel could not be started on the host."""
 

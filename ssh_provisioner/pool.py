@@ -3,7 +3,9 @@
 Every kernel placed on a host leases the same connection: the launcher's session
 channel, its control traffic and the five forwards are multiplexed over it.  A
 connection whose last lease is released closes after an idle period; a closed or
-dead connection is replaced on the next lease.
+dead connection is replaced on the next lease.  When the server refuses another
+session on it (sshd's MaxSessions, 10 by default), the connection is marked full and
+the next lease gets a second connection to the same destination.
 
 A connection can also hold *spare processes*: a launcher exec'd ahead of time, past
 the login shell and Python start-up, waiting for its spec.  They die with it.
@@ -57,6 +59,7 @@ class _Entry:
     leases: int = 0
     idle_close: asyncio.TimerHandle | None = None
     spares: dict[str, SpareProcess] = field(default_factory=dict)
+    full: bool = False  # the server refused a session; cleared when a lease ends
 
     def close(self) -> None:
         if self.idle_close is not None:
@@ -85,10 +88,17 @@ class Lease:
             self.released = True
             self.pool._release(self.key, self.connection, idle_timeout)
 
+    def mark_full(self) -> None:
+        """The server refused a session on this connection: lease others until one ends."""
+        entry = self.pool._entry(self.key, self.connection)
+        if entry is not None:
+            entry.full = True
+            log.info("SSH connection %s is at its session limit; the next opens another", self.key)
+
     def take_spare(self, name: str) -> SpareProcess | None:
         """A live spare process made by ``prepare_spare``, or None."""
-        entry = self.pool._entries.get(self.key)
-        if entry is None or entry.connection is not self.connection:
+        entry = self.pool._entry(self.key, self.connection)
+        if entry is None:
             return None
         spare = entry.spares.pop(name, None)
         if spare is not None and (spare.is_closing() or spare.exit_status is not None):
@@ -112,7 +122,7 @@ def check_connect_options(options: dict[str, Any]) -> None:
 
 class ConnectionPool:
     def __init__(self) -> None:
-        self._entries: dict[str, _Entry] = {}
+        self._entries: dict[str, list[_Entry]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._closing: set[asyncio.Task[None]] = set()
         self._preparing: dict[tuple[str, str], asyncio.Task[None]] = {}
@@ -126,27 +136,37 @@ class ConnectionPool:
         check_connect_options(options)
         key = self.key_for(host, options)
         async with self._locks.setdefault(key, asyncio.Lock()):
-            entry = self._entries.get(key)
-            if entry is not None and entry.connection.is_closed():
+            entries = self._entries.setdefault(key, [])
+            for lost in [entry for entry in entries if entry.connection.is_closed()]:
                 log.info("SSH connection to %s was lost; reconnecting", host)
-                self._entries.pop(key, None)
-                self._close_later(entry)
-                entry = None
+                entries.remove(lost)
+                self._close_later(lost)
+            entry = next((entry for entry in entries if not entry.full), None)
             if entry is None:
-                connection = await connect(host, options, connect_timeout=connect_timeout)
-                entry = self._entries[key] = _Entry(connection)
+                try:
+                    connection = await connect(host, options, connect_timeout=connect_timeout)
+                except BaseException:
+                    if not entries:
+                        del self._entries[key]
+                    raise
+                entry = _Entry(connection)
+                entries.append(entry)
             if entry.idle_close is not None:
                 entry.idle_close.cancel()
                 entry.idle_close = None
             entry.leases += 1
             return Lease(self, key, entry.connection)
 
+    def _entry(self, key: str, connection: asyncssh.SSHClientConnection) -> _Entry | None:
+        return next((e for e in self._entries.get(key, ()) if e.connection is connection), None)
+
     def _release(
         self, key: str, connection: asyncssh.SSHClientConnection, idle_timeout: float
     ) -> None:
-        entry = self._entries.get(key)
-        if entry is None or entry.connection is not connection:
+        entry = self._entry(key, connection)
+        if entry is None:
             return
+        entry.full = False  # the kernel's session is gone: room for one more
         entry.leases -= 1
         if entry.leases > 0:
             return
@@ -159,8 +179,8 @@ class ConnectionPool:
     def _prepare_spare(
         self, key: str, connection: asyncssh.SSHClientConnection, name: str, factory: SpareFactory
     ) -> None:
-        entry = self._entries.get(key)
-        if entry is None or name in entry.spares or (key, name) in self._preparing:
+        entry = self._entry(key, connection)
+        if entry is None or entry.full or name in entry.spares or (key, name) in self._preparing:
             return
 
         async def prepare() -> None:
@@ -171,8 +191,8 @@ class ConnectionPool:
                 return
             finally:
                 self._preparing.pop((key, name), None)
-            current = self._entries.get(key)
-            if current is None or current.connection is not connection or name in current.spares:
+            current = self._entry(key, connection)
+            if current is None or name in current.spares:
                 spare.close()
             else:
                 current.spares[name] = spare
@@ -180,9 +200,12 @@ class ConnectionPool:
         self._preparing[(key, name)] = asyncio.get_running_loop().create_task(prepare())
 
     def _drop(self, key: str, connection: asyncssh.SSHClientConnection) -> None:
-        entry = self._entries.get(key)
-        if entry is not None and entry.connection is connection and entry.leases == 0:
-            del self._entries[key]
+        entry = self._entry(key, connection)
+        if entry is not None and entry.leases == 0:
+            entries = self._entries[key]
+            entries.remove(entry)
+            if not entries:
+                del self._entries[key]
             self._close_later(entry)
 
     def _close_later(self, entry: _Entry) -> None:
@@ -194,18 +217,19 @@ class ConnectionPool:
 
     @property
     def open_connections(self) -> int:
-        return len(self._entries)
+        return sum(len(entries) for entries in self._entries.values())
 
     async def aclose(self) -> None:
         """Close every connection, leased or not (server shutdown, test teardown)."""
-        entries, self._entries = self._entries, {}
+        entries = [entry for per_key in self._entries.values() for entry in per_key]
+        self._entries = {}
         preparing, self._preparing = self._preparing, {}
         for task in preparing.values():
             task.cancel()
         await asyncio.gather(*preparing.values(), return_exceptions=True)
-        for entry in entries.values():
+        for entry in entries:
             entry.close()
-        for entry in entries.values():
+        for entry in entries:
             with contextlib.suppress(Exception):
                 await entry.connection.wait_closed()
         if self._closing:

@@ -34,6 +34,7 @@ from .errors import (
     HostKeyError,
     HostSelectionError,
     ProvisionerConfigError,
+    SessionLimitError,
     SSHConnectError,
     TunnelError,
 )
@@ -365,17 +366,22 @@ class SSHProvisioner(KernelProvisionerBase):
 
     async def _launch_on(self, placement: Placement, cmd: list[str]) -> KernelConnectionInfo:
         entry = placement.entry
-        for attempt in (1, 2):
+        for attempt in (1, 2, 3):
             started = time.perf_counter()
             lease = await get_pool().lease(
                 entry.host, self._connect_options(entry), connect_timeout=self.connect_timeout
             )
             try:
                 return await self._start_kernel(lease, placement, cmd, started)
+            except SessionLimitError as exc:
+                lease.mark_full()  # the next lease opens another connection to the host
+                if attempt == 3:
+                    raise
+                self.log.info("kernel %s: %s; opening another connection", self.kernel_id, exc)
             except (SSHConnectError, TunnelError):
                 # A pooled connection can die unnoticed (sshd restarted, a NAT forgot it):
                 # the pool replaces it on the next lease.
-                if attempt == 2 or not lease.connection.is_closed():
+                if attempt == 3 or not lease.connection.is_closed():
                     raise
                 self.log.info(
                     "kernel %s: the connection to %s was dead; reconnecting",
@@ -470,6 +476,10 @@ class SSHProvisioner(KernelProvisionerBase):
                     lease.release(self.pool_idle_timeout)
                     self.log.warning("kernel %s: %s", self.kernel_id, exc)
                     return False
+                except SessionLimitError as exc:
+                    lease.release(self.pool_idle_timeout)
+                    lease.mark_full()  # the next try opens another connection
+                    self.log.info("kernel %s: %s", self.kernel_id, exc)
                 except (SSHConnectError, TunnelError) as exc:
                     lease.release(self.pool_idle_timeout)
                     self.log.info("kernel %s: reattach failed: %s", self.kernel_id, exc)
@@ -586,32 +596,10 @@ class SSHProvisioner(KernelProvisionerBase):
         entry = next((e for e in self._entries if e.name == host_name), None)
         entry = entry or self._with_defaults(HostEntry.parse(host_name))
         handshake = Handshake.from_event(provisioner_info["handshake"])
-        python = entry.override("remote_python", self.remote_python)
-        lease = await get_pool().lease(
-            entry.host, self._connect_options(entry), connect_timeout=self.connect_timeout
-        )
-        kernel: RemoteKernel | None = None
         try:
-            kernel = await RemoteKernel.attach(
-                lease.connection,
-                entry.host,
-                python=python,
-                handshake=handshake,
-                token=str(provisioner_info.get("attach_token") or ""),
-                kernel_id=str(self.kernel_id),
-                timeout=self.launch_timeout,
-            )
-            tunnels = await KernelTunnels.open(
-                lease.connection,
-                entry.host,
-                kernel.endpoints,
-                preferred_ports=provisioner_info.get("local_ports"),
-            )
-        except BaseException:
-            if kernel is not None:
-                await kernel.aclose()
-            lease.release(self.pool_idle_timeout)
-            raise
+            lease, kernel, tunnels = await self._attach(entry, handshake, provisioner_info)
+        except SessionLimitError:  # sshd's MaxSessions: another connection will do
+            lease, kernel, tunnels = await self._attach(entry, handshake, provisioner_info)
         get_placement_state().adopt(entry)
         if self.reconnect_timeout > 0:
             kernel.reconnect = self._reattach
@@ -632,6 +620,40 @@ class SSHProvisioner(KernelProvisionerBase):
         self.log.info(
             "kernel %s on %s: reattached (pid %d)", self.kernel_id, entry.name, handshake.pid
         )
+
+    async def _attach(
+        self, entry: HostEntry, handshake: Handshake, provisioner_info: dict[str, Any]
+    ) -> tuple[Lease, RemoteKernel, KernelTunnels]:
+        lease = await get_pool().lease(
+            entry.host, self._connect_options(entry), connect_timeout=self.connect_timeout
+        )
+        kernel: RemoteKernel | None = None
+        try:
+            kernel = await RemoteKernel.attach(
+                lease.connection,
+                entry.host,
+                python=entry.override("remote_python", self.remote_python),
+                handshake=handshake,
+                token=str(provisioner_info.get("attach_token") or ""),
+                kernel_id=str(self.kernel_id),
+                timeout=self.launch_timeout,
+            )
+            tunnels = await KernelTunnels.open(
+                lease.connection,
+                entry.host,
+                kernel.endpoints,
+                preferred_ports=provisioner_info.get("local_ports"),
+            )
+        except SessionLimitError:
+            lease.release(self.pool_idle_timeout)
+            lease.mark_full()
+            raise
+        except BaseException:
+            if kernel is not None:
+                await kernel.aclose()
+            lease.release(self.pool_idle_timeout)
+            raise
+        return lease, kernel, tunnels
 
     def resolve_path(self, path: str) -> str | None:
         """Resolve ``path`` against the kernel's working directory on the host."""

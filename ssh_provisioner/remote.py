@@ -29,6 +29,7 @@ from .errors import (
     RemoteCommandError,
     SSHConnectError,
     SSHProvisionerError,
+    session_open_error,
 )
 from .hosts import Host
 from .launcher import BOOTSTRAP, CHANNELS, RUNTIME_DIR_PREFIX
@@ -136,10 +137,14 @@ async def _attach_channel(
     request = {"attach": {"control": handshake.control, "token": token}}
     try:
         process = await start_launcher(connection, python)
+    except (asyncssh.Error, OSError) as exc:
+        raise session_open_error(str(host), f"reattaching kernel {kernel_id}", exc) from exc
+    try:
         process.stdin.write(json.dumps(request).encode() + b"\n")
         reader = _LineReader(process.stdout)
         line = await asyncio.wait_for(reader.readline(), timeout)
     except (asyncssh.Error, OSError, ValueError) as exc:  # TimeoutError is an OSError
+        process.close()
         raise SSHConnectError(
             f"SSH to {host}: reattaching kernel {kernel_id} failed: {exc}", host=str(host)
         ) from exc
@@ -217,10 +222,7 @@ class RemoteKernel:
         try:
             process = spare or await start_launcher(connection, python)
         except (asyncssh.Error, OSError) as exc:
-            raise SSHConnectError(
-                f"SSH to {host}: cannot open a session channel for the launcher: {exc}",
-                host=str(host),
-            ) from exc
+            raise session_open_error(str(host), "the launcher", exc) from exc
         kernel = cls(host, connection, process, kernel_id)
         kernel._attach_token = spec.get("attach_token")
         kernel._stderr_task = asyncio.create_task(kernel._pump_stderr())

@@ -175,6 +175,7 @@ def start_sshd(
     bind_mounts: dict[str, Path] | None = None,
     set_env: dict[str, str] | None = None,
     netns: str | None = None,
+    max_sessions: int = 100,
 ) -> SSHDaemon:
     """Start ``/usr/sbin/sshd -D -e -f CONFIG`` on a free port and wait for its banner.
 
@@ -182,6 +183,7 @@ def start_sshd(
     its own: the daemon, and so every session, runs in new UTS and mount namespaces
     (root only).  ``set_env`` is sshd's SetEnv for every session (PATH, for example).
     ``netns`` runs it in that network namespace (root only), on port 22 of ``address``.
+    ``max_sessions`` is sshd's MaxSessions (OpenSSH's default is 10).
     """
     reason = sshd_missing_reason()
     if reason:
@@ -220,7 +222,7 @@ def start_sshd(
                     "AllowStreamLocalForwarding yes",
                     "UseDNS no",
                     "PrintMotd no",
-                    "MaxSessions 100",
+                    f"MaxSessions {max_sessions}",
                     "LogLevel VERBOSE",
                     *([f"SetEnv {environment}"] if environment else []),
                     "",

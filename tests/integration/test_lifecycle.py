@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
+import sys
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,7 @@ from jupyter_client.manager import AsyncKernelManager
 
 from ssh_provisioner.pool import get_pool
 
-from ..conftest import KernelSpecFactory
+from ..conftest import KernelSpecFactory, connect_options
 from ..helpers import (
     cmdlines_containing,
     execute,
@@ -26,6 +28,7 @@ from ..helpers import (
     process_alive,
     wait_until,
 )
+from ..sshd import start_sshd
 
 pytestmark = [pytest.mark.sshd, pytest.mark.usefixtures("no_leaks")]
 
@@ -309,7 +312,7 @@ async def test_prewarm_can_be_disabled(
         pool = get_pool()
         # spares are scheduled synchronously in launch_kernel: none scheduled, none made
         assert not pool._preparing
-        assert not any(entry.spares for entry in pool._entries.values())
+        assert not any(entry.spares for entries in pool._entries.values() for entry in entries)
         assert set(cmdlines_containing(b"ssh_provisioner_launcher")) == {launcher}
 
 
@@ -350,3 +353,45 @@ async def test_argv_templates_name_paths_on_the_host(
         assert km.provisioner.resolve_path("~/x") == info["remote_home"] + "/x"
         copied = Path(info["runtime_dir"]) / "resources" / "wrapper.py"
         assert copied.read_text() == wrapper
+
+
+async def test_more_kernels_than_sshd_allows_sessions_per_connection(
+    make_kernelspec: KernelSpecFactory,
+    client_key: tuple[Path, str],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """OpenSSH refuses a session past MaxSessions (10 by default; 2 here) on one
+    connection: the pool opens another connection, and every kernel runs."""
+    caplog.set_level(logging.INFO)
+    daemon = start_sshd(tmp_path / "small", "127.0.0.10", client_key[1] + "\n", max_sessions=2)
+    config = {
+        "hosts": [daemon.destination("root")],
+        "connect_options": connect_options(daemon, client_key[0]),
+        "remote_python": sys.executable,
+    }
+    try:
+        async with AsyncExitStack() as stack:
+            kernels = [
+                await stack.enter_async_context(running_kernel(make_kernelspec, config))
+                for _ in range(3)
+            ]
+            kernels += await asyncio.gather(  # concurrent starts race for the same slots
+                *(
+                    stack.enter_async_context(running_kernel(make_kernelspec, config))
+                    for _ in range(3)
+                )
+            )
+            pids = {await kernel_pid(kc) for _, kc in kernels}
+            assert len(pids) == 6
+            assert get_pool().open_connections >= 3  # 2 sessions each: 6 kernels (+ spares)
+            assert "MaxSessions" in caplog.text
+            km, kc = kernels[-1]  # signals travel on a later connection too
+            msg_id = kc.execute("import time; print('go', flush=True); time.sleep(30)")
+            await wait_for_output(kc, msg_id)
+            await km.interrupt_kernel()
+            reply = await kc.get_shell_msg(timeout=10)
+            assert reply["content"]["ename"] == "KeyboardInterrupt"
+        assert not any(process_alive(pid) for pid in pids)
+    finally:
+        daemon.stop()

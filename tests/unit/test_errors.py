@@ -52,3 +52,17 @@ def test_launch_timeout_is_both_a_launch_error_and_a_timeout() -> None:
     error = LaunchTimeout("slow", host="gpu1")
     assert isinstance(error, LaunchError)
     assert isinstance(error, TimeoutError)
+
+
+def test_a_refused_session_is_a_session_limit_and_other_failures_are_not() -> None:
+    from ssh_provisioner.errors import SessionLimitError, session_open_error
+
+    refused = asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, "open failed")
+    error = session_open_error("root@gpu1", "the launcher", refused)
+    assert isinstance(error, SessionLimitError)
+    assert isinstance(error, SSHConnectError)
+    assert "root@gpu1" in str(error)
+    assert "MaxSessions" in str(error)
+    lost = session_open_error("root@gpu1", "the launcher", asyncssh.ConnectionLost("gone"))
+    assert not isinstance(lost, SessionLimitError)
+    assert "cannot open a session channel for the launcher" in str(lost)
