@@ -59,7 +59,13 @@ class _Entry:
     leases: int = 0
     idle_close: asyncio.TimerHandle | None = None
     spares: dict[str, SpareProcess] = field(default_factory=dict)
-    full: bool = False  # the server refused a session; cleared when a lease ends
+    # Leases it held when the server last refused a session (sshd's MaxSessions): it
+    # takes no more until one of them ends.  None: no refusal seen.
+    lease_capacity: int | None = None
+
+    @property
+    def full(self) -> bool:
+        return self.lease_capacity is not None and self.leases >= self.lease_capacity
 
     def close(self) -> None:
         if self.idle_close is not None:
@@ -89,10 +95,11 @@ class Lease:
             self.pool._release(self.key, self.connection, idle_timeout)
 
     def mark_full(self) -> None:
-        """The server refused a session on this connection: lease others until one ends."""
+        """The server refused this lease a session: the connection holds what its other
+        leases hold, and the next lease goes to another connection until one ends."""
         entry = self.pool._entry(self.key, self.connection)
         if entry is not None:
-            entry.full = True
+            entry.lease_capacity = entry.leases - (0 if self.released else 1)
             log.info("SSH connection %s is at its session limit; the next opens another", self.key)
 
     def take_spare(self, name: str) -> SpareProcess | None:
@@ -166,7 +173,6 @@ class ConnectionPool:
         entry = self._entry(key, connection)
         if entry is None:
             return
-        entry.full = False  # the kernel's session is gone: room for one more
         entry.leases -= 1
         if entry.leases > 0:
             return

@@ -477,8 +477,8 @@ class SSHProvisioner(KernelProvisionerBase):
                     self.log.warning("kernel %s: %s", self.kernel_id, exc)
                     return False
                 except SessionLimitError as exc:
-                    lease.release(self.pool_idle_timeout)
                     lease.mark_full()  # the next try opens another connection
+                    lease.release(self.pool_idle_timeout)
                     self.log.info("kernel %s: %s", self.kernel_id, exc)
                 except (SSHConnectError, TunnelError) as exc:
                     lease.release(self.pool_idle_timeout)
@@ -553,7 +553,8 @@ class SSHProvisioner(KernelProvisionerBase):
 
         Carries where the kernel runs and how to reach it again: host, pids, endpoints,
         runtime dir, the local ports, and the reattach token.  The token, like the session
-        key in ``connection_info``, is a secret: store the info as privately.
+        key and the CurveZMQ secret key in ``connection_info``, is a secret: store the
+        info as privately as a connection file.
         """
         info: dict[str, Any] = await super().get_provisioner_info()
         handshake = self._handshake
@@ -645,8 +646,8 @@ class SSHProvisioner(KernelProvisionerBase):
                 preferred_ports=provisioner_info.get("local_ports"),
             )
         except SessionLimitError:
-            lease.release(self.pool_idle_timeout)
             lease.mark_full()
+            lease.release(self.pool_idle_timeout)
             raise
         except BaseException:
             if kernel is not None:
