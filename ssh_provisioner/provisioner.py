@@ -49,6 +49,9 @@ from .tunnels import KernelTunnels
 # its client.  Everything else in the request env is the *server's* environment.
 ALWAYS_FORWARDED = ("JPY_SESSION_NAME", "KERNEL_*")
 MAX_RESOURCE_BYTES = 1 << 20
+# Connections a start or a probe tries on one host: a pooled connection can be dead, or
+# at sshd's MaxSessions, and concurrent starts can fill a fresh one before we use it.
+CONNECTIONS_PER_ATTEMPT = 4
 _BASE_INIT_ARGS = frozenset({"kernel_id", "kernel_spec", "parent", "config", "log"})
 
 
@@ -250,18 +253,25 @@ class SSHProvisioner(KernelProvisionerBase):
         return candidates
 
     async def _probe(self, entry: HostEntry, command: str) -> str | None:
-        """Run a policy's probe on ``entry`` over its pooled connection."""
-        try:
-            lease = await get_pool().lease(
-                entry.host, self._connect_options(entry), connect_timeout=self.connect_timeout
-            )
-        except SSHConnectError as exc:
-            get_placement_state().mark_unhealthy(entry, str(exc), self.host_cooldown)
-            return None
-        try:
-            return await run_probe(lease.connection, entry.host, command, self.connect_timeout)
-        finally:
-            lease.release(self.pool_idle_timeout)
+        """Run a policy's probe on ``entry`` over its pooled connection (or a second one
+        when that one is at its MaxSessions)."""
+        for attempt in range(1, CONNECTIONS_PER_ATTEMPT + 1):
+            try:
+                lease = await get_pool().lease(
+                    entry.host, self._connect_options(entry), connect_timeout=self.connect_timeout
+                )
+            except SSHConnectError as exc:
+                get_placement_state().mark_unhealthy(entry, str(exc), self.host_cooldown)
+                return None
+            try:
+                return await run_probe(lease.connection, entry.host, command, self.connect_timeout)
+            except SessionLimitError as exc:
+                lease.mark_full()
+                if attempt == CONNECTIONS_PER_ATTEMPT:
+                    self.log.info("probe on %s failed: %s", entry.name, exc)
+            finally:
+                lease.release(self.pool_idle_timeout)
+        return None
 
     # -- KernelProvisionerBase -------------------------------------------------------
 
@@ -366,7 +376,7 @@ class SSHProvisioner(KernelProvisionerBase):
 
     async def _launch_on(self, placement: Placement, cmd: list[str]) -> KernelConnectionInfo:
         entry = placement.entry
-        for attempt in (1, 2, 3):
+        for attempt in range(1, CONNECTIONS_PER_ATTEMPT + 1):
             started = time.perf_counter()
             lease = await get_pool().lease(
                 entry.host, self._connect_options(entry), connect_timeout=self.connect_timeout
@@ -375,13 +385,13 @@ class SSHProvisioner(KernelProvisionerBase):
                 return await self._start_kernel(lease, placement, cmd, started)
             except SessionLimitError as exc:
                 lease.mark_full()  # the next lease opens another connection to the host
-                if attempt == 3:
+                if attempt == CONNECTIONS_PER_ATTEMPT:
                     raise
                 self.log.info("kernel %s: %s; opening another connection", self.kernel_id, exc)
             except (SSHConnectError, TunnelError):
                 # A pooled connection can die unnoticed (sshd restarted, a NAT forgot it):
                 # the pool replaces it on the next lease.
-                if attempt == 3 or not lease.connection.is_closed():
+                if attempt == CONNECTIONS_PER_ATTEMPT or not lease.connection.is_closed():
                     raise
                 self.log.info(
                     "kernel %s: the connection to %s was dead; reconnecting",

@@ -110,9 +110,12 @@ async def start_launcher(
 async def run_probe(
     connection: asyncssh.SSHClientConnection, host: Host, command: str, timeout: float
 ) -> str | None:
-    """Output of ``command`` on the host, or None if it failed (probes never raise)."""
+    """Output of ``command`` on the host, or None if it failed.  Raises only
+    SessionLimitError: the connection is at its MaxSessions, another may do."""
     try:
         result = await asyncio.wait_for(connection.run(command), timeout)
+    except asyncssh.ChannelOpenError as exc:
+        raise session_open_error(str(host), "a policy probe", exc) from exc
     except (asyncssh.Error, OSError, TimeoutError) as exc:
         log.info("probe on %s failed: %s", host, exc)
         return None

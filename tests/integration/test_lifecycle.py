@@ -362,13 +362,16 @@ async def test_more_kernels_than_sshd_allows_sessions_per_connection(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """OpenSSH refuses a session past MaxSessions (10 by default; 2 here) on one
-    connection: the pool opens another connection, and every kernel runs."""
+    connection: the pool opens another connection, every kernel runs and every policy
+    probe (a session too) answers."""
     caplog.set_level(logging.INFO)
     daemon = start_sshd(tmp_path / "small", "127.0.0.10", client_key[1] + "\n", max_sessions=2)
     config = {
         "hosts": [daemon.destination("root")],
         "connect_options": connect_options(daemon, client_key[0]),
         "remote_python": sys.executable,
+        "policy": "least-load",
+        "probe_ttl": 0.0,
     }
     try:
         async with AsyncExitStack() as stack:
@@ -385,7 +388,8 @@ async def test_more_kernels_than_sshd_allows_sessions_per_connection(
             pids = {await kernel_pid(kc) for _, kc in kernels}
             assert len(pids) == 6
             assert get_pool().open_connections >= 3  # 2 sessions each: 6 kernels (+ spares)
-            assert "MaxSessions" in caplog.text
+            assert "at its session limit" in caplog.text  # the limit was hit
+            assert "probe on" not in caplog.text  # no probe failed
             km, kc = kernels[-1]  # signals travel on a later connection too
             msg_id = kc.execute("import time; print('go', flush=True); time.sleep(30)")
             await wait_for_output(kc, msg_id)
