@@ -247,20 +247,23 @@ async def zmtp_handshake(url: str, server_key: bytes | None) -> int:
         context.destroy(0)
 
 
-@pytest.mark.parametrize("policy", ["auto", "required"])
+@pytest.mark.parametrize(("policy", "transport"), [("auto", "tcp"), ("required", "ipc")])
 async def test_curve_encrypts_every_channel_and_refuses_clients_without_the_key(
     make_kernelspec: KernelSpecFactory,
     host_config: dict[str, Any],
     policy: str,
+    transport: str,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     from ..helpers import cmdlines_containing
 
     caplog.set_level(logging.DEBUG)
     options = {"transport_encryption": policy}
-    async with running_kernel(
-        make_kernelspec, host_config, manager_options=options, **CURVE_SPEC
-    ) as (km, kc):
+    config = {**host_config, "remote_transport": transport}
+    async with running_kernel(make_kernelspec, config, manager_options=options, **CURVE_SPEC) as (
+        km,
+        kc,
+    ):
         assert km.curve_publickey is not None
         assert km.curve_secretkey is not None
         assert km.get_connection_info()["curve_publickey"] == km.curve_publickey.decode()
@@ -277,7 +280,8 @@ async def test_curve_encrypts_every_channel_and_refuses_clients_without_the_key(
 
         info = await km.provisioner.get_provisioner_info()
         local = f"tcp://127.0.0.1:{km.shell_port}"
-        on_host = f"tcp://127.0.0.1:{info['endpoints']['shell']}"
+        shell = info["endpoints"]["shell"]
+        on_host = f"ipc://{shell}" if transport == "ipc" else f"tcp://127.0.0.1:{shell}"
         for url in (local, on_host):
             assert await zmtp_handshake(url, km.curve_publickey) == zmq.EVENT_HANDSHAKE_SUCCEEDED
             assert await zmtp_handshake(url, None) in HANDSHAKE_FAILED
