@@ -15,60 +15,30 @@ provisioner's own overhead (launcher, handshake, forwards), not a network's.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import getpass
-import json
 import statistics
-import sys
-import tempfile
 import time
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, ExitStack, asynccontextmanager
-from pathlib import Path
+from contextlib import AsyncExitStack, asynccontextmanager
 
 from jupyter_client.asynchronous import AsyncKernelClient
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 
 from ssh_provisioner.pool import get_pool
-from ssh_provisioner.throwaway import SSHDaemon, generate_key, running_sshd
 
-ARGV = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+from .rig import Rig, loopback_hosts, main, write_kernelspecs
+
 IOPUB_MB = 200
 CHUNK = 1 << 20
 CONCURRENT = 24
 
 
-def write_specs(
-    directory: Path, hosts: list[SSHDaemon], key: Path, login: str
-) -> KernelSpecManager:
-    known_hosts = directory / "known_hosts"
-    known_hosts.write_text("".join(host.known_hosts_line() + "\n" for host in hosts))
-    config = {
-        "hosts": [hosts[0].destination(login)],
-        "connect_options": {
-            "client_keys": [str(key)],
-            "known_hosts": str(known_hosts),
-            "config": [],
-            "agent_path": "",
-        },
-        "remote_python": sys.executable,
-        "pool_idle_timeout": 600,
-    }
-    pool = {**config, "hosts": [h.destination(login) for h in hosts], "policy": "round-robin"}
-    for name, provisioner in (("local", None), ("ssh", config), ("ssh-pool", pool)):
-        metadata = {}
-        if provisioner is not None:
-            metadata["kernel_provisioner"] = {
-                "provisioner_name": "ssh-provisioner",
-                "config": provisioner,
-            }
-        kernel_dir = directory / "kernels" / name
-        kernel_dir.mkdir(parents=True)
-        spec = {"argv": ARGV, "display_name": name, "language": "python", "metadata": metadata}
-        (kernel_dir / "kernel.json").write_text(json.dumps(spec))
-    return KernelSpecManager(kernel_dirs=[str(directory / "kernels")])
+def write_specs(rig: Rig) -> KernelSpecManager:
+    config = rig.config(pool_idle_timeout=600)
+    pool = rig.config(*rig.hosts, pool_idle_timeout=600, policy="round-robin")
+    write_kernelspecs(rig.directory / "kernels", {"local": None, "ssh": config, "ssh-pool": pool})
+    return KernelSpecManager(kernel_dirs=[str(rig.directory / "kernels")])
 
 
 @asynccontextmanager
@@ -149,17 +119,8 @@ def p99(samples: list[float]) -> float:
 
 
 def measure(rounds: int, login: str) -> None:
-    with tempfile.TemporaryDirectory(prefix="sshp-bench-") as tmp, ExitStack() as hosts:
-        directory = Path(tmp)
-        directory.chmod(0o755)
-        key = directory / "client_ed25519"
-        public = generate_key(key)
-        daemons = [
-            hosts.enter_context(running_sshd(directory / f"host{i}", f"127.0.0.{i}", public + "\n"))
-            for i in (2, 3, 4)
-        ]
-        ksm = write_specs(directory, daemons, key, login)
-        asyncio.run(report(ksm, rounds, login))
+    with loopback_hosts(3, login) as rig:
+        asyncio.run(report(write_specs(rig), rounds, login))
 
 
 async def concurrent_starts(ksm: KernelSpecManager, name: str, count: int) -> tuple[float, int]:
@@ -227,13 +188,5 @@ async def report_figures(ksm: KernelSpecManager, rounds: int, login: str) -> Non
     )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=7, help="start measurements per series")
-    parser.add_argument("--login", default=getpass.getuser(), help="user to log in as")
-    args = parser.parse_args()
-    measure(args.rounds, args.login)
-
-
 if __name__ == "__main__":
-    main()
+    main(__doc__, measure)

@@ -219,6 +219,22 @@ def make_kernelspec(tmp_path: Path) -> KernelSpecFactory:
 
 
 @pytest.fixture
+def two_session_host(
+    tmp_path: Path, client_key: tuple[Path, str]
+) -> Iterator[tuple[SSHDaemon, dict[str, Any]]]:
+    """A host whose sshd allows 2 sessions per connection (MaxSessions; OpenSSH's
+    default is 10), and a provisioner config for it as root."""
+    daemon = start_sshd(tmp_path / "two", "127.0.0.10", client_key[1] + "\n", max_sessions=2)
+    config = {
+        "hosts": [daemon.destination("root")],
+        "connect_options": connect_options(daemon, client_key[0]),
+        "remote_python": sys.executable,
+    }
+    yield daemon, config
+    daemon.stop()
+
+
+@pytest.fixture
 def host_config(host_a: SSHDaemon, client_key: tuple[Path, str], login: str) -> dict[str, Any]:
     """Provisioner config for a kernel on host A as the parametrized login."""
     return {

@@ -6,7 +6,6 @@ import asyncio
 import logging
 import os
 import signal
-import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -20,7 +19,7 @@ from jupyter_client.manager import AsyncKernelManager
 
 from ssh_provisioner.pool import get_pool
 
-from ..conftest import KernelSpecFactory, connect_options
+from ..conftest import KernelSpecFactory
 from ..helpers import (
     cmdlines_containing,
     execute,
@@ -28,7 +27,7 @@ from ..helpers import (
     process_alive,
     wait_until,
 )
-from ..sshd import start_sshd
+from ..sshd import SSHDaemon
 
 pytestmark = [pytest.mark.sshd, pytest.mark.usefixtures("no_leaks")]
 
@@ -357,45 +356,31 @@ async def test_argv_templates_name_paths_on_the_host(
 
 async def test_more_kernels_than_sshd_allows_sessions_per_connection(
     make_kernelspec: KernelSpecFactory,
-    client_key: tuple[Path, str],
-    tmp_path: Path,
+    two_session_host: tuple[SSHDaemon, dict[str, Any]],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """OpenSSH refuses a session past MaxSessions (10 by default; 2 here) on one
-    connection: the pool opens another connection, every kernel runs and every policy
-    probe (a session too) answers."""
+    """OpenSSH refuses a session past MaxSessions on one connection: the pool opens
+    another connection, every kernel runs and every policy probe (a session too)
+    answers."""
     caplog.set_level(logging.INFO)
-    daemon = start_sshd(tmp_path / "small", "127.0.0.10", client_key[1] + "\n", max_sessions=2)
-    config = {
-        "hosts": [daemon.destination("root")],
-        "connect_options": connect_options(daemon, client_key[0]),
-        "remote_python": sys.executable,
-        "policy": "least-load",
-        "probe_ttl": 0.0,
-    }
-    try:
-        async with AsyncExitStack() as stack:
-            kernels = [
-                await stack.enter_async_context(running_kernel(make_kernelspec, config))
-                for _ in range(3)
-            ]
-            kernels += await asyncio.gather(  # concurrent starts race for the same slots
-                *(
-                    stack.enter_async_context(running_kernel(make_kernelspec, config))
-                    for _ in range(3)
-                )
-            )
-            pids = {await kernel_pid(kc) for _, kc in kernels}
-            assert len(pids) == 6
-            assert get_pool().open_connections >= 3  # 2 sessions each: 6 kernels (+ spares)
-            assert "at its session limit" in caplog.text  # the limit was hit
-            assert "probe on" not in caplog.text  # no probe failed
-            km, kc = kernels[-1]  # signals travel on a later connection too
-            msg_id = kc.execute("import time; print('go', flush=True); time.sleep(30)")
-            await wait_for_output(kc, msg_id)
-            await km.interrupt_kernel()
-            reply = await kc.get_shell_msg(timeout=10)
-            assert reply["content"]["ename"] == "KeyboardInterrupt"
-        assert not any(process_alive(pid) for pid in pids)
-    finally:
-        daemon.stop()
+    config = {**two_session_host[1], "policy": "least-load", "probe_ttl": 0.0}
+    async with AsyncExitStack() as stack:
+        kernels = [
+            await stack.enter_async_context(running_kernel(make_kernelspec, config))
+            for _ in range(3)
+        ]
+        kernels += await asyncio.gather(  # concurrent starts race for the same slots
+            *(stack.enter_async_context(running_kernel(make_kernelspec, config)) for _ in range(3))
+        )
+        pids = {await kernel_pid(kc) for _, kc in kernels}
+        assert len(pids) == 6
+        assert get_pool().open_connections >= 3  # 2 sessions each: 6 kernels (+ spares)
+        assert "at its session limit" in caplog.text  # the limit was hit
+        assert "probe on" not in caplog.text  # no probe failed
+        km, kc = kernels[-1]  # signals travel on a later connection too
+        msg_id = kc.execute("import time; print('go', flush=True); time.sleep(30)")
+        await wait_for_output(kc, msg_id)
+        await km.interrupt_kernel()
+        reply = await kc.get_shell_msg(timeout=10)
+        assert reply["content"]["ename"] == "KeyboardInterrupt"
+    assert not any(process_alive(pid) for pid in pids)

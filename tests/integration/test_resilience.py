@@ -211,39 +211,28 @@ async def test_a_cell_survives_a_cut_link(
 
 
 async def test_more_kernels_than_max_sessions_reattach_after_an_sshd_restart(
-    make_kernelspec: KernelSpecFactory, client_key: tuple[Path, str], tmp_path: Path
+    make_kernelspec: KernelSpecFactory, two_session_host: tuple[SSHDaemon, dict[str, Any]]
 ) -> None:
     """After a restart each kernel needs a new session to reattach; past MaxSessions
-    (2 here) they spread over more connections instead of waiting out reconnect_timeout."""
-    daemon = start_sshd(tmp_path / "small", "127.0.0.12", client_key[1] + "\n", max_sessions=2)
-    config = {
-        "hosts": [daemon.destination("root")],
-        "connect_options": connect_options(daemon, client_key[0]),
-        "remote_python": sys.executable,
-        "orphan_timeout": 60.0,
-        "reconnect_timeout": 30.0,
-    }
-    try:
-        async with AsyncExitStack() as stack:
-            kernels = [
-                await stack.enter_async_context(running_kernel(make_kernelspec, config))
-                for _ in range(3)
-            ]
-            for index, (_, kc) in enumerate(kernels):
-                await execute(kc, f"x = {index}")
-            leases = [km.provisioner._lease for km, _ in kernels]
-            daemon.stop()
-            for lease in leases:
-                await wait_until(lambda lease=lease: lease.connection.is_closed(), 10, "loss")
-            daemon.start()
-            started = time.monotonic()
-            for index, (km, kc) in enumerate(kernels):
-                await wait_until(
-                    lambda km=km: km.provisioner._lease not in leases, 20, "the reattach"
-                )
-                await iopub_delivers(kc)
-                out, _ = await execute(kc, "print(x)")
-                assert out.strip() == str(index)
-            assert time.monotonic() - started < 20  # none waited for reconnect_timeout
-    finally:
+    they spread over more connections instead of waiting out reconnect_timeout."""
+    daemon, config = two_session_host
+    config = {**config, "orphan_timeout": 60.0, "reconnect_timeout": 30.0}
+    async with AsyncExitStack() as stack:
+        kernels = [
+            await stack.enter_async_context(running_kernel(make_kernelspec, config))
+            for _ in range(3)
+        ]
+        for index, (_, kc) in enumerate(kernels):
+            await execute(kc, f"x = {index}")
+        leases = [km.provisioner._lease for km, _ in kernels]
         daemon.stop()
+        for lease in leases:
+            await wait_until(lambda lease=lease: lease.connection.is_closed(), 10, "loss")
+        daemon.start()
+        started = time.monotonic()
+        for index, (km, kc) in enumerate(kernels):
+            await wait_until(lambda km=km: km.provisioner._lease not in leases, 20, "the reattach")
+            await iopub_delivers(kc)
+            out, _ = await execute(kc, "print(x)")
+            assert out.strip() == str(index)
+        assert time.monotonic() - started < 20  # none waited for reconnect_timeout
