@@ -6,14 +6,17 @@ kernel.  Protocol, one JSON document per line:
 
 stdin   line 1   the launcher source (consumed by ``BOOTSTRAP``)
         line 2   the launch spec (argv, env, transport, session key, ...)
-        then     control lines: ``{"op": "signal", "signum": N}``
+        then     control lines: ``{"op": "signal", "signum": N}``, ``{"op": "ping"}``
 stdout  ready    ``{"event": "ready", "pid", "pgid", "endpoints", ...}``
         error    ``{"event": "error", "reason", "message", "stderr"}``
         exit     ``{"event": "exit", "status": N}``   (Popen convention: -N = signal)
 
 The kernel's own stdout/stderr are relayed to the launcher's stderr.
-When stdin reaches EOF (the SSH channel closed) while the kernel runs, the
-kernel's process group is killed after ``orphan_timeout`` seconds.
+When the client leaves while the kernel runs, the kernel's process group is killed
+after ``orphan_timeout`` seconds unless a client reattaches.  The client has left when
+its channel reaches EOF, or when it has sent nothing (it pings) for ``liveness_timeout``
+seconds: over a cut link sshd keeps the session open until its TCP keepalive gives up,
+hours later, so EOF alone would leave the kernel running that long.
 """
 
 from __future__ import annotations
@@ -379,7 +382,7 @@ class Supervisor:
 
     def read_control(self) -> None:
         for line in sys.stdin:
-            self.events.put(("line", line))
+            self.events.put(("line", (0, line)))
         self.stdin_closed.set()
         self.events.put(("eof", 0))
 
@@ -425,7 +428,7 @@ class Supervisor:
 
     def read_client(self, reader: Any, generation: int) -> None:
         for raw in iter(reader.readline, b""):
-            self.events.put(("line", raw.decode("utf-8", "replace")))
+            self.events.put(("line", (generation, raw.decode("utf-8", "replace"))))
         self.events.put(("eof", generation))
 
     def attach(self, conn: socket.socket, reader: Any) -> None:
@@ -451,10 +454,18 @@ class Supervisor:
 
     def supervise(self) -> int:
         threading.Thread(target=self.wait_kernel, daemon=True).start()
+        liveness = float(self.spec.get("liveness_timeout") or 0)
         orphan_deadline: float | None = None
         killed_at: float | None = None
+        heard = time.monotonic()  # the current client's last line
+        silent = False  # the orphan countdown runs because the client fell silent
         while True:
             now = time.monotonic()
+            listening = liveness and orphan_deadline is None and killed_at is None
+            if listening and now >= heard + liveness:
+                log("no word from the client for %gs; counting it as gone" % liveness)
+                orphan_deadline = now + float(self.spec["orphan_timeout"])
+                silent, listening = True, False
             if orphan_deadline is not None and now >= orphan_deadline:
                 orphan_deadline = None
                 killed_at = now
@@ -464,6 +475,8 @@ class Supervisor:
                 killed_at = None
                 killpg(self.pgid, signal.SIGKILL)
             timeouts = [t - now for t in (orphan_deadline,) if t is not None]
+            if listening:
+                timeouts.append(heard + liveness - now)
             if killed_at is not None:
                 timeouts.append(killed_at + TERMINATE_GRACE - now)
             try:
@@ -473,12 +486,19 @@ class Supervisor:
             except queue.Empty:
                 continue
             if kind == "line":
-                self.handle_control(value)
+                generation, line = value
+                self.handle_control(line)
+                if generation == self.generation:
+                    heard = time.monotonic()
+                    if silent and killed_at is None:  # it was slow, not gone
+                        orphan_deadline, silent = None, False
             elif kind == "eof" and value == self.generation:  # the current client left
                 orphan_deadline = time.monotonic() + float(self.spec["orphan_timeout"])
+                silent = False
             elif kind == "attach":
                 self.attach(*value)
                 orphan_deadline = killed_at = None
+                heard, silent = time.monotonic(), False
                 log("a client reattached")
             elif kind == "exit":
                 return int(value)

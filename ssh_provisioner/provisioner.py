@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, cast
 
+from asyncssh.misc import parse_time_interval
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 from traitlets import (
@@ -164,7 +165,9 @@ class SSHProvisioner(KernelProvisionerBase):
     keepalive_interval = Float(
         15.0,
         config=True,
-        help="Seconds between SSH keepalives (0 disables), unless connect_options sets it.",
+        help="Seconds between SSH keepalives (0 disables), unless connect_options sets it. "
+        "The launcher on the host is pinged at the same pace and counts a client silent "
+        "for keepalive_count_max + 1 intervals as gone (a cut link brings it no EOF).",
     )
     keepalive_count_max = Int(
         3, config=True, help="Unanswered keepalives before a connection counts as dead."
@@ -429,6 +432,7 @@ class SSHProvisioner(KernelProvisionerBase):
             lease.prepare_spare(python, lambda connection: start_launcher(connection, python))
         if self.reconnect_timeout > 0:
             kernel.reconnect = self._reattach
+        kernel.keep_alive(self._liveness(placement.entry)[0])
         self._lease, self._kernel, self._tunnels = lease, kernel, tunnels
         self._handshake = kernel.ready
         self._reaped = False
@@ -614,6 +618,7 @@ class SSHProvisioner(KernelProvisionerBase):
         get_placement_state().adopt(entry)
         if self.reconnect_timeout > 0:
             kernel.reconnect = self._reattach
+        kernel.keep_alive(self._liveness(entry)[0])
         self._placement, self._reserved = Placement(entry), entry
         self._lease, self._kernel, self._tunnels = lease, kernel, tunnels
         self._handshake, self._reaped = handshake, False
@@ -683,6 +688,17 @@ class SSHProvisioner(KernelProvisionerBase):
         options.setdefault("keepalive_count_max", self.keepalive_count_max)
         return options
 
+    def _liveness(self, entry: HostEntry) -> tuple[float, float]:
+        """(ping interval, the launcher's liveness_timeout): the SSH keepalive's pace, so
+        the launcher notices a cut link about when we do.  (0, 0): no keepalives, none."""
+        options = self._connect_options(entry)
+        value = options.get("keepalive_interval") or 0
+        # asyncssh takes seconds or OpenSSH's time format ("1m30s")
+        interval = parse_time_interval(value) if isinstance(value, str) else float(value)
+        if interval <= 0:
+            return 0.0, 0.0
+        return interval, interval * (int(options.get("keepalive_count_max") or 3) + 1)
+
     def _session_fields(self) -> tuple[bytes, str, str]:
         """(key, signature scheme, kernel name): the KernelManager's, or our own when a
         provisioner runs without one (the key then lives as long as this provisioner)."""
@@ -713,6 +729,7 @@ class SSHProvisioner(KernelProvisionerBase):
             "transport": entry.override("remote_transport", self.remote_transport),
             "kernel_id": str(self.kernel_id),
             "orphan_timeout": self.orphan_timeout,
+            "liveness_timeout": self._liveness(entry)[1],
             "attach_token": secrets.token_hex(16),
             "ready_timeout": self.launch_timeout,
             "connection": {

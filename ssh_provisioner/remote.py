@@ -449,6 +449,25 @@ class RemoteKernel:
     async def wait(self) -> int:
         return await asyncio.shield(self._exit)
 
+    def keep_alive(self, interval: float) -> None:
+        """Ping the launcher every ``interval`` seconds, on whichever channel is current:
+        a launcher that hears nothing for its ``liveness_timeout`` counts us as gone
+        (a cut link gives it no EOF) and starts its orphan countdown."""
+        if interval > 0:
+            self._tasks.append(asyncio.create_task(self._ping_every(interval)))
+
+    async def _ping_every(self, interval: float) -> None:
+        ping = json.dumps({"op": "ping"}).encode() + b"\n"
+        while True:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._exit), interval)
+                return  # the kernel has ended
+            except TimeoutError:
+                pass
+            if not self._process.is_closing():
+                with contextlib.suppress(asyncssh.Error, OSError):
+                    self._process.stdin.write(ping)
+
     async def send_signal(self, signum: int) -> None:
         """Signal the kernel's process group, through the launcher or a fallback exec."""
         if self._exit.done():

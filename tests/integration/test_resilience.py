@@ -236,3 +236,40 @@ async def test_more_kernels_than_max_sessions_reattach_after_an_sshd_restart(
             out, _ = await execute(kc, "print(x)")
             assert out.strip() == str(index)
         assert time.monotonic() - started < 20  # none waited for reconnect_timeout
+
+
+async def test_a_link_down_for_good_leaves_nothing_on_the_host(
+    make_kernelspec: KernelSpecFactory, client_key: tuple[Path, str], tmp_path: Path
+) -> None:
+    """The link goes down and stays down (a laptop that left): no FIN reaches the host,
+    whose sshd keeps the session for hours. The kernel is reported dead here after
+    reconnect_timeout; there, its launcher hears no ping, counts the client as gone and
+    kills the kernel after orphan_timeout."""
+    with namespace_host() as link:
+        daemon = start_sshd(
+            tmp_path / "ns-host", link.address, client_key[1] + "\n", netns=link.namespace
+        )
+        try:
+            config = {
+                "hosts": [daemon.destination("root")],
+                "connect_options": connect_options(daemon, client_key[0]),
+                "remote_python": sys.executable,
+                "keepalive_interval": 1.0,
+                "keepalive_count_max": 2,
+                "connect_timeout": 1.0,
+                "reconnect_timeout": 2.0,
+                "orphan_timeout": 1.0,
+            }
+            async with running_kernel(make_kernelspec, config) as (km, _):
+                info = await km.provisioner.get_provisioner_info()
+                link.down()
+                cut = time.monotonic()
+                assert await asyncio.wait_for(km.provisioner.wait(), 30) == 255
+                # silence (3 keepalive intervals) + orphan_timeout + the kill: a few seconds
+                await wait_until(lambda: not process_alive(info["pid"]), 20, "the kernel to go")
+                await wait_until(
+                    lambda: not Path(info["runtime_dir"]).exists(), 10, "its runtime dir to go"
+                )
+                assert time.monotonic() - cut < 20
+        finally:
+            daemon.stop()
