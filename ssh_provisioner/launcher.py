@@ -556,8 +556,19 @@ def attach(request: dict[str, Any]) -> int:
     return 0
 
 
+def read_spec_line(wait: float | None) -> str:
+    """The spec, or "" if none came within ``wait`` seconds (a spare nobody used) or
+    stdin closed.  A thread reads it: stdin may already hold it in its buffer."""
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: lines.put(sys.stdin.readline()), daemon=True).start()
+    try:
+        return lines.get(timeout=wait)
+    except queue.Empty:
+        return ""
+
+
 def main() -> int:
-    line = sys.stdin.readline()
+    line = read_spec_line(float(sys.argv[1]) if len(sys.argv) > 1 else None)
     if not line:
         return 2
     spec = json.loads(line)

@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 MAX_LINE = 1 << 20  # a handshake or event line longer than this is hostile or broken
 STDERR_TAIL_LINES = 40
 CLOSE_GRACE = 5.0
+# A launcher waiting for its spec (a spare) exits after this many seconds: over a link
+# cut for good no EOF would ever end it.  The next start makes a new spare.
+SPARE_WAIT = 600.0
 COMMAND_NOT_FOUND = 127
 CONNECTION_LOST_STATUS = 255  # what ssh(1) reports when the link, not the command, failed
 
@@ -89,7 +92,7 @@ def launcher_source() -> str:
 def launcher_command(python: str) -> str:
     # exec: the shell gives its place to Python, one process fewer to signal or orphan.
     # -S: the launcher needs only the stdlib, and site start-up is a fifth of Python's.
-    return "exec " + shlex.join([python, "-S", "-c", BOOTSTRAP])
+    return "exec " + shlex.join([python, "-S", "-c", BOOTSTRAP, f"{SPARE_WAIT:g}"])
 
 
 async def start_launcher(

@@ -315,6 +315,30 @@ async def test_prewarm_can_be_disabled(
         assert set(cmdlines_containing(b"ssh_provisioner_launcher")) == {launcher}
 
 
+async def test_an_unused_spare_launcher_exits_by_itself(
+    make_kernelspec: KernelSpecFactory,
+    host_config: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A spare waits SPARE_WAIT seconds for a spec (over a link cut for good nothing
+    else would end it); the next start on that connection execs a fresh launcher."""
+    from ssh_provisioner import remote
+
+    monkeypatch.setattr(remote, "SPARE_WAIT", 1.0)
+    async with running_kernel(make_kernelspec, host_config) as (km, _):
+        launcher = (await km.provisioner.get_provisioner_info())["launcher_pid"]
+        await wait_until(lambda: len(cmdlines_containing(b"ssh_provisioner_launcher")) == 2,
+                         10, "the spare launcher")  # fmt: skip
+        await wait_until(
+            lambda: set(cmdlines_containing(b"ssh_provisioner_launcher")) == {launcher},
+            10,
+            "the unused spare to exit",
+        )
+        async with running_kernel(make_kernelspec, host_config) as (_, kc):
+            out, _ = await execute(kc, "print('fresh launcher')")
+            assert out.strip() == "fresh launcher"
+
+
 async def test_a_killed_launcher_leaves_no_orphans(
     make_kernelspec: KernelSpecFactory, host_config: dict[str, Any]
 ) -> None:
