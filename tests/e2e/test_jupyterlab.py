@@ -1,5 +1,6 @@
 """JupyterLab in a real browser (Debian's headless chromium, driven by Playwright) runs a
-notebook on a remote kernel, the way a user does: launcher card, type, Shift+Enter."""
+notebook on a remote kernel, the way a user does: launcher card, type, Shift+Enter, and
+the toolbar's interrupt button."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from .jupyter_server import Server, start_server
 from .test_jupyter_server import write_kernelspec
 
 if TYPE_CHECKING:
-    from playwright.async_api import BrowserContext, Page, WebSocket
+    from playwright.async_api import BrowserContext, Locator, Page, WebSocket
 
 pytestmark = [pytest.mark.sshd, pytest.mark.e2e, pytest.mark.usefixtures("no_leaks")]
 
@@ -95,8 +96,9 @@ def kernel_connected(page: Page) -> asyncio.Future[None]:
     return connected
 
 
-async def run_cell(page: Page, code: str) -> str:
-    """Type ``code`` into the active notebook's last cell, run it, return its output."""
+async def run_cell(page: Page, code: str) -> Locator:
+    """Type ``code`` into the active notebook's last cell and run it; returns the cell's
+    output area once something is in it."""
     cells = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook .jp-Cell")
     cell = cells.nth(await cells.count() - 1)  # fixed: Shift+Enter appends a new last cell
     await cell.locator(".cm-content").click()
@@ -104,7 +106,7 @@ async def run_cell(page: Page, code: str) -> str:
     await page.keyboard.press("Shift+Enter")
     output = cell.locator(".jp-OutputArea-output")
     await output.first.wait_for(timeout=60_000)
-    return await output.first.inner_text()
+    return output
 
 
 async def test_a_notebook_in_jupyterlab_runs_on_the_remote_host(
@@ -119,15 +121,21 @@ async def test_a_notebook_in_jupyterlab_runs_on_the_remote_host(
         card = page.locator(".jp-LauncherCard[data-category='Notebook']", has_text="Remote gpu-box")
         await card.click(timeout=60_000)
         await asyncio.wait_for(connected, 60)
-        printed = await run_cell(
+        output = await run_cell(
             page,
             "import os, socket; print(socket.gethostname(), os.environ['SSH_CONNECTION'])",
         )
-        hostname, *ssh_connection = printed.split()
+        hostname, *ssh_connection = (await output.first.inner_text()).split()
         assert hostname == "host-b"  # the host's own name, not this machine's
         assert ssh_connection[2:] == [host.address, str(host.port)]  # served by that host's sshd
         kernels = await server.request("GET", "/api/kernels")
         assert [k["name"] for k in kernels] == ["gpu-box"]
+        # the toolbar's interrupt button stops a cell running on the host
+        output = await run_cell(page, "import time; print('sleeping', flush=True); time.sleep(60)")
+        await page.locator(
+            ".jp-NotebookPanel:not(.lm-mod-hidden) [data-jp-item-name='interrupt'] button"
+        ).click()
+        await output.filter(has_text="KeyboardInterrupt").wait_for(timeout=10_000)
     finally:  # the page as it ended, passed or failed
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         await page.screenshot(path=ARTIFACTS / "jupyterlab-remote-kernel.png")
