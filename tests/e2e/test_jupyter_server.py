@@ -16,6 +16,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+from ssh_provisioner.throwaway import free_port
+
 from ..conftest import remote_leftovers
 from ..helpers import process_alive, wait_until
 from .jupyter_server import Channels, Server, start_server
@@ -317,3 +319,29 @@ async def test_nbclient_runs_a_notebook(
     assert outputs[2][0]["ename"] == "ZeroDivisionError"
     assert outputs[3][0]["data"]["text/plain"] == "45"
     assert sys.platform.startswith("linux")
+
+
+async def test_a_start_that_fails_tells_the_user_which_host_and_why(
+    tmp_path: Path, host_config: dict[str, Any]
+) -> None:
+    """What JupyterLab shows in its "Error Starting Kernel" dialog: the REST error's
+    message, naming the host and the cause."""
+    from tornado.httpclient import HTTPClientError
+
+    path = tmp_path / "share" / "jupyter"
+    closed = f"root@127.0.0.2:{free_port('127.0.0.2')}"  # nothing listens there
+    write_kernelspec(path, "down", {**host_config, "hosts": [closed]})
+    server = start_server(tmp_path, path)
+    try:
+        with pytest.raises(HTTPClientError) as failed:
+            await server.request(
+                "POST", "/api/sessions",
+                {"path": "nb.ipynb", "type": "notebook", "kernel": {"name": "down"}},
+            )  # fmt: skip
+        assert failed.value.response is not None
+        message = json.loads(failed.value.response.body)["message"]
+        assert closed in message
+        assert "refused" in message
+        assert await server.request("GET", "/api/kernels") == []
+    finally:
+        server.stop()
