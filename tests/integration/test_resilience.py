@@ -19,7 +19,7 @@ from jupyter_client.provisioning import KernelProvisionerFactory
 
 from ..conftest import KernelSpecFactory, connect_options
 from ..helpers import execute, iopub_delivers, process_alive, wait_until
-from ..netns import namespace_host
+from ..netns import Link, namespace_host
 from ..sshd import SSHDaemon, start_sshd
 from .test_lifecycle import running_kernel
 
@@ -31,6 +31,28 @@ def flaky_host(tmp_path: Path, client_key: tuple[Path, str]) -> Iterator[SSHDaem
     daemon = start_sshd(tmp_path / "flaky", "127.0.0.9", client_key[1] + "\n")
     yield daemon
     daemon.stop()
+
+
+@pytest.fixture
+def host_behind_a_link(
+    tmp_path: Path, client_key: tuple[Path, str]
+) -> Iterator[tuple[Link, dict[str, Any]]]:
+    """A host in its own network namespace, whose link we can cut, and a config for it
+    whose keepalives (every second) notice a cut quickly."""
+    with namespace_host() as link:
+        daemon = start_sshd(
+            tmp_path / "ns-host", link.address, client_key[1] + "\n", netns=link.namespace
+        )
+        config = {
+            "hosts": [daemon.destination("root")],
+            "connect_options": connect_options(daemon, client_key[0]),
+            "remote_python": sys.executable,
+            "keepalive_interval": 1.0,
+        }
+        try:
+            yield link, config
+        finally:
+            daemon.stop()
 
 
 @pytest.fixture
@@ -164,50 +186,36 @@ async def test_reattach_from_another_process(
 
 
 async def test_a_cell_survives_a_cut_link(
-    make_kernelspec: KernelSpecFactory, client_key: tuple[Path, str], tmp_path: Path
+    make_kernelspec: KernelSpecFactory, host_behind_a_link: tuple[Link, dict[str, Any]]
 ) -> None:
     """The link to the host is down for about 10 s while a cell runs (no FIN, no RST:
     only keepalives notice); the cell's output arrives once it is back."""
-    with namespace_host() as link:
-        daemon = start_sshd(
-            tmp_path / "ns-host", link.address, client_key[1] + "\n", netns=link.namespace
-        )
-        try:
-            config = {
-                "hosts": [daemon.destination("root")],
-                "connect_options": connect_options(daemon, client_key[0]),
-                "remote_python": sys.executable,
-                "keepalive_interval": 1.0,
-                "connect_timeout": 2.0,
-                "orphan_timeout": 60.0,
-                "reconnect_timeout": 60.0,
-            }
-            async with running_kernel(make_kernelspec, config) as (km, kc):
-                await execute(kc, "x = 'survived'")
-                code = "import time; print('start', flush=True); time.sleep(20); print(x)"
-                msg_id = kc.execute(code)
-                while not (
-                    (m := await kc.get_iopub_msg(timeout=10))["msg_type"] == "stream"
-                    and m["parent_header"].get("msg_id") == msg_id
-                ):
-                    pass
-                link.down()
-                cut = time.monotonic()
-                lease = km.provisioner._lease
-                await wait_until(lambda: lease.connection.is_closed(), 15, "keepalives to notice")
-                assert await km.provisioner.poll() is None  # unreachable, not dead
-                await asyncio.sleep(max(0.0, cut + 10 - time.monotonic()))  # the outage itself
-                link.up()
-                printed = ""
-                deadline = time.monotonic() + 40
-                while "survived" not in printed:
-                    m = await kc.get_iopub_msg(timeout=max(0.1, deadline - time.monotonic()))
-                    if m["msg_type"] == "stream" and m["parent_header"].get("msg_id") == msg_id:
-                        printed += m["content"]["text"]
-                out, _ = await execute(kc, "print(x)")
-                assert out.strip() == "survived"
-        finally:
-            daemon.stop()
+    link, config = host_behind_a_link
+    config = {**config, "connect_timeout": 2.0, "orphan_timeout": 60.0, "reconnect_timeout": 60.0}
+    async with running_kernel(make_kernelspec, config) as (km, kc):
+        await execute(kc, "x = 'survived'")
+        code = "import time; print('start', flush=True); time.sleep(20); print(x)"
+        msg_id = kc.execute(code)
+        while not (
+            (m := await kc.get_iopub_msg(timeout=10))["msg_type"] == "stream"
+            and m["parent_header"].get("msg_id") == msg_id
+        ):
+            pass
+        link.down()
+        cut = time.monotonic()
+        lease = km.provisioner._lease
+        await wait_until(lambda: lease.connection.is_closed(), 15, "keepalives to notice")
+        assert await km.provisioner.poll() is None  # unreachable, not dead
+        await asyncio.sleep(max(0.0, cut + 10 - time.monotonic()))  # the outage itself
+        link.up()
+        printed = ""
+        deadline = time.monotonic() + 40
+        while "survived" not in printed:
+            m = await kc.get_iopub_msg(timeout=max(0.1, deadline - time.monotonic()))
+            if m["msg_type"] == "stream" and m["parent_header"].get("msg_id") == msg_id:
+                printed += m["content"]["text"]
+        out, _ = await execute(kc, "print(x)")
+        assert out.strip() == "survived"
 
 
 async def test_more_kernels_than_max_sessions_reattach_after_an_sshd_restart(
@@ -239,37 +247,28 @@ async def test_more_kernels_than_max_sessions_reattach_after_an_sshd_restart(
 
 
 async def test_a_link_down_for_good_leaves_nothing_on_the_host(
-    make_kernelspec: KernelSpecFactory, client_key: tuple[Path, str], tmp_path: Path
+    make_kernelspec: KernelSpecFactory, host_behind_a_link: tuple[Link, dict[str, Any]]
 ) -> None:
     """The link goes down and stays down (a laptop that left): no FIN reaches the host,
     whose sshd keeps the session for hours. The kernel is reported dead here after
     reconnect_timeout; there, its launcher hears no ping, counts the client as gone and
     kills the kernel after orphan_timeout."""
-    with namespace_host() as link:
-        daemon = start_sshd(
-            tmp_path / "ns-host", link.address, client_key[1] + "\n", netns=link.namespace
+    link, config = host_behind_a_link
+    config = {
+        **config,
+        "keepalive_count_max": 2,
+        "connect_timeout": 1.0,
+        "reconnect_timeout": 2.0,
+        "orphan_timeout": 1.0,
+    }
+    async with running_kernel(make_kernelspec, config) as (km, _):
+        info = await km.provisioner.get_provisioner_info()
+        link.down()
+        cut = time.monotonic()
+        assert await asyncio.wait_for(km.provisioner.wait(), 30) == 255
+        # silence (3 keepalive intervals) + orphan_timeout + the kill: a few seconds
+        await wait_until(lambda: not process_alive(info["pid"]), 20, "the kernel to go")
+        await wait_until(
+            lambda: not Path(info["runtime_dir"]).exists(), 10, "its runtime dir to go"
         )
-        try:
-            config = {
-                "hosts": [daemon.destination("root")],
-                "connect_options": connect_options(daemon, client_key[0]),
-                "remote_python": sys.executable,
-                "keepalive_interval": 1.0,
-                "keepalive_count_max": 2,
-                "connect_timeout": 1.0,
-                "reconnect_timeout": 2.0,
-                "orphan_timeout": 1.0,
-            }
-            async with running_kernel(make_kernelspec, config) as (km, _):
-                info = await km.provisioner.get_provisioner_info()
-                link.down()
-                cut = time.monotonic()
-                assert await asyncio.wait_for(km.provisioner.wait(), 30) == 255
-                # silence (3 keepalive intervals) + orphan_timeout + the kill: a few seconds
-                await wait_until(lambda: not process_alive(info["pid"]), 20, "the kernel to go")
-                await wait_until(
-                    lambda: not Path(info["runtime_dir"]).exists(), 10, "its runtime dir to go"
-                )
-                assert time.monotonic() - cut < 20
-        finally:
-            daemon.stop()
+        assert time.monotonic() - cut < 20
