@@ -25,7 +25,7 @@ from jupyter_client.asynchronous import AsyncKernelClient
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 
-from ssh_provisioner.pool import get_pool
+from ssh_provisioner.engine import shutdown_engine
 
 from .rig import Rig, loopback_hosts, main, write_kernelspecs
 
@@ -75,7 +75,7 @@ async def start_times(ksm: KernelSpecManager, rounds: int) -> dict[str, list[flo
     for _ in range(rounds):  # interleaved, so drift hits every series alike
         async with kernel(ksm, "local", times["local"]):
             pass
-        await get_pool().aclose()
+        await asyncio.to_thread(shutdown_engine)
         async with kernel(ksm, "ssh", times["ssh cold"]):
             pass
         async with kernel(ksm, "ssh", times["ssh warm"]):
@@ -139,7 +139,7 @@ async def report(ksm: KernelSpecManager, rounds: int, login: str) -> None:
     try:
         await report_figures(ksm, rounds, login)
     finally:
-        await get_pool().aclose()
+        await asyncio.to_thread(shutdown_engine)
 
 
 async def report_figures(ksm: KernelSpecManager, rounds: int, login: str) -> None:
@@ -177,7 +177,7 @@ async def report_figures(ksm: KernelSpecManager, rounds: int, login: str) -> Non
             f"  direct {base:6.0f} MB/s   ssh {value:6.0f} MB/s   "
             f"{value / base:.2f}x  (target >= 0.9x)"
         )
-    await get_pool().aclose()
+    await asyncio.to_thread(shutdown_engine)
     local_time, local_failures = await concurrent_starts(ksm, "local", CONCURRENT)
     ssh_time, ssh_failures = await concurrent_starts(ksm, "ssh-pool", CONCURRENT)
     print(f"\n{CONCURRENT} concurrent starts, all answering kernel_info (3 hosts, round-robin)")

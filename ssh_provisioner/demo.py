@@ -20,7 +20,7 @@ from typing import Any, TextIO
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 
-from .pool import get_pool
+from .engine import shutdown_engine
 from .throwaway import generate_key, running_sshd, sshd_missing_reason
 
 CELLS = (
@@ -74,7 +74,10 @@ def run_demo(out: TextIO = sys.stdout) -> int:
                     "remote_python": sys.executable,
                 },
             )
-            asyncio.run(_run_kernel(ksm, out))
+            try:
+                asyncio.run(_run_kernel(ksm, out))
+            finally:
+                shutdown_engine()  # its connections close before the throwaway sshd stops
     print("cleaned up: kernel, SSH host and temp dir are gone", file=out)
     return 0
 
@@ -86,7 +89,6 @@ async def _run_kernel(ksm: KernelSpecManager, out: TextIO) -> None:
     finally:
         if km.has_kernel or km.provisioner is not None:
             await km.shutdown_kernel(now=not km.has_kernel)
-        await get_pool().aclose()
 
 
 async def _run_cells(km: AsyncKernelManager, out: TextIO) -> None:

@@ -38,6 +38,11 @@ class HostKeyError(SSHConnectError):
     """The host's key is unknown or differs from the one on record."""
 
 
+class KernelUnreachable(SSHConnectError):
+    """The kernel's host cannot be reached right now (the provisioner is reconnecting):
+    what was asked of the kernel was not delivered."""
+
+
 class SessionLimitError(SSHConnectError):
     """The host refused another session channel on a connection (sshd's MaxSessions).
 

@@ -1,7 +1,7 @@
 """Placement state shared by every kernel of a server process: who runs where, which
 hosts are cooling down after a failure, probe results, rotation counters.
 
-One ``PlacementState`` per event loop (``get_placement_state``), guarded by one lock:
+One ``PlacementState`` per process (the engine's), guarded by one lock:
 filtering, ranking and reserving a host happen atomically, so concurrent starts never
 double-book a host's ``max_kernels`` and a rotation never hands two starts one turn.
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import weakref
 from collections import Counter
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
@@ -159,17 +158,3 @@ class _View:
 
     def next_turn(self, entries: Sequence[HostEntry]) -> int:
         return self.state.next_turn(entries)
-
-
-_states: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, PlacementState] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def get_placement_state() -> PlacementState:
-    """The placement state of the running event loop (one per server process)."""
-    loop = asyncio.get_running_loop()
-    state = _states.get(loop)
-    if state is None:
-        state = _states[loop] = PlacementState()
-    return state

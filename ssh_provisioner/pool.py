@@ -1,4 +1,4 @@
-"""One shared asyncssh connection per destination, per event loop.
+"""One shared asyncssh connection per destination, per process (on the engine's loop).
 
 Every kernel placed on a host leases the same connection: the launcher's session
 channel, its control traffic and the five forwards are multiplexed over it.  A
@@ -19,19 +19,29 @@ import json
 import logging
 import os
 import socket
-import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncssh
 
-from .errors import ProvisionerConfigError, translate_connect_error
+from .errors import (
+    ProvisionerConfigError,
+    SessionLimitError,
+    SSHConnectError,
+    TunnelError,
+    translate_connect_error,
+)
 from .hosts import Host
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"
+DEFAULT_IDLE_TIMEOUT = 60.0
+# Connections one piece of work tries on a host: a pooled connection can be dead, or at
+# sshd's MaxSessions, and concurrent starts can fill a fresh one before we use it.
+CONNECTIONS_PER_ATTEMPT = 4
 # OpenSSH sends two small packets after authentication (success, then its host-key
 # announcement) and has no TCP_NODELAY until a session starts: each small packet waits
 # (Nagle) for the ACK of the one before, and Linux delays ACKs by 40 ms. Measured: the
@@ -82,17 +92,20 @@ SpareFactory = Callable[[asyncssh.SSHClientConnection], Awaitable[SpareProcess]]
 
 @dataclass
 class Lease:
-    """A kernel's claim on a pooled connection; ``release()`` once, when the kernel is gone."""
+    """A kernel's claim on a pooled connection; ``release()`` when the kernel is gone.
+
+    The connection stays open ``idle_timeout`` seconds after its last lease ends."""
 
     pool: ConnectionPool
     key: str
     connection: asyncssh.SSHClientConnection
+    idle_timeout: float
     released: bool = field(default=False)
 
-    def release(self, idle_timeout: float) -> None:
+    def release(self) -> None:
         if not self.released:
             self.released = True
-            self.pool._release(self.key, self.connection, idle_timeout)
+            self.pool._release(self.key, self.connection, self.idle_timeout)
 
     def mark_full(self) -> None:
         """The server refused this lease a session: the connection holds what its other
@@ -138,7 +151,14 @@ class ConnectionPool:
     def key_for(host: Host, options: dict[str, Any]) -> str:
         return json.dumps([str(host), options], sort_keys=True, default=repr)
 
-    async def lease(self, host: Host, options: dict[str, Any], *, connect_timeout: float) -> Lease:
+    async def lease(
+        self,
+        host: Host,
+        options: dict[str, Any],
+        *,
+        connect_timeout: float,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+    ) -> Lease:
         """Return a lease on a live connection to ``host``, connecting if needed."""
         check_connect_options(options)
         key = self.key_for(host, options)
@@ -162,7 +182,52 @@ class ConnectionPool:
                 entry.idle_close.cancel()
                 entry.idle_close = None
             entry.leases += 1
-            return Lease(self, key, entry.connection)
+            return Lease(self, key, entry.connection, idle_timeout)
+
+    async def use(
+        self,
+        host: Host,
+        options: dict[str, Any],
+        work: Callable[[Lease], Awaitable[T]],
+        *,
+        connect_timeout: float,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        keep: bool = False,
+    ) -> tuple[Lease, T]:
+        """Run ``work`` on a leased connection to ``host``, retrying on another one when
+        the server refuses a session (sshd's MaxSessions: the connection is marked full)
+        or the pooled connection turns out dead (sshd restarted, a NAT forgot it).
+
+        With ``keep`` the lease stays held after success (a kernel's), otherwise it is
+        released.  On failure it is always released; ``work`` undoes its own part.
+        """
+        for attempt in range(1, CONNECTIONS_PER_ATTEMPT + 1):
+            lease = await self.lease(
+                host, options, connect_timeout=connect_timeout, idle_timeout=idle_timeout
+            )
+            try:
+                result = await work(lease)
+            except SessionLimitError as exc:
+                lease.mark_full()
+                lease.release()
+                if attempt == CONNECTIONS_PER_ATTEMPT:
+                    raise
+                log.info("%s; trying another connection", exc)
+                continue
+            except (SSHConnectError, TunnelError):
+                dead = lease.connection.is_closed()
+                lease.release()
+                if attempt == CONNECTIONS_PER_ATTEMPT or not dead:
+                    raise
+                log.info("the pooled connection to %s was dead; reconnecting", host)
+                continue
+            except BaseException:
+                lease.release()
+                raise
+            if not keep:
+                lease.release()
+            return lease, result
+        raise AssertionError("unreachable")
 
     def _entry(self, key: str, connection: asyncssh.SSHClientConnection) -> _Entry | None:
         return next((e for e in self._entries.get(key, ()) if e.connection is connection), None)
@@ -302,17 +367,3 @@ def _count_known_keys(host: Host, options: dict[str, Any]) -> int:
             continue
         total += len(trusted) + len(ca_keys)
     return total
-
-
-_pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, ConnectionPool] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def get_pool() -> ConnectionPool:
-    """The pool of the running event loop (connections cannot cross loops)."""
-    loop = asyncio.get_running_loop()
-    pool = _pools.get(loop)
-    if pool is None:
-        pool = _pools[loop] = ConnectionPool()
-    return pool

@@ -31,28 +31,24 @@ from traitlets import (
 )
 
 from .encryption import CurveKeys, adopt, negotiate
+from .engine import get_engine
 from .errors import (
-    HostKeyError,
     HostSelectionError,
     ProvisionerConfigError,
     SessionLimitError,
     SSHConnectError,
-    TunnelError,
 )
 from .hosts import HostEntry
-from .placement import PlacementRequest, get_placement_state
+from .placement import PlacementRequest
 from .policies import HostPolicy, Placement, load_policy
-from .pool import Lease, check_connect_options, get_pool
-from .remote import Handshake, KernelGone, RemoteKernel, run_probe, start_launcher
-from .tunnels import KernelTunnels
+from .pool import Lease, check_connect_options
+from .remote import Handshake, run_probe
+from .session import KernelSession, SessionSettings
 
 # Forwarded from the launch request whatever forward_env says: what a kernel needs from
 # its client.  Everything else in the request env is the *server's* environment.
 ALWAYS_FORWARDED = ("JPY_SESSION_NAME", "KERNEL_*")
 MAX_RESOURCE_BYTES = 1 << 20
-# Connections a start or a probe tries on one host: a pooled connection can be dead, or
-# at sshd's MaxSessions, and concurrent starts can fill a fresh one before we use it.
-CONNECTIONS_PER_ATTEMPT = 4
 _BASE_INIT_ARGS = frozenset({"kernel_id", "kernel_spec", "parent", "config", "log"})
 
 
@@ -212,9 +208,7 @@ class SSHProvisioner(KernelProvisionerBase):
         except ProvisionerConfigError as exc:
             raise ProvisionerConfigError(f"{where}: {exc}") from exc
         self._plan: LaunchPlan | None = None
-        self._lease: Lease | None = None
-        self._kernel: RemoteKernel | None = None
-        self._tunnels: KernelTunnels | None = None
+        self._session: KernelSession | None = None
         self._placement: Placement | None = None
         self._reserved: HostEntry | None = None
         self._handshake: Handshake | None = None
@@ -256,31 +250,33 @@ class SSHProvisioner(KernelProvisionerBase):
         return candidates
 
     async def _probe(self, entry: HostEntry, command: str) -> str | None:
-        """Run a policy's probe on ``entry`` over its pooled connection (or a second one
-        when that one is at its MaxSessions)."""
-        for attempt in range(1, CONNECTIONS_PER_ATTEMPT + 1):
-            try:
-                lease = await get_pool().lease(
-                    entry.host, self._connect_options(entry), connect_timeout=self.connect_timeout
-                )
-            except SSHConnectError as exc:
-                get_placement_state().mark_unhealthy(entry, str(exc), self.host_cooldown)
-                return None
-            try:
-                return await run_probe(lease.connection, entry.host, command, self.connect_timeout)
-            except SessionLimitError as exc:
-                lease.mark_full()
-                if attempt == CONNECTIONS_PER_ATTEMPT:
-                    self.log.info("probe on %s failed: %s", entry.name, exc)
-            finally:
-                lease.release(self.pool_idle_timeout)
-        return None
+        """Run a policy's probe on ``entry`` over its pooled connection (engine loop)."""
+        host = entry.host
+
+        async def probe(lease: Lease) -> str | None:
+            return await run_probe(lease.connection, host, command, self.connect_timeout)
+
+        try:
+            _, output = await get_engine().pool.use(
+                host,
+                self._connect_options(entry),
+                probe,
+                connect_timeout=self.connect_timeout,
+                idle_timeout=self.pool_idle_timeout,
+            )
+        except SessionLimitError as exc:
+            self.log.info("probe on %s failed: %s", entry.name, exc)
+            return None
+        except SSHConnectError as exc:
+            get_engine().placement.mark_unhealthy(entry, str(exc), self.host_cooldown)
+            return None
+        return output
 
     # -- KernelProvisionerBase -------------------------------------------------------
 
     @property
     def has_process(self) -> bool:
-        return self._kernel is not None and not self._reaped
+        return self._session is not None and not self._reaped
 
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
         """Called by KernelManager.pre_start_kernel on every start and restart.
@@ -327,25 +323,47 @@ class SSHProvisioner(KernelProvisionerBase):
         handshake, opens the five forwards on the same connection and returns
         connection info that points at the LOCAL ends of the forwards.  A host that
         cannot be reached is passed over for ``host_cooldown`` seconds and the next
-        choice is tried, up to ``max_launch_attempts`` hosts.
+        choice is tried, up to ``max_launch_attempts`` hosts.  The work runs on the
+        SSH engine's loop, whichever loop (if any) the caller runs.
         """
         if self._plan is None:
             raise RuntimeError("launch_kernel called before pre_launch")
-        state = get_placement_state()
-        previous = self._placement.entry if self._placement and self.restart_same_host else None
-        request = PlacementRequest(
-            self._candidates(self._plan.pinned_host, self._plan.labels),
-            self._policy,
-            prefer=previous,
+        plan = self._plan
+        connection = self._connection_fields()
+        candidates = self._candidates(plan.pinned_host, plan.labels)
+        session, placement = await get_engine().run(
+            self._place_and_start(plan, cmd, candidates, connection)
         )
+        self._session, self._placement, self._reaped = session, placement, False
+        self._restart_ports = None
+        self.connection_info = self._local_connection_info(session.local_ports)
+        return self.connection_info
+
+    async def _place_and_start(
+        self,
+        plan: LaunchPlan,
+        cmd: list[str],
+        candidates: list[HostEntry],
+        connection: dict[str, Any],
+    ) -> tuple[KernelSession, Placement]:
+        """(engine loop) Choose a host and start the kernel there, trying the next host
+        when one cannot be reached."""
+        state = get_engine().placement
+        previous = self._placement.entry if self._placement and self.restart_same_host else None
+        request = PlacementRequest(candidates, self._policy, prefer=previous)
         failures: list[tuple[str, SSHConnectError]] = []
+        skipped: list[tuple[str, str]] = []
         for _ in range(max(1, self.max_launch_attempts)):
             placement, skipped = await state.choose(request, self._probe, self.probe_ttl)
             if placement is None:
                 break
             entry = placement.entry
+            session = KernelSession(self._settings(entry), get_engine().pool)
+            started = time.perf_counter()
             try:
-                info = await self._launch_on(placement, cmd)
+                await session.start(
+                    self._launch_spec(plan, cmd, placement, connection), self._restart_ports
+                )
             except SSHConnectError as exc:
                 state.release(entry)
                 state.mark_unhealthy(entry, str(exc), self.host_cooldown)
@@ -363,8 +381,17 @@ class SSHProvisioner(KernelProvisionerBase):
                     entry.name,
                     previous.name,
                 )
-            self._placement, self._reserved = placement, entry
-            return info
+            handshake = session.handshake
+            self.log.info(
+                "kernel %s on %s (%s): pid %d, %s transport, ready in %.0f ms",
+                self.kernel_id,
+                entry.name,
+                handshake.hostname if handshake else "?",
+                handshake.pid if handshake else 0,
+                entry.override("remote_transport", self.remote_transport),
+                (time.perf_counter() - started) * 1000,
+            )
+            return session, placement
         if len(failures) == 1 and not skipped:
             raise failures[0][1]  # one host, one cause: its own precise error
         lines = [f"  {name}: {exc}" for name, exc in failures]
@@ -377,168 +404,49 @@ class SSHProvisioner(KernelProvisionerBase):
             raise error from failures[-1][1]
         raise error
 
-    async def _launch_on(self, placement: Placement, cmd: list[str]) -> KernelConnectionInfo:
-        entry = placement.entry
-        for attempt in range(1, CONNECTIONS_PER_ATTEMPT + 1):
-            started = time.perf_counter()
-            lease = await get_pool().lease(
-                entry.host, self._connect_options(entry), connect_timeout=self.connect_timeout
-            )
-            try:
-                return await self._start_kernel(lease, placement, cmd, started)
-            except SessionLimitError as exc:
-                lease.mark_full()  # the next lease opens another connection to the host
-                if attempt == CONNECTIONS_PER_ATTEMPT:
-                    raise
-                self.log.info("kernel %s: %s; opening another connection", self.kernel_id, exc)
-            except (SSHConnectError, TunnelError):
-                # A pooled connection can die unnoticed (sshd restarted, a NAT forgot it):
-                # the pool replaces it on the next lease.
-                if attempt == CONNECTIONS_PER_ATTEMPT or not lease.connection.is_closed():
-                    raise
-                self.log.info(
-                    "kernel %s: the connection to %s was dead; reconnecting",
-                    self.kernel_id,
-                    entry.name,
-                )
-        raise AssertionError("unreachable")
-
-    async def _start_kernel(
-        self, lease: Lease, placement: Placement, cmd: list[str], started: float
-    ) -> KernelConnectionInfo:
-        entry = placement.entry
-        host = entry.host
-        python = entry.override("remote_python", self.remote_python)
-        kernel: RemoteKernel | None = None
-        try:
-            kernel = await RemoteKernel.start(
-                lease.connection,
-                host,
-                python=python,
-                spec=self._launch_spec(cmd, placement, python),
-                kernel_id=str(self.kernel_id),
-                timeout=self.launch_timeout,
-                spare=lease.take_spare(python) if self.prewarm_launcher else None,
-            )
-            tunnels = await KernelTunnels.open(
-                lease.connection, host, kernel.endpoints, preferred_ports=self._restart_ports
-            )
-        except BaseException:
-            if kernel is not None:
-                await kernel.aclose()
-            lease.release(self.pool_idle_timeout)
-            raise
-        if self.prewarm_launcher:
-            lease.prepare_spare(python, lambda connection: start_launcher(connection, python))
-        if self.reconnect_timeout > 0:
-            kernel.reconnect = self._reattach
-        kernel.keep_alive(self._liveness(placement.entry)[0])
-        self._lease, self._kernel, self._tunnels = lease, kernel, tunnels
-        self._handshake = kernel.ready
-        self._reaped = False
-        self._restart_ports = None
-        self.connection_info = self._local_connection_info(tunnels.local_ports)
-        self.log.info(
-            "kernel %s on %s (%s): pid %d, %s transport, ready in %.0f ms",
-            self.kernel_id,
-            host,
-            self._handshake.hostname,
-            self._handshake.pid,
-            entry.override("remote_transport", self.remote_transport),
-            (time.perf_counter() - started) * 1000,
-        )
-        return self.connection_info
-
-    async def _reattach(self, kernel: RemoteKernel) -> bool:
-        """The kernel's SSH connection died: reconnect, reattach to its launcher and reopen
-        the forwards on the same local ports, for up to ``reconnect_timeout`` seconds.
-        Meanwhile poll() reports the kernel alive: it is unreachable, not dead."""
-        if self._placement is None or self._tunnels is None:
-            return False
-        entry = self._placement.entry
-        python = entry.override("remote_python", self.remote_python)
-        ports = self._tunnels.local_ports
-        # Refuse local connections while the host is unreachable, so that clients see
-        # closed ports and reconnect once the forwards are back.
-        await self._tunnels.aclose()
-        started = time.monotonic()
-        deadline = started + self.reconnect_timeout
-        self.log.warning(
-            "kernel %s on %s: SSH connection lost; reconnecting for up to %gs",
-            self.kernel_id, entry.name, self.reconnect_timeout,
-        )  # fmt: skip
-        delay = 0.25
-        while (remaining := deadline - time.monotonic()) > 0:
-            try:
-                lease = await get_pool().lease(
-                    entry.host,
-                    self._connect_options(entry),
-                    connect_timeout=min(self.connect_timeout, remaining),
-                )
-            except HostKeyError as exc:
-                self.log.error("kernel %s: not reattaching: %s", self.kernel_id, exc)
-                return False
-            except SSHConnectError as exc:
-                self.log.info("kernel %s: still unreachable: %s", self.kernel_id, exc)
-            else:
-                try:
-                    await kernel.resume(lease.connection, python, self.connect_timeout)
-                    self._tunnels = await KernelTunnels.open(
-                        lease.connection, entry.host, kernel.endpoints, preferred_ports=ports
-                    )
-                except KernelGone as exc:
-                    lease.release(self.pool_idle_timeout)
-                    self.log.warning("kernel %s: %s", self.kernel_id, exc)
-                    return False
-                except SessionLimitError as exc:
-                    lease.mark_full()  # the next try opens another connection
-                    lease.release(self.pool_idle_timeout)
-                    self.log.info("kernel %s: %s", self.kernel_id, exc)
-                except (SSHConnectError, TunnelError) as exc:
-                    lease.release(self.pool_idle_timeout)
-                    self.log.info("kernel %s: reattach failed: %s", self.kernel_id, exc)
-                else:
-                    if self._lease is not None:
-                        self._lease.release(self.pool_idle_timeout)
-                    self._lease = lease
-                    self.log.warning(
-                        "kernel %s on %s: reattached after %.1fs",
-                        self.kernel_id, entry.name, time.monotonic() - started,
-                    )  # fmt: skip
-                    return True
-            # short backoff: a link that comes back should carry the kernel again at once
-            await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-            delay = min(delay * 2, 2.0)
-        self.log.warning(
-            "kernel %s on %s: unreachable for %gs (reconnect_timeout); counting it as dead",
-            self.kernel_id, entry.name, self.reconnect_timeout,
-        )  # fmt: skip
-        return False
-
     async def poll(self) -> int | None:
-        """Called by KernelManager.is_alive (and so the KernelRestarter): no round trip."""
-        return self._kernel.poll() if self._kernel is not None else 0
+        """Called by KernelManager.is_alive (and so the KernelRestarter): no round trip,
+        no hop to the engine (the session's state is read as it is)."""
+        return self._session.poll() if self._session is not None else 0
 
     async def wait(self) -> int | None:
         """Called by KernelManager while shutting down; callers bound it with a timeout."""
-        if self._kernel is None:
+        session = self._session
+        if session is None:
             return 0
-        status = await self._kernel.wait()
+        status = await get_engine().run(session.wait())
         self._reaped = True
         return status
 
     async def send_signal(self, signum: int) -> None:
-        """Called by KernelManager.signal_kernel / interrupt_kernel (interrupt_mode signal)."""
-        if self._kernel is not None:
-            await self._kernel.send_signal(signum)
+        """Called by KernelManager.signal_kernel / interrupt_kernel (interrupt_mode signal).
+
+        Raises KernelUnreachable while the host cannot be reached (nothing is queued: a
+        late interrupt could stop a cell the user ran afterwards), and
+        ProvisionerConfigError for a number that is no signal."""
+        try:
+            signal.Signals(signum)
+        except ValueError:
+            raise ProvisionerConfigError(
+                f"kernel {self.kernel_id}: {signum!r} is not a signal number"
+            ) from None
+        session = self._session
+        if session is not None:
+            await get_engine().run(session.send_signal(signum))
 
     async def kill(self, restart: bool = False) -> None:
-        """Called by KernelManager._kill_kernel: SIGKILL to the kernel's process group."""
-        await self.send_signal(signal.SIGKILL)
+        """Called by KernelManager._kill_kernel: SIGKILL to the kernel's process group.
+        An unreachable kernel is abandoned instead (its end is left to the host)."""
+        await self._end(signal.SIGKILL)
 
     async def terminate(self, restart: bool = False) -> None:
         """Called by KernelManager.finish_shutdown when the kernel ignores shutdown_request."""
-        await self.send_signal(signal.SIGTERM)
+        await self._end(signal.SIGTERM)
+
+    async def _end(self, signum: int) -> None:
+        session = self._session
+        if session is not None:
+            await get_engine().run(session.end(signum))
 
     async def cleanup(self, restart: bool = False) -> None:
         """Called by KernelManager.cleanup_resources after every shutdown; idempotent.
@@ -547,20 +455,23 @@ class SSHProvisioner(KernelProvisionerBase):
         launcher has removed the kernel and its runtime dir, and releases the pooled
         connection (kept open for a restart or reuse).
         """
-        tunnels, kernel, lease = self._tunnels, self._kernel, self._lease
-        self._tunnels = self._kernel = self._lease = None
+        session, self._session = self._session, None
         self._reaped = True
         reserved, self._reserved = self._reserved, None
-        if reserved is not None:
-            get_placement_state().release(reserved)
-        if tunnels is not None:
-            if restart:
-                self._restart_ports = tunnels.local_ports
-            await tunnels.aclose()
-        if kernel is not None:
-            await kernel.aclose()
-        if lease is not None:
-            lease.release(self.pool_idle_timeout)
+        if session is not None and restart:
+            self._restart_ports = dict(session.local_ports)
+        if session is None and reserved is None:
+            return
+
+        async def close() -> None:
+            try:
+                if session is not None:
+                    await session.aclose()
+            finally:
+                if reserved is not None:
+                    get_engine().placement.release(reserved)
+
+        await get_engine().run(close())
 
     async def get_provisioner_info(self) -> dict[str, Any]:
         """Called by applications that persist kernels (to reattach from another process).
@@ -571,7 +482,8 @@ class SSHProvisioner(KernelProvisionerBase):
         info as privately as a connection file.
         """
         info: dict[str, Any] = await super().get_provisioner_info()
-        handshake = self._handshake
+        session = self._session
+        handshake = session.handshake if session is not None else self._handshake
         entry = self._placement.entry if self._placement else None
         info["host"] = entry.name if entry else None
         info["remote_transport"] = (
@@ -590,90 +502,58 @@ class SSHProvisioner(KernelProvisionerBase):
                 remote_home=handshake.home,
                 handshake=dataclasses.asdict(handshake),
             )
-        if self._kernel is not None:
-            info["attach_token"] = self._kernel.attach_token
-        if self._tunnels is not None:
-            info["local_ports"] = self._tunnels.local_ports
+        if session is not None:
+            info["attach_token"] = session.attach_token
+            info["local_ports"] = dict(session.local_ports)
         return info
 
     async def load_provisioner_info(self, provisioner_info: dict[str, Any]) -> None:
         """Reattach to a kernel that another process (or an earlier server) started.
 
         ``provisioner_info`` is what get_provisioner_info returned there.  The kernel's
-        launcher must still be waiting (within its ``orphan_timeout``).  Afterwards the
-        provisioner manages the kernel as if it had started it: the forwards listen on
-        the same local ports when they are free, and ``connection_info`` says where.
+        launcher must still be waiting (within its ``orphan_timeout``), and its host must
+        be one this provisioner may use (``hosts``, or any with ``allow_any_host``).
+        Afterwards the provisioner manages the kernel as if it had started it: the
+        forwards listen on the same local ports when they are free, and
+        ``connection_info`` says where.
         """
         await super().load_provisioner_info(provisioner_info)
         host_name = provisioner_info.get("host")
         if not host_name or "handshake" not in provisioner_info:
             return  # nothing running to reattach to
         entry = next((e for e in self._entries if e.name == host_name), None)
-        entry = entry or self._with_defaults(HostEntry.parse(host_name))
+        if entry is None:
+            entry = self._candidates(str(host_name), frozenset())[0]
         handshake = Handshake.from_event(provisioner_info["handshake"])
-        try:
-            lease, kernel, tunnels = await self._attach(entry, handshake, provisioner_info)
-        except SessionLimitError:  # sshd's MaxSessions: another connection will do
-            lease, kernel, tunnels = await self._attach(entry, handshake, provisioner_info)
-        get_placement_state().adopt(entry)
-        if self.reconnect_timeout > 0:
-            kernel.reconnect = self._reattach
-        kernel.keep_alive(self._liveness(entry)[0])
+        token = str(provisioner_info.get("attach_token") or "")
+        session = KernelSession(self._settings(entry), get_engine().pool)
+
+        async def attach() -> None:
+            await session.attach(handshake, token, provisioner_info.get("local_ports"))
+            get_engine().placement.adopt(entry)
+
+        await get_engine().run(attach())
         self._placement, self._reserved = Placement(entry), entry
-        self._lease, self._kernel, self._tunnels = lease, kernel, tunnels
-        self._handshake, self._reaped = handshake, False
+        self._session, self._handshake, self._reaped = session, handshake, False
         saved_info = provisioner_info.get("connection_info") or {}
         self._curve = CurveKeys.from_connection_info(saved_info)
         adopt(self.parent, self._curve)
         key = saved_info.get("key")
         if key and self._session_fields()[0] != _as_bytes(key):
-            session = getattr(self.parent, "session", None)
-            if session is not None:
-                session.key = _as_bytes(key)
+            parent_session = getattr(self.parent, "session", None)
+            if parent_session is not None:
+                parent_session.key = _as_bytes(key)
             else:
                 self._standalone_key = _as_bytes(key)
-        self.connection_info = self._local_connection_info(tunnels.local_ports)
+        self.connection_info = self._local_connection_info(session.local_ports)
         self.log.info(
             "kernel %s on %s: reattached (pid %d)", self.kernel_id, entry.name, handshake.pid
         )
 
-    async def _attach(
-        self, entry: HostEntry, handshake: Handshake, provisioner_info: dict[str, Any]
-    ) -> tuple[Lease, RemoteKernel, KernelTunnels]:
-        lease = await get_pool().lease(
-            entry.host, self._connect_options(entry), connect_timeout=self.connect_timeout
-        )
-        kernel: RemoteKernel | None = None
-        try:
-            kernel = await RemoteKernel.attach(
-                lease.connection,
-                entry.host,
-                python=entry.override("remote_python", self.remote_python),
-                handshake=handshake,
-                token=str(provisioner_info.get("attach_token") or ""),
-                kernel_id=str(self.kernel_id),
-                timeout=self.launch_timeout,
-            )
-            tunnels = await KernelTunnels.open(
-                lease.connection,
-                entry.host,
-                kernel.endpoints,
-                preferred_ports=provisioner_info.get("local_ports"),
-            )
-        except SessionLimitError:
-            lease.mark_full()
-            lease.release(self.pool_idle_timeout)
-            raise
-        except BaseException:
-            if kernel is not None:
-                await kernel.aclose()
-            lease.release(self.pool_idle_timeout)
-            raise
-        return lease, kernel, tunnels
-
     def resolve_path(self, path: str) -> str | None:
         """Resolve ``path`` against the kernel's working directory on the host."""
-        handshake = self._handshake
+        session = self._session
+        handshake = session.handshake if session is not None else self._handshake
         if handshake is None:
             return None
         if path == "~" or path.startswith("~/"):
@@ -681,6 +561,21 @@ class SSHProvisioner(KernelProvisionerBase):
         return posixpath.normpath(posixpath.join(handshake.cwd, path))
 
     # -- helpers -------------------------------------------------------------------
+
+    def _settings(self, entry: HostEntry) -> SessionSettings:
+        return SessionSettings(
+            kernel_id=str(self.kernel_id),
+            host_name=entry.name,
+            host=entry.host,
+            connect_options=self._connect_options(entry),
+            python=entry.override("remote_python", self.remote_python),
+            connect_timeout=self.connect_timeout,
+            launch_timeout=self.launch_timeout,
+            reconnect_timeout=self.reconnect_timeout,
+            idle_timeout=self.pool_idle_timeout,
+            ping_interval=self._liveness(entry)[0],
+            prewarm=self.prewarm_launcher,
+        )
 
     def _connect_options(self, entry: HostEntry) -> dict[str, Any]:
         options = {**self.connect_options, **entry.override("connect_options", {})}
@@ -712,19 +607,29 @@ class SSHProvisioner(KernelProvisionerBase):
         scheme = str(getattr(session, "signature_scheme", "hmac-sha256"))
         return key, scheme, str(getattr(self.parent, "kernel_name", ""))
 
-    def _launch_spec(self, argv: list[str], placement: Placement, python: str) -> dict[str, Any]:
-        if self._plan is None:
-            raise RuntimeError("launch_kernel called before pre_launch")
-        entry = placement.entry
+    def _connection_fields(self) -> dict[str, Any]:
+        """The connection file's secrets and names, as the host's kernel gets them."""
         key, scheme, kernel_name = self._session_fields()
+        return {
+            "key": key.decode(),
+            "signature_scheme": scheme,
+            "kernel_name": kernel_name,
+            **(self._curve.connection_fields() if self._curve else {}),
+        }
+
+    def _launch_spec(
+        self, plan: LaunchPlan, argv: list[str], placement: Placement, connection: dict[str, Any]
+    ) -> dict[str, Any]:
+        entry = placement.entry
+        python = entry.override("remote_python", self.remote_python)
         if argv and argv[0] in ("python", "python3"):
             argv = [python, *argv[1:]]
         remote_env = {**self.remote_env, **entry.override("remote_env", {})}
         return {
             "argv": argv,
-            "env": {**self._plan.env, **placement.env},
+            "env": {**plan.env, **placement.env},
             "env_templates": [*self.kernel_spec.env.items(), *remote_env.items()],
-            "resource_files": self._plan.resource_files,
+            "resource_files": plan.resource_files,
             "cwd": entry.override("remote_cwd", self.remote_cwd) or None,
             "transport": entry.override("remote_transport", self.remote_transport),
             "kernel_id": str(self.kernel_id),
@@ -732,12 +637,7 @@ class SSHProvisioner(KernelProvisionerBase):
             "liveness_timeout": self._liveness(entry)[1],
             "attach_token": secrets.token_hex(16),
             "ready_timeout": self.launch_timeout,
-            "connection": {
-                "key": key.decode(),
-                "signature_scheme": scheme,
-                "kernel_name": kernel_name,
-                **(self._curve.connection_fields() if self._curve else {}),
-            },
+            "connection": connection,
         }
 
     def _local_connection_info(self, ports: dict[str, int]) -> KernelConnectionInfo:

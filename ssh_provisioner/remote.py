@@ -46,7 +46,7 @@ COMMAND_NOT_FOUND = 127
 CONNECTION_LOST_STATUS = 255  # what ssh(1) reports when the link, not the command, failed
 
 
-class KernelGone(Exception):
+class KernelGone(SSHProvisionerError):
     """Reattaching found no launcher: the kernel has ended."""
 
 
@@ -139,7 +139,7 @@ async def _attach_channel(
 ) -> tuple[asyncssh.SSHClientProcess[bytes], _LineReader]:
     """A new channel relayed to the launcher's control socket, past its "attached" event."""
     if not handshake.control:
-        raise KernelGone(f"kernel {kernel_id} on {host} cannot be reattached")
+        raise KernelGone(f"kernel {kernel_id} on {host} cannot be reattached", host=str(host))
     request = {"attach": {"control": handshake.control, "token": token}}
     try:
         process = await start_launcher(connection, python)
@@ -160,7 +160,9 @@ async def _attach_channel(
         event = {}
     if event.get("event") != "attached":
         process.close()
-        raise KernelGone(f"kernel {kernel_id} on {host} is gone: {event.get('message', line)}")
+        raise KernelGone(
+            f"kernel {kernel_id} on {host} is gone: {event.get('message', line)}", host=str(host)
+        )
     return process, reader
 
 
@@ -332,6 +334,20 @@ class RemoteKernel:
         return kernel
 
     async def _pump_events(self) -> None:
+        try:
+            await self._follow_launcher()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # A bug here must not leave poll() saying "alive" forever.
+            log.exception("kernel %s on %s: lost track of the launcher", self.kernel_id, self.host)
+            self._set_exit(CONNECTION_LOST_STATUS)
+
+    def _set_exit(self, status: int) -> None:
+        if not self._exit.done():
+            self._exit.set_result(status)
+
+    async def _follow_launcher(self) -> None:
         status: int | None = None
         while True:
             status = await self._read_events()
@@ -352,8 +368,7 @@ class RemoteKernel:
                 self.host,
             )
             status = CONNECTION_LOST_STATUS
-        if not self._exit.done():
-            self._exit.set_result(status)
+        self._set_exit(status)
 
     async def _read_events(self) -> int | None:
         """Events of the current channel until it ends; the kernel's exit status if told."""
@@ -378,7 +393,10 @@ class RemoteKernel:
         killed as an orphan), SSHConnectError if this attempt failed.
         """
         if not self._attach_token:
-            raise KernelGone(f"kernel {self.kernel_id} on {self.host} cannot be reattached")
+            raise KernelGone(
+                f"kernel {self.kernel_id} on {self.host} cannot be reattached",
+                host=str(self.host),
+            )
         process, reader = await _attach_channel(
             connection, self.host, python, self.ready, self._attach_token, self.kernel_id, timeout
         )
@@ -534,6 +552,16 @@ class RemoteKernel:
             self._process.stdin.write_eof()
         await self._close_channel()
 
+    async def abandon(self) -> None:
+        """Stop following a kernel we cannot reach, without a word to its host (its
+        launcher ends it as an orphan, or a later connection does)."""
+        self._process.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._process.close()  # a reattach cut short may have opened a new channel
+        self._set_exit(CONNECTION_LOST_STATUS)
+
     async def _close_channel(self) -> None:
         try:
             await asyncio.wait_for(self._process.wait_closed(), CLOSE_GRACE)
@@ -548,6 +576,5 @@ class RemoteKernel:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if not self._exit.done():
-            status = self._process.exit_status
-            self._exit.set_result(CONNECTION_LOST_STATUS if status is None else status)
+        status = self._process.exit_status
+        self._set_exit(CONNECTION_LOST_STATUS if status is None else status)

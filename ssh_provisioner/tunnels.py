@@ -53,8 +53,11 @@ class KernelTunnels:
                     )
                     listener = await _forward(connection, 0, endpoints[channel])
                 tunnels._listeners[channel] = listener
-        except (asyncssh.Error, OSError) as exc:
-            await tunnels.aclose()
+        except BaseException as exc:
+            # cancelled half-way too: no listener outlives a failed open
+            await asyncio.shield(tunnels.aclose())
+            if not isinstance(exc, asyncssh.Error | OSError):
+                raise
             raise TunnelError(
                 f"on {host}: cannot forward a local port to the kernel's {channel} "
                 f"endpoint {endpoints[channel]!r}: {exc}",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -14,7 +15,7 @@ from typing import Any
 import pytest
 from jupyter_client.kernelspec import KernelSpecManager
 
-from ssh_provisioner.pool import get_pool
+from ssh_provisioner.engine import shutdown_engine
 
 from .sshd import (
     SSHDaemon,
@@ -247,9 +248,10 @@ def host_config(host_a: SSHDaemon, client_key: tuple[Path, str], login: str) -> 
 
 
 @pytest.fixture(autouse=True)
-async def _close_connection_pool() -> AsyncIterator[None]:
+async def _close_engine() -> AsyncIterator[None]:
+    """Every test starts with a fresh SSH engine: no connection outlives its test."""
     yield
-    await get_pool().aclose()
+    await asyncio.to_thread(shutdown_engine)
 
 
 RUNTIME_DIR_GLOB = "jupyter-sshp-*"
@@ -275,7 +277,7 @@ async def no_leaks() -> AsyncIterator[None]:
     before_listeners = {entry for entry in tcp_listeners() if entry[0] == loopback}
     before = remote_leftovers()
     yield
-    await get_pool().aclose()
+    await asyncio.to_thread(shutdown_engine)
 
     def clean() -> bool:  # what was there before may have gone meanwhile
         listeners = {entry for entry in tcp_listeners() if entry[0] == loopback}

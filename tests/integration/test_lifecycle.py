@@ -17,7 +17,7 @@ from jupyter_client.asynchronous import AsyncKernelClient
 from jupyter_client.ioloop import AsyncIOLoopKernelManager
 from jupyter_client.manager import AsyncKernelManager
 
-from ssh_provisioner.pool import get_pool
+from ssh_provisioner.engine import get_engine
 
 from ..conftest import KernelSpecFactory
 from ..helpers import (
@@ -308,7 +308,7 @@ async def test_prewarm_can_be_disabled(
     config = {**host_config, "prewarm_launcher": False}
     async with running_kernel(make_kernelspec, config) as (km, _):
         launcher = (await km.provisioner.get_provisioner_info())["launcher_pid"]
-        pool = get_pool()
+        pool = get_engine().pool
         # spares are scheduled synchronously in launch_kernel: none scheduled, none made
         assert not pool._preparing
         assert not any(entry.spares for entries in pool._entries.values() for entry in entries)
@@ -398,9 +398,9 @@ async def test_more_kernels_than_sshd_allows_sessions_per_connection(
         )
         pids = {await kernel_pid(kc) for _, kc in kernels}
         assert len(pids) == 6
-        assert get_pool().open_connections >= 3  # 2 sessions each: 6 kernels (+ spares)
+        assert get_engine().pool.open_connections >= 3  # 2 sessions each: 6 kernels (+ spares)
         assert "at its session limit" in caplog.text  # the limit was hit
-        assert "probe on" not in caplog.text  # no probe failed
+        assert " failed: " not in caplog.text  # no probe (nor start) failed
         km, kc = kernels[-1]  # signals travel on a later connection too
         msg_id = kc.execute("import time; print('go', flush=True); time.sleep(30)")
         await wait_for_output(kc, msg_id)

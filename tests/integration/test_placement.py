@@ -16,9 +16,8 @@ from jupyter_client.asynchronous import AsyncKernelClient
 from jupyter_client.manager import AsyncKernelManager
 
 from ssh_provisioner import HostSelectionError
+from ssh_provisioner.engine import get_engine
 from ssh_provisioner.hosts import HostEntry
-from ssh_provisioner.placement import get_placement_state
-from ssh_provisioner.pool import get_pool
 
 from ..conftest import KernelSpecFactory
 from ..helpers import execute, start_failing
@@ -66,7 +65,7 @@ async def test_each_host_has_its_own_identity(
             "host-b",
             "host-c",
         ]
-    assert get_pool().open_connections == 3  # one shared connection per host
+    assert get_engine().pool.open_connections == 3  # one shared connection per host
 
 
 async def test_least_kernels_fills_the_emptiest_host(
@@ -229,7 +228,7 @@ async def test_concurrent_starts_spread_evenly(
             "host-b": 8,
             "host-c": 8,
         }
-        assert get_pool().open_connections == 3
+        assert get_engine().pool.open_connections == 3
 
 
 @pytest.fixture
@@ -258,7 +257,7 @@ async def test_failover_then_recovery_after_the_cooldown(
     async with kernel_on(make_kernelspec, config) as (_, _, hostname):
         assert hostname == "host-a"  # host-d refused: passed over
     entry = HostEntry.parse(d)
-    state = get_placement_state()
+    state = get_engine().placement
     assert "refused" in (state.unhealthy_reason(entry) or "")
     host_d.start()
     deadline = time.monotonic() + 5
@@ -322,8 +321,8 @@ async def test_idle_connections_close(
 ) -> None:
     config = {**trio_config, "hosts": trio_config["hosts"][:1], "pool_idle_timeout": 0.2}
     async with kernel_on(make_kernelspec, config):
-        assert get_pool().open_connections == 1
+        assert get_engine().pool.open_connections == 1
     deadline = time.monotonic() + 5
-    while get_pool().open_connections:
+    while get_engine().pool.open_connections:
         assert time.monotonic() < deadline, "the idle connection stayed open"
         await asyncio.sleep(0.05)

@@ -17,6 +17,8 @@ import pytest
 from jupyter_client.manager import AsyncKernelManager
 from jupyter_client.provisioning import KernelProvisionerFactory
 
+from ssh_provisioner.session import State
+
 from ..conftest import KernelSpecFactory, connect_options
 from ..helpers import execute, iopub_delivers, process_alive, wait_until
 from ..netns import Link, namespace_host
@@ -24,6 +26,11 @@ from ..sshd import SSHDaemon, start_sshd
 from .test_lifecycle import running_kernel
 
 pytestmark = [pytest.mark.sshd, pytest.mark.usefixtures("no_leaks")]
+
+
+def reattached(km: AsyncKernelManager, old_leases: list[Any]) -> bool:
+    session = km.provisioner._session
+    return session.state is State.RUNNING and session._lease not in old_leases
 
 
 @pytest.fixture
@@ -80,7 +87,7 @@ async def test_a_running_cell_survives_an_sshd_restart(
         ):
             pass
         flaky_host.stop()  # every connection of the host dies with its sshd
-        lease = km.provisioner._lease
+        lease = km.provisioner._session._lease
         await wait_until(lambda: lease.connection.is_closed(), 10, "the lost connection")
         assert await km.provisioner.poll() is None  # unreachable, not dead
         assert process_alive(pid)
@@ -203,7 +210,7 @@ async def test_a_cell_survives_a_cut_link(
             pass
         link.down()
         cut = time.monotonic()
-        lease = km.provisioner._lease
+        lease = km.provisioner._session._lease
         await wait_until(lambda: lease.connection.is_closed(), 15, "keepalives to notice")
         assert await km.provisioner.poll() is None  # unreachable, not dead
         await asyncio.sleep(max(0.0, cut + 10 - time.monotonic()))  # the outage itself
@@ -232,14 +239,14 @@ async def test_more_kernels_than_max_sessions_reattach_after_an_sshd_restart(
         ]
         for index, (_, kc) in enumerate(kernels):
             await execute(kc, f"x = {index}")
-        leases = [km.provisioner._lease for km, _ in kernels]
+        leases = [km.provisioner._session._lease for km, _ in kernels]
         daemon.stop()
         for lease in leases:
             await wait_until(lambda lease=lease: lease.connection.is_closed(), 10, "loss")
         daemon.start()
         started = time.monotonic()
         for index, (km, kc) in enumerate(kernels):
-            await wait_until(lambda km=km: km.provisioner._lease not in leases, 20, "the reattach")
+            await wait_until(lambda km=km: reattached(km, leases), 20, "the reattach")
             await iopub_delivers(kc)
             out, _ = await execute(kc, "print(x)")
             assert out.strip() == str(index)

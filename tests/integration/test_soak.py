@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from jupyter_client.manager import AsyncKernelManager
 
-from ssh_provisioner.pool import get_pool
+from ssh_provisioner.engine import shutdown_engine
 
 from ..conftest import KernelSpecFactory
 from ..helpers import execute
@@ -56,14 +56,14 @@ async def test_soak(make_kernelspec: KernelSpecFactory, trio_config: dict[str, A
     ksm, name = make_kernelspec({**trio_config, "policy": "round-robin"})
     for index in range(3):  # warm up: imports, lazy singletons, the thread pool
         await cycle(ksm, name, index * 5)
-    await get_pool().aclose()
+    await asyncio.to_thread(shutdown_engine)
     gc.collect()
     fds, tasks = open_fds(), len(asyncio.all_tasks())
     started = time.monotonic()
     for index in range(CYCLES):
         await cycle(ksm, name, index)
     elapsed = time.monotonic() - started
-    await get_pool().aclose()
+    await asyncio.to_thread(shutdown_engine)
     gc.collect()
     print(f"\nsoak: {CYCLES} cycles in {elapsed:.1f}s, {elapsed / CYCLES * 1000:.0f} ms per cycle")
     assert open_fds() <= fds

@@ -1,0 +1,324 @@
+"""KernelSession: one kernel's remote life, on the engine's loop.
+
+It owns the pooled-connection lease, the launcher channel (``RemoteKernel``), the five
+forwards (``KernelTunnels``) and the handshake, and moves through explicit states::
+
+    STARTING -> RUNNING -> UNREACHABLE -> REATTACHING -> RUNNING
+                                                    \\-> ABANDONED
+    any state -> CLOSED  (aclose)
+
+Each transition is one method.  ``aclose()`` is idempotent and completes even when the
+caller is cancelled.  The provisioner's hooks are thin calls into it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncssh
+
+from .errors import HostKeyError, KernelUnreachable, SSHConnectError, TunnelError
+from .hosts import Host
+from .pool import ConnectionPool, Lease
+from .remote import Handshake, KernelGone, RemoteKernel, start_launcher
+from .tunnels import KernelTunnels
+
+log = logging.getLogger(__name__)
+
+RECONNECT_BACKOFF_MAX = 2.0  # a link that comes back carries the kernel again at once
+
+
+class State(enum.Enum):
+    STARTING = "starting"
+    RUNNING = "running"
+    UNREACHABLE = "unreachable"
+    REATTACHING = "reattaching"
+    ABANDONED = "abandoned"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    """What a session needs to know of the provisioner's configuration, resolved for
+    its host."""
+
+    kernel_id: str
+    host_name: str
+    host: Host
+    connect_options: dict[str, Any] = field(hash=False)
+    python: str
+    connect_timeout: float
+    launch_timeout: float
+    reconnect_timeout: float
+    idle_timeout: float
+    ping_interval: float
+    prewarm: bool
+
+
+class KernelSession:
+    def __init__(self, settings: SessionSettings, pool: ConnectionPool) -> None:
+        self.settings = settings
+        self._pool = pool
+        self.state = State.STARTING
+        self._lease: Lease | None = None
+        self._kernel: RemoteKernel | None = None
+        self._tunnels: KernelTunnels | None = None
+        self.handshake: Handshake | None = None
+        self.local_ports: dict[str, int] = {}
+        self._close_task: asyncio.Task[None] | None = None
+
+    def __repr__(self) -> str:
+        where = f"{self.settings.kernel_id} on {self.settings.host_name}"
+        return f"<KernelSession {where}: {self.state.value}>"
+
+    # -- STARTING -> RUNNING ------------------------------------------------------------
+
+    async def start(
+        self, spec: dict[str, Any], preferred_ports: dict[str, int] | None
+    ) -> dict[str, int]:
+        """Run the launcher with ``spec``, await its handshake and open the forwards.
+        Returns the local ports.  On failure nothing is left (the lease is released)."""
+        settings = self.settings
+
+        async def launch(lease: Lease) -> tuple[RemoteKernel, KernelTunnels]:
+            spare = lease.take_spare(settings.python) if settings.prewarm else None
+            kernel = await RemoteKernel.start(
+                lease.connection,
+                settings.host,
+                python=settings.python,
+                spec=spec,
+                kernel_id=settings.kernel_id,
+                timeout=settings.launch_timeout,
+                spare=spare,
+            )
+            return kernel, await self._forward(lease, kernel, preferred_ports, kernel.aclose)
+
+        lease, (kernel, tunnels) = await self._pool.use(
+            settings.host,
+            settings.connect_options,
+            launch,
+            connect_timeout=settings.connect_timeout,
+            idle_timeout=settings.idle_timeout,
+            keep=True,
+        )
+        if settings.prewarm:
+            python = settings.python
+            lease.prepare_spare(python, lambda connection: start_launcher(connection, python))
+        self._running(lease, kernel, tunnels)
+        return self.local_ports
+
+    async def attach(
+        self, handshake: Handshake, token: str, preferred_ports: dict[str, int] | None
+    ) -> dict[str, int]:
+        """Take over a kernel that another process (or an earlier server) started."""
+        settings = self.settings
+
+        async def reattach(lease: Lease) -> tuple[RemoteKernel, KernelTunnels]:
+            kernel = await RemoteKernel.attach(
+                lease.connection,
+                settings.host,
+                python=settings.python,
+                handshake=handshake,
+                token=token,
+                kernel_id=settings.kernel_id,
+                timeout=settings.launch_timeout,
+            )
+            return kernel, await self._forward(lease, kernel, preferred_ports, kernel.abandon)
+
+        lease, (kernel, tunnels) = await self._pool.use(
+            settings.host,
+            settings.connect_options,
+            reattach,
+            connect_timeout=settings.connect_timeout,
+            idle_timeout=settings.idle_timeout,
+            keep=True,
+        )
+        self._running(lease, kernel, tunnels)
+        return self.local_ports
+
+    async def _forward(
+        self,
+        lease: Lease,
+        kernel: RemoteKernel,
+        ports: dict[str, int] | None,
+        undo: Callable[[], Awaitable[None]],
+    ) -> KernelTunnels:
+        try:
+            return await KernelTunnels.open(
+                lease.connection, self.settings.host, kernel.endpoints, preferred_ports=ports
+            )
+        except BaseException:
+            await asyncio.shield(undo())
+            raise
+
+    def _running(self, lease: Lease, kernel: RemoteKernel, tunnels: KernelTunnels) -> None:
+        self._lease, self._kernel, self._tunnels = lease, kernel, tunnels
+        self.handshake = kernel.ready
+        self.local_ports = tunnels.local_ports
+        self.state = State.RUNNING
+        if self.settings.reconnect_timeout > 0:
+            kernel.reconnect = self._reconnect
+        kernel.keep_alive(self.settings.ping_interval)
+
+    # -- RUNNING -> UNREACHABLE -> REATTACHING -> RUNNING | ABANDONED -------------------
+
+    async def _reconnect(self, kernel: RemoteKernel) -> bool:
+        """The kernel's connection died: reconnect, reattach to its launcher and reopen
+        the forwards on the same local ports, for up to ``reconnect_timeout`` seconds.
+        Meanwhile the kernel counts as alive: unreachable, not dead."""
+        if self.state is not State.RUNNING:
+            return False
+        settings = self.settings
+        self.state = State.UNREACHABLE
+        ports = dict(self.local_ports)
+        # Refuse local connections while the host is unreachable, so that clients see
+        # closed ports and reconnect once the forwards are back.
+        await self._drop_tunnels()
+        if self._lease is not None:
+            self._lease.release()
+            self._lease = None
+        started = time.monotonic()
+        deadline = started + settings.reconnect_timeout
+        log.warning(
+            "kernel %s on %s: SSH connection lost; reconnecting for up to %gs",
+            settings.kernel_id, settings.host_name, settings.reconnect_timeout,
+        )  # fmt: skip
+
+        async def resume(lease: Lease) -> KernelTunnels:
+            await kernel.resume(lease.connection, settings.python, settings.connect_timeout)
+            return await KernelTunnels.open(
+                lease.connection, settings.host, kernel.endpoints, preferred_ports=ports
+            )
+
+        delay = 0.25
+        while (remaining := deadline - time.monotonic()) > 0:
+            self.state = State.REATTACHING
+            try:
+                lease, tunnels = await self._pool.use(
+                    settings.host,
+                    settings.connect_options,
+                    resume,
+                    connect_timeout=min(settings.connect_timeout, remaining),
+                    idle_timeout=settings.idle_timeout,
+                    keep=True,
+                )
+            except (HostKeyError, KernelGone) as exc:
+                log.error("kernel %s: not reattaching: %s", settings.kernel_id, exc)
+                break
+            except (SSHConnectError, TunnelError) as exc:
+                log.info("kernel %s: still unreachable: %s", settings.kernel_id, exc)
+            else:
+                self._lease, self._tunnels = lease, tunnels
+                self.local_ports = tunnels.local_ports
+                self.state = State.RUNNING
+                if self.local_ports != ports:
+                    log.warning(
+                        "kernel %s: local ports changed on reattach: %s -> %s",
+                        settings.kernel_id, ports, self.local_ports,
+                    )  # fmt: skip
+                log.warning(
+                    "kernel %s on %s: reattached after %.1fs",
+                    settings.kernel_id, settings.host_name, time.monotonic() - started,
+                )  # fmt: skip
+                return True
+            self.state = State.UNREACHABLE
+            await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 2, RECONNECT_BACKOFF_MAX)
+        else:
+            log.warning(
+                "kernel %s on %s: unreachable for %gs (reconnect_timeout); counting it as dead",
+                settings.kernel_id, settings.host_name, settings.reconnect_timeout,
+            )  # fmt: skip
+        self.state = State.ABANDONED
+        return False
+
+    # -- while it runs ------------------------------------------------------------------
+
+    def poll(self) -> int | None:
+        """The kernel's exit status, or None while it runs or is unreachable.  Reads
+        state only: safe from any thread."""
+        kernel = self._kernel
+        return kernel.poll() if kernel is not None else 0
+
+    async def wait(self) -> int:
+        kernel = self._kernel
+        return await kernel.wait() if kernel is not None else 0
+
+    async def send_signal(self, signum: int) -> None:
+        kernel = self._kernel
+        if kernel is None or kernel.poll() is not None:
+            return
+        if self.state is not State.RUNNING:
+            raise KernelUnreachable(
+                f"kernel {self.settings.kernel_id} on {self.settings.host_name} is "
+                f"unreachable ({self.state.value}): signal {signum} not delivered",
+                host=self.settings.host_name,
+            )
+        await kernel.send_signal(signum)
+
+    async def end(self, signum: int) -> None:
+        """Terminate or kill the kernel.  One that cannot be reached is abandoned: it
+        counts as dead at once, and its launcher on the host ends it as an orphan."""
+        if self.state is State.RUNNING or self._kernel is None:
+            await self.send_signal(signum)
+            return
+        await self.abandon()
+
+    async def abandon(self) -> None:
+        """UNREACHABLE | REATTACHING -> ABANDONED: stop reconnecting, count it dead."""
+        if self.state in (State.CLOSED, State.ABANDONED, State.RUNNING):
+            return
+        log.warning(
+            "kernel %s on %s: abandoned while unreachable",
+            self.settings.kernel_id, self.settings.host_name,
+        )  # fmt: skip
+        self.state = State.ABANDONED
+        if self._kernel is not None:
+            await self._kernel.abandon()
+        await self._drop_tunnels()
+        if self._lease is not None:
+            self._lease.release()
+            self._lease = None
+
+    @property
+    def attach_token(self) -> str | None:
+        return self._kernel.attach_token if self._kernel is not None else None
+
+    # -- any state -> CLOSED ------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """End the kernel (if it still runs and can be reached), close the forwards,
+        release the lease.  Idempotent; finishes even if the caller is cancelled."""
+        if self._close_task is None:
+            self._close_task = asyncio.ensure_future(self._close())
+        await asyncio.shield(self._close_task)
+
+    async def _close(self) -> None:
+        reachable = self.state is State.RUNNING
+        self.state = State.CLOSED
+        kernel = self._kernel
+        try:
+            if kernel is not None:
+                if reachable:
+                    await kernel.aclose()
+                else:  # cancels a reattach in flight before its forwards are dropped
+                    await kernel.abandon()
+        finally:
+            await self._drop_tunnels()
+            if self._lease is not None:
+                self._lease.release()
+                self._lease = None
+
+    async def _drop_tunnels(self) -> None:
+        tunnels, self._tunnels = self._tunnels, None
+        if tunnels is not None:
+            try:
+                await tunnels.aclose()
+            except (asyncssh.Error, OSError) as exc:
+                log.debug("closing forwards of %s: %s", self.settings.kernel_id, exc)
