@@ -1,6 +1,7 @@
 """The supervisor that runs on the kernel's host.
 
-Standard library only, Python >= 3.7: its source travels over the SSH channel
+Standard library only, Python >= 3.6 (no newer idiom: ruff lints it for py37, the
+tests run it on every interpreter from 3.6 to 3.13): its source travels over the SSH channel
 (see ``BOOTSTRAP``), so nothing needs installing on the host but Python and the
 kernel.  Protocol, one JSON document per line:
 
@@ -19,13 +20,12 @@ seconds: over a cut link sshd keeps the session open until its TCP keepalive giv
 hours later, so EOF alone would leave the kernel running that long.
 """
 
-from __future__ import annotations
-
 import collections
 import contextlib
 import json
 import os
 import queue
+import re
 import shutil
 import signal
 import socket
@@ -34,13 +34,14 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Dict, List, Optional, Set
 
 CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
 STDERR_TAIL_LINES = 40
 RUNTIME_DIR_PREFIX = "jupyter-sshp-"
 BIND_ATTEMPTS = 5
 TERMINATE_GRACE = 3.0
+RELAY_CHUNK = 8192
 
 # Run by the remote shell as `python -c BOOTSTRAP`; the launcher source is the first
 # stdin line, so no secret and no script ever appears on a command line.
@@ -51,7 +52,7 @@ BOOTSTRAP = (
 
 
 class LaunchFailed(Exception):
-    def __init__(self, reason: str, message: str, stderr: str = "", status: int | None = None):
+    def __init__(self, reason: str, message: str, stderr: str = "", status: Optional[int] = None):
         super().__init__(message)
         self.reason = reason
         self.message = message
@@ -75,7 +76,7 @@ class Client:
 CLIENT = Client()
 
 
-def emit(event: dict[str, Any]) -> None:
+def emit(event: Dict[str, Any]) -> None:
     data = (json.dumps(event) + "\n").encode()
     # A gone client is no error: supervision goes on without a listener.
     with CLIENT.lock, contextlib.suppress(OSError, ValueError):
@@ -93,12 +94,63 @@ def log(message: str) -> None:
 def killpg(pgid: int, signum: int) -> bool:
     try:
         os.killpg(pgid, signum)
-    except (ProcessLookupError, PermissionError):
+    except OSError:  # gone, not ours, or a signal this host does not have
         return False
     return True
 
 
-def pick_tcp_ports(count: int) -> list[int]:
+def process_tree(root: int) -> Dict[int, int]:
+    """pid -> process group of every descendant of ``root``; {} without /proc."""
+    table = {}  # type: Dict[int, List[int]]
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return {}
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % entry) as f:
+                fields = f.read().rpartition(")")[2].split()
+            table[int(entry)] = [int(fields[1]), int(fields[2])]  # ppid, pgid
+        except (OSError, ValueError, IndexError):
+            continue
+    children = {}  # type: Dict[int, List[int]]
+    for pid, (ppid, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    found = {}  # type: Dict[int, int]
+    pending = [root]
+    while pending:
+        for child in children.get(pending.pop(), ()):
+            if child not in found:
+                found[child] = table[child][1]
+                pending.append(child)
+    return found
+
+
+def become_subreaper() -> None:
+    """Descendants orphaned by a wrapper that exits (or a kernel that daemonizes) are
+    re-parented to this launcher, so they stay in its tree and end with it (Linux)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        pass
+
+
+ARGV_FIELD = re.compile(r"\{([A-Za-z0-9_]+)\}")
+
+
+def substitute(arg: str, names: Dict[str, str]) -> str:
+    """jupyter_client's rule: only ``{name}`` with a known name is replaced; every other
+    brace (``${X:-y}``, ``{}``, ``{x:>8}``) stays as written."""
+    return ARGV_FIELD.sub(lambda match: names.get(match.group(1), match.group(0)), arg)
+
+
+def pick_tcp_ports(count: int) -> List[int]:
     """Let this host's kernel choose free ports: bind them all at once, then release."""
     sockets = []
     try:
@@ -126,7 +178,7 @@ def endpoint_listening(transport: str, endpoint: Any) -> bool:
     return True
 
 
-def tcp_listeners(ports: set[int]) -> dict[int, int] | None:
+def tcp_listeners(ports: Set[int]) -> Optional[Dict[int, int]]:
     """Port -> socket inode of the IPv4 listeners on ``ports``; None without /proc."""
     try:
         with open("/proc/net/tcp") as f:
@@ -145,39 +197,51 @@ def tcp_listeners(ports: set[int]) -> dict[int, int] | None:
     return found
 
 
-def group_socket_inodes(pgid: int) -> set[int]:
-    """Inodes of the sockets that processes of group ``pgid`` hold open."""
+def unix_listeners(paths: Set[str]) -> Set[int]:
+    """Socket inodes of the Unix listeners bound to ``paths``."""
+    try:
+        with open("/proc/net/unix") as f:
+            lines = f.read().splitlines()[1:]
+    except OSError:
+        return set()
+    found = set()
+    for line in lines:
+        fields = line.split()
+        # Num RefCount Protocol Flags Type St Inode Path; flag 0x10000: listening
+        if len(fields) >= 8 and int(fields[3], 16) & 0x10000 and fields[7] in paths:
+            found.add(int(fields[6]))
+    return found
+
+
+def socket_inodes(pids: Any) -> Set[int]:
+    """Inodes of the sockets that the processes ``pids`` hold open."""
     inodes = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    for pid in pids:
+        fd_dir = "/proc/%d/fd" % pid
         try:
-            with open("/proc/%s/stat" % entry) as f:
-                if int(f.read().rpartition(")")[2].split()[2]) != pgid:
-                    continue
-            fd_dir = "/proc/%s/fd" % entry
             for fd in os.listdir(fd_dir):
                 link = os.readlink(os.path.join(fd_dir, fd))
                 if link.startswith("socket:["):
                     inodes.add(int(link[8:-1]))
-        except (OSError, ValueError, IndexError):
+        except (OSError, ValueError):
             continue
     return inodes
 
 
 class Supervisor:
-    def __init__(self, spec: dict[str, Any]) -> None:
+    def __init__(self, spec: Dict[str, Any]) -> None:
         self.spec = spec
         self.transport = spec["transport"]
-        self.events: queue.Queue[tuple[str, Any]] = queue.Queue()
-        self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
+        self.events = queue.Queue()  # type: queue.Queue[Any]
+        self.stderr_tail = collections.deque(maxlen=STDERR_TAIL_LINES)  # type: Any
         self.runtime_dir = tempfile.mkdtemp(prefix=RUNTIME_DIR_PREFIX)  # mode 0700
-        self.process: subprocess.Popen[bytes] | None = None
+        self.process = None  # type: Optional[subprocess.Popen[bytes]]
         self.pgid = 0
         self.stdin_closed = threading.Event()
         self.generation = 0
-        self.ready_event: dict[str, Any] = {}
+        self.ready_event = {}  # type: Dict[str, Any]
         self.control_path = ""
+        self.kernel_groups = set()  # type: Set[int]
 
     # -- setup -------------------------------------------------------------------
 
@@ -203,7 +267,7 @@ class Supervisor:
                 f.write(base64.b64decode(encoded))
         return path
 
-    def kernel_env(self) -> dict[str, str]:
+    def kernel_env(self) -> Dict[str, str]:
         env = dict(os.environ)
         env.update(self.spec.get("env") or {})
         templates = self.spec.get("env_templates") or []
@@ -222,14 +286,14 @@ class Supervisor:
             )
         return cwd
 
-    def endpoints(self, attempt: int) -> dict[str, Any]:
+    def endpoints(self, attempt: int) -> Dict[str, Any]:
         if self.transport == "ipc":
             prefix = os.path.join(self.runtime_dir, "k%d" % attempt)
             return {name: "%s-%d" % (prefix, i + 1) for i, name in enumerate(CHANNELS)}
-        return dict(zip(CHANNELS, pick_tcp_ports(len(CHANNELS)), strict=False))
+        return dict(zip(CHANNELS, pick_tcp_ports(len(CHANNELS))))
 
-    def connection_file(self, endpoints: dict[str, Any], attempt: int) -> str:
-        info: dict[str, Any] = dict(self.spec["connection"])
+    def connection_file(self, endpoints: Dict[str, Any], attempt: int) -> str:
+        info = dict(self.spec["connection"])  # type: Dict[str, Any]
         info["transport"] = self.transport
         if self.transport == "ipc":
             info["ip"] = endpoints["shell"].rsplit("-", 1)[0]
@@ -245,7 +309,9 @@ class Supervisor:
     # -- kernel process --------------------------------------------------------------
 
     def relay(self, pipe: Any) -> None:
-        for raw in iter(pipe.readline, b""):
+        # Bounded reads: a kernel's 4 MiB line arrives as pieces, never as one line
+        # that a reader on the other end would have to hold whole.
+        for raw in iter(lambda: pipe.readline(RELAY_CHUNK), b""):
             line = raw.decode("utf-8", "replace").rstrip("\n")
             self.stderr_tail.append(line)
             try:
@@ -255,7 +321,7 @@ class Supervisor:
                 pass
         pipe.close()
 
-    def spawn(self, argv: list[str], env: dict[str, str], cwd: str) -> None:
+    def spawn(self, argv: List[str], env: Dict[str, str], cwd: str) -> None:
         executable = shutil.which(argv[0], path=env.get("PATH")) if "/" not in argv[0] else argv[0]
         if executable is None or not os.path.exists(executable):
             raise LaunchFailed(
@@ -263,6 +329,7 @@ class Supervisor:
                 "kernel command %r not found on the host (PATH=%s)"
                 % (argv[0], env.get("PATH", "")),
             )
+        become_subreaper()
         try:
             # start_new_session: the kernel leads its own process group, so killpg reaches
             # it and its children and never this launcher.  Signal dispositions the
@@ -288,7 +355,7 @@ class Supervisor:
         )
         self.relay_thread.start()
 
-    def wait_until_listening(self, endpoints: dict[str, Any], deadline: float) -> None:
+    def wait_until_listening(self, endpoints: Dict[str, Any], deadline: float) -> None:
         """Return once the kernel listens on every endpoint.
 
         Probes are plain connects (cheap).  For tcp on Linux a port then counts only if
@@ -330,16 +397,32 @@ class Supervisor:
             # cheap when many kernels start at once and each takes seconds.
             time.sleep(min(0.05, max(0.002, (now - started) / 20)))
 
-    def check_ownership(self, ports: set[int]) -> None:
+    def check_ownership(self, ports: Set[int]) -> None:
         listeners = tcp_listeners(ports)
         if listeners is None:
             return  # no /proc: trust the probes
-        owned = group_socket_inodes(self.pgid)
+        owned = socket_inodes(process_tree(os.getpid()))
         foreign = sorted(p for p, inode in listeners.items() if inode not in owned)
         if foreign:
             raise LaunchFailed("port-taken", "port(s) %s were taken by another process" % foreign)
 
-    def start(self) -> dict[str, Any]:
+    def listening_groups(self, endpoints: Dict[str, Any]) -> Set[int]:
+        """The process groups of the processes that listen on the kernel's endpoints:
+        where signals go.  Not a wrapper's group (``setsid -w`` would die of an
+        interrupt meant for the kernel); the launcher's child's group when no listener
+        is found here (a wrapper such as srun runs the kernel elsewhere, and forwards)."""
+        if self.transport == "ipc":
+            inodes = unix_listeners(set(endpoints.values()))
+        else:
+            inodes = set((tcp_listeners(set(endpoints.values())) or {}).values())
+        groups = set()
+        for pid, pgid in process_tree(os.getpid()).items():
+            if inodes & socket_inodes([pid]):
+                groups.add(pgid)
+        groups.discard(os.getpgid(0))
+        return groups or {self.pgid}
+
+    def start(self) -> Dict[str, Any]:
         env = self.kernel_env()
         cwd = self.kernel_cwd()
         resource_dir = self.resource_dir()
@@ -348,7 +431,7 @@ class Supervisor:
             endpoints = self.endpoints(attempt)
             connection_file = self.connection_file(endpoints, attempt)
             names = {"connection_file": connection_file, "resource_dir": resource_dir}
-            argv = [arg.format_map(_Keep(names)) for arg in self.spec["argv"]]
+            argv = [substitute(arg, names) for arg in self.spec["argv"]]
             self.spawn(argv, env, cwd)
             try:
                 self.wait_until_listening(endpoints, deadline)
@@ -362,6 +445,7 @@ class Supervisor:
                     os.unlink(connection_file)
                     continue
                 raise
+            self.kernel_groups = self.listening_groups(endpoints)
             self.ready_event = {
                 "event": "ready",
                 "pid": self.process.pid if self.process else 0,
@@ -448,15 +532,15 @@ class Supervisor:
         try:
             message = json.loads(line)
             if message.get("op") == "signal":
-                killpg(self.pgid, int(message["signum"]))
+                self.signal_kernel(message)
         except (ValueError, TypeError, KeyError, OverflowError) as exc:
             log("ignored a malformed control line: %s" % exc)
 
     def supervise(self) -> int:
         threading.Thread(target=self.wait_kernel, daemon=True).start()
         liveness = float(self.spec.get("liveness_timeout") or 0)
-        orphan_deadline: float | None = None
-        killed_at: float | None = None
+        orphan_deadline = None  # type: Optional[float]
+        killed_at = None  # type: Optional[float]
         heard = time.monotonic()  # the current client's last line
         silent = False  # the orphan countdown runs because the client fell silent
         while True:
@@ -503,39 +587,60 @@ class Supervisor:
             elif kind == "exit":
                 return int(value)
 
+    def signal_kernel(self, message: Dict[str, Any]) -> None:
+        """Deliver a signal, named (numbers differ between systems) or numbered."""
+        name = message.get("name")
+        signum = getattr(signal, name, None) if isinstance(name, str) else None
+        if signum is None and name is None:
+            signum = int(message["signum"])
+        if not isinstance(signum, int) or not name_is_signal(name):
+            log("refused signal %r: this host has no such signal" % (name or signum))
+            return
+        self.send(signum)
+
+    def send(self, signum: int) -> None:
+        """To the kernel's process groups: its own, and those its wrapper made (setsid)."""
+        for pgid in self.kernel_groups or {self.pgid}:
+            if pgid:
+                killpg(pgid, signum)
+
+    def end_everything(self) -> None:
+        """SIGKILL to the kernel's groups and to whatever else descends from us."""
+        groups = set(self.kernel_groups) | set(process_tree(os.getpid()).values())
+        groups.add(self.pgid)
+        groups.discard(os.getpgid(0))
+        for pgid in groups:
+            if pgid:
+                killpg(pgid, signal.SIGKILL)
+
     def stop_kernel(self) -> None:
         """Used when giving up before the handshake: nothing of the kernel may remain."""
-        if self.process is None or self.process.poll() is not None:
-            if self.pgid:
-                killpg(self.pgid, signal.SIGKILL)
-            return
-        killpg(self.pgid, signal.SIGKILL)
-        self.process.wait()
+        self.end_everything()
+        if self.process is not None:
+            self.process.wait()
 
     def cleanup(self) -> None:
         if self.pgid:
-            # Whatever the kernel left in its process group has lost its owner.
-            killpg(self.pgid, signal.SIGKILL)
+            # Whatever the kernel left behind has lost its owner.
+            self.end_everything()
         shutil.rmtree(self.runtime_dir, ignore_errors=True)
 
 
-class _Keep(dict):  # type: ignore[type-arg]
-    """format_map namespace that leaves unknown {fields} as they were."""
-
-    def __missing__(self, key: str) -> str:
-        return "{" + key + "}"
+def name_is_signal(name: Any) -> bool:
+    return name is None or (
+        isinstance(name, str) and name.startswith("SIG") and not name.startswith("SIG_")
+    )
 
 
 def on_terminate(supervisor: Supervisor) -> Any:
     def handler(signum: int, frame: Any) -> None:
-        if supervisor.pgid:
-            killpg(supervisor.pgid, signal.SIGTERM)
+        supervisor.send(signal.SIGTERM)
         raise SystemExit(128 + signum)
 
     return handler
 
 
-def attach(request: dict[str, Any]) -> int:
+def attach(request: Dict[str, Any]) -> int:
     """Relay this SSH channel to a running launcher's control socket (reattach)."""
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -556,10 +661,10 @@ def attach(request: dict[str, Any]) -> int:
     return 0
 
 
-def read_spec_line(wait: float | None) -> str:
+def read_spec_line(wait: Optional[float]) -> str:
     """The spec, or "" if none came within ``wait`` seconds (a spare nobody used) or
     stdin closed.  A thread reads it: stdin may already hold it in its buffer."""
-    lines: queue.Queue[str] = queue.Queue()
+    lines = queue.Queue()  # type: queue.Queue[str]
     threading.Thread(target=lambda: lines.put(sys.stdin.readline()), daemon=True).start()
     try:
         return lines.get(timeout=wait)
@@ -579,7 +684,7 @@ def main() -> int:
     # kernel; Python resets handled signals to SIG_DFL in the child, which is exactly
     # what a kernel needs (a non-interactive shell's background jobs ignore SIGINT).
     for signum in (signal.SIGINT, signal.SIGQUIT):
-        signal.signal(signum, lambda s, f: supervisor.pgid and killpg(supervisor.pgid, s))
+        signal.signal(signum, lambda s, f: supervisor.send(s))
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, on_terminate(supervisor))
     threading.Thread(target=supervisor.read_control, daemon=True).start()

@@ -92,7 +92,9 @@ def launcher_source() -> str:
 def launcher_command(python: str) -> str:
     # exec: the shell gives its place to Python, one process fewer to signal or orphan.
     # -S: the launcher needs only the stdlib, and site start-up is a fifth of Python's.
-    return "exec " + shlex.join([python, "-S", "-c", BOOTSTRAP, f"{SPARE_WAIT:g}"])
+    # -I: isolated, so a json.py in the login user's home (the cwd) is never imported,
+    # and PYTHON* variables do not reach the launcher (the kernel still gets them).
+    return "exec " + shlex.join([python, "-I", "-S", "-c", BOOTSTRAP, f"{SPARE_WAIT:g}"])
 
 
 async def start_launcher(
@@ -181,6 +183,7 @@ class _LineReader:
                 del self._buffer[: newline + 1]
                 return line
             if len(self._buffer) > MAX_LINE:
+                self._buffer.clear()  # the reader may go on with what follows
                 raise ValueError(f"a line longer than {MAX_LINE} bytes")
             chunk = await self._stream.read(65536)
             if not chunk:
@@ -428,8 +431,14 @@ class RemoteKernel:
 
     async def _pump_stderr(self) -> None:
         reader = _LineReader(self._process.stderr)
-        with contextlib.suppress(ValueError, asyncssh.Error, OSError):
-            while (line := await reader.readline()) is not None:
+        with contextlib.suppress(asyncssh.Error, OSError):
+            while True:  # drained to the end: an unread channel stalls the launcher
+                try:
+                    line = await reader.readline()
+                except ValueError:
+                    continue
+                if line is None:
+                    return
                 text = line.decode("utf-8", "replace").rstrip("\n")
                 self._stderr_tail.append(text)
                 log.debug("kernel %s on %s: %s", self.kernel_id, self.host, text)
@@ -494,7 +503,9 @@ class RemoteKernel:
         if self._exit.done():
             return
         if not self._process.is_closing():
-            message = json.dumps({"op": "signal", "signum": int(signum)}).encode() + b"\n"
+            name = signal.Signals(signum).name  # by name: numbers differ between systems
+            request = {"op": "signal", "signum": int(signum), "name": name}
+            message = json.dumps(request).encode() + b"\n"
             try:
                 self._process.stdin.write(message)
                 return

@@ -115,11 +115,9 @@ async def test_secrets_stay_out_of_command_lines_and_logs(
 
 
 def kernel_tcp_listeners(pid: int) -> set[int]:
-    from ssh_provisioner.launcher import group_socket_inodes, tcp_listeners
+    from ssh_provisioner.launcher import process_tree, socket_inodes, tcp_listeners
 
-    owned = group_socket_inodes(
-        int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[2])
-    )
+    owned = socket_inodes([pid, *process_tree(pid)])
     listeners = tcp_listeners(set(range(1, 65536))) or {}
     return {port for port, inode in listeners.items() if inode in owned}
 
