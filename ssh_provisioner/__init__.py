@@ -1,9 +1,11 @@
 """Run Jupyter kernels on remote hosts over SSH: a jupyter_client kernel provisioner."""
 
+from .engine import shutdown_engine
 from .errors import (
     AuthenticationError,
     HostKeyError,
     HostSelectionError,
+    KernelUnreachable,
     LaunchError,
     LaunchTimeout,
     ProvisionerConfigError,
@@ -22,6 +24,7 @@ __all__ = [
     "Host",
     "HostKeyError",
     "HostSelectionError",
+    "KernelUnreachable",
     "LaunchError",
     "LaunchTimeout",
     "ProvisionerConfigError",
@@ -31,4 +34,5 @@ __all__ = [
     "SSHProvisionerError",
     "TunnelError",
     "__version__",
+    "shutdown_engine",
 ]

@@ -236,7 +236,7 @@ def _install(args: argparse.Namespace) -> int:
                 [HostEntry.parse(h) for h in args.hosts],
                 config.get("connect_options", {}),
                 config.get("remote_python", "python3"),
-                needs_ipykernel=not args.kernel_argv,
+                kernel_argv=args.kernel_argv or None,
                 timeout=10.0,
                 progress=True,
             )
@@ -276,7 +276,7 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     hosts: list[HostEntry] = [HostEntry.parse(h) for h in args.hosts]
     options: dict[str, Any] = {}
     python = args.python or "python3"
-    needs_ipykernel = True
+    kernel_argv: list[str] | None = None
     if args.name:
         from .kernelspec import installed_specs
 
@@ -287,6 +287,7 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         hosts += [HostEntry.parse(item) for item in config.get("hosts", [])]
         options = dict(config.get("connect_options", {}))
         python = args.python or config.get("remote_python", "python3")
+        kernel_argv = found[0].argv
     if not hosts:
         parser.error("name a kernelspec or give --host")
     options.update(dict(args.connect_option))
@@ -295,7 +296,7 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             hosts,
             options,
             python,
-            needs_ipykernel=needs_ipykernel,
+            kernel_argv=kernel_argv,
             timeout=args.timeout,
             progress=not args.json,
         )
@@ -312,7 +313,7 @@ async def _run_checks(
     options: dict[str, Any],
     python: str,
     *,
-    needs_ipykernel: bool,
+    kernel_argv: list[str] | None,
     timeout: float,
     progress: bool,
 ) -> list[Any]:
@@ -328,7 +329,7 @@ async def _run_checks(
             entry,
             connect_options={**options, **entry.override("connect_options", {})},
             python=entry.override("remote_python", python),
-            needs_ipykernel=needs_ipykernel,
+            kernel_argv=kernel_argv,
             timeout=timeout,
         )
         done += 1

@@ -18,10 +18,12 @@ from .policies import LeastLoad, MostFreeGpuMemory, parse_gpus, parse_load
 from .pool import connect
 from .remote import run_probe
 
-CHECKS = ("dns", "tcp", "host key", "auth", "python", "ipykernel", "load", "gpus", "rtt")
+CHECKS = ("dns", "tcp", "host key", "auth", "python", "kernel", "load", "gpus", "rtt")
+OLDEST_PYTHON = (3, 6)  # the oldest the launcher runs on (tested on 3.6 to 3.13)
 OK, FAIL, WARN, SKIP, INFO = "ok", "FAIL", "warn", "skip", "info"
 PYTHON_VERSION = "import sys; print('%d.%d.%d' % sys.version_info[:3])"
 IPYKERNEL_VERSION = "import ipykernel; print(ipykernel.__version__)"
+WHICH = "import shutil, sys; p = shutil.which(sys.argv[1]); print(p or ''); sys.exit(not p)"
 LOAD_PROBE = str(LeastLoad.probe_command)
 GPU_PROBE = str(MostFreeGpuMemory.probe_command)
 
@@ -56,10 +58,13 @@ async def check_host(
     *,
     connect_options: dict[str, Any],
     python: str,
-    needs_ipykernel: bool = True,
+    kernel_argv: list[str] | None = None,
     timeout: float = 10.0,
 ) -> HostReport:
-    """Every check for one host; later checks are skipped once an earlier one fails."""
+    """Every check for one host; later checks are skipped once an earlier one fails.
+
+    ``kernel_argv`` is the kernelspec's command: ipykernel is checked for a Python
+    kernel (and when it is None), the program's presence on the host for any other."""
     report = HostReport(entry.name)
     checks = report.checks
     host = entry.host
@@ -114,13 +119,17 @@ async def check_host(
         if version.exit_status != 0:
             checks["python"] = Check(FAIL, f"{python}: {_why(version)}")
             return _skip_rest(report)
-        checks["python"] = Check(OK, f"{python} {str(version.stdout).strip()}")
-        kernel = await _run(connection, [python, "-c", IPYKERNEL_VERSION], timeout)
-        if kernel.exit_status == 0:
-            checks["ipykernel"] = Check(OK, str(kernel.stdout).strip())
-        else:
-            status = FAIL if needs_ipykernel else SKIP
-            checks["ipykernel"] = Check(status, f"not importable by {python}: {_why(kernel)}")
+        found = str(version.stdout).strip()
+        if _version_tuple(found) < OLDEST_PYTHON:
+            oldest = ".".join(map(str, OLDEST_PYTHON))
+            checks["python"] = Check(
+                FAIL,
+                f"{python} is Python {found}; the launcher needs {oldest} or newer: set "
+                f"remote_python (--python) to a newer interpreter on the host",
+            )
+            return _skip_rest(report)
+        checks["python"] = Check(OK, f"{python} {found}")
+        checks["kernel"] = await _check_kernel(connection, python, kernel_argv, timeout)
         load = parse_load(await run_probe(connection, host, LOAD_PROBE, timeout))
         checks["load"] = Check(INFO, f"{load:.2f} per CPU" if load is not None else "unknown")
         gpus = parse_gpus(await run_probe(connection, host, GPU_PROBE, timeout))
@@ -136,6 +145,35 @@ async def check_host(
         with contextlib.suppress(Exception):
             await connection.wait_closed()
     return report
+
+
+def is_ipykernel(argv: list[str] | None) -> bool:
+    return any("ipykernel" in arg for arg in argv or ["ipykernel"])
+
+
+async def _check_kernel(
+    connection: asyncssh.SSHClientConnection,
+    python: str,
+    argv: list[str] | None,
+    timeout: float,
+) -> Check:
+    if not argv or is_ipykernel(argv):
+        result = await _run(connection, [python, "-c", IPYKERNEL_VERSION], timeout)
+        if result.exit_status == 0:
+            return Check(OK, f"ipykernel {str(result.stdout).strip()}")
+        return Check(FAIL, f"ipykernel not importable by {python}: {_why(result)}")
+    program = python if argv[0] in ("python", "python3") else argv[0]
+    result = await _run(connection, [python, "-c", WHICH, program], timeout)
+    if result.exit_status == 0:
+        return Check(OK, f"{program} at {str(result.stdout).strip()}")
+    return Check(FAIL, f"the kernel's program {program!r} is not on the host's PATH")
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(".")[:2])
+    except ValueError:
+        return (0,)
 
 
 def _skip_rest(report: HostReport) -> HostReport:

@@ -26,6 +26,7 @@ class InstalledSpec:
     path: str
     display_name: str
     config: dict[str, Any]
+    argv: list[str]
 
     @property
     def hosts(self) -> list[str]:
@@ -106,6 +107,12 @@ def installed_specs(manager: KernelSpecManager | None = None) -> list[InstalledS
         if provisioner.get("provisioner_name") == PROVISIONER_NAME:
             config = provisioner.get("config") or {}
             found.append(
-                InstalledSpec(name, entry["resource_dir"], spec.get("display_name", name), config)
+                InstalledSpec(
+                    name,
+                    entry["resource_dir"],
+                    spec.get("display_name", name),
+                    config,
+                    list(spec.get("argv") or []),
+                )
             )
     return found

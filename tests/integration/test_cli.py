@@ -101,7 +101,8 @@ def test_check_good_down_bad_key_and_changed_key(
     assert ok.returncode == 0, ok.stdout + ok.stderr
     (report,) = json.loads(ok.stdout)
     assert report["ok"] is True
-    assert report["checks"]["ipykernel"]["status"] == "ok"
+    assert report["checks"]["kernel"]["status"] == "ok"
+    assert report["checks"]["kernel"]["detail"].startswith("ipykernel ")
     assert (
         report["checks"]["python"]["detail"].endswith("3.11.2")
         or report["checks"]["python"]["status"] == "ok"
@@ -211,3 +212,40 @@ def test_demo_cleans_up_after_ctrl_c() -> None:
     assert "interrupted" in stderr
     demo_dirs = list(Path("/tmp").glob("sshp-demo-*"))
     assert demo_dirs == []
+
+
+def test_check_knows_non_python_kernels_and_old_pythons(
+    host_a: SSHDaemon, client_key: tuple[Path, str], jupyter_env: dict[str, str]
+) -> None:
+    """`check NAME` checks the kernelspec's own program, not ipykernel, for a kernel that
+    is not ipykernel; a Python older than the launcher supports is refused by name."""
+    good = option_args(connect_options(host_a, client_key[0]))
+    host = ["--host", host_a.destination("root"), "--python", sys.executable]
+    for name, argv in [
+        ("r-kernel", ["R", "--slave", "-e", "IRkernel::main()", "--args", "{connection_file}"]),
+        ("cat-kernel", ["/bin/cat", "{connection_file}"]),
+    ]:
+        installed = cli(
+            "install", name, *host, *good, "--user", "--kernel-argv", *argv, env=jupyter_env
+        )
+        assert installed.returncode == 0, installed.stderr
+    missing = cli("check", "r-kernel", "--json", env=jupyter_env)
+    assert missing.returncode == 1
+    (report,) = json.loads(missing.stdout)
+    assert report["checks"]["kernel"]["status"] == "FAIL"
+    assert "'R' is not on the host's PATH" in report["checks"]["kernel"]["detail"]
+    present = cli("check", "cat-kernel", "--json", env=jupyter_env)
+    assert present.returncode == 0, present.stdout
+    (report,) = json.loads(present.stdout)
+    assert report["checks"]["kernel"]["detail"] == "/bin/cat at /bin/cat"
+
+    python27 = Path(os.path.expanduser("~/.pyenv/versions/2.7.18/bin/python2.7"))
+    if not python27.exists():
+        pytest.skip("no Python 2.7 on this machine to play a too-old host Python")
+    old = cli(
+        "check", "--host", host_a.destination("root"), "--python", str(python27), *good, "--json"
+    )
+    assert old.returncode == 1
+    (report,) = json.loads(old.stdout)
+    assert report["checks"]["python"]["status"] == "FAIL"
+    assert "Python 2.7.18; the launcher needs 3.6 or newer" in report["checks"]["python"]["detail"]
