@@ -497,14 +497,24 @@ class Supervisor:
         threading.Thread(target=accept, daemon=True).start()
 
     def authenticate(self, conn: socket.socket, token: str) -> None:
+        """Challenge-response on the token, both ways: this launcher proves it knows the
+        token before the client does, so neither side ever sends it (see prove())."""
         conn.settimeout(10)
         reader = conn.makefile("rb")
         try:
-            hello = json.loads(reader.readline(4096) or b"{}")
-        except ValueError:
-            hello = {}
-        if not isinstance(hello, dict) or hello.get("token") != token:
-            log("refused a control connection without the right token")
+            client_nonce = str(json.loads(reader.readline(4096))["hello"])
+            nonce = os.urandom(16).hex()
+            mine = prove(token, "launcher", client_nonce, nonce)
+            conn.sendall((json.dumps({"challenge": nonce, "proof": mine}) + "\n").encode())
+            answer = json.loads(reader.readline(4096))
+            expected = prove(token, "client", nonce, client_nonce)
+            import hmac
+
+            trusted = hmac.compare_digest(str(answer["proof"]), expected)
+        except (ValueError, KeyError, TypeError, OSError):
+            trusted = False
+        if not trusted:
+            log("refused a control connection that could not prove it knows the token")
             conn.close()
             return
         conn.settimeout(None)
@@ -640,15 +650,25 @@ def on_terminate(supervisor: Supervisor) -> Any:
     return handler
 
 
+def prove(token: str, role: str, *nonces: str) -> str:
+    """HMAC-SHA256 of the role and both nonces under the token: proof of knowing it."""
+    import hashlib
+    import hmac
+
+    message = ":".join((role, *nonces)).encode()
+    return hmac.new(token.encode(), message, hashlib.sha256).hexdigest()
+
+
 def attach(request: Dict[str, Any]) -> int:
-    """Relay this SSH channel to a running launcher's control socket (reattach)."""
+    """Relay this SSH channel to a running launcher's control socket (reattach).  The
+    relay knows no secret: the two ends authenticate each other through it."""
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         conn.connect(request["control"])
     except OSError as exc:
         emit({"event": "error", "reason": "gone", "message": "no launcher there: %s" % exc})
         return 4
-    conn.sendall((json.dumps({"token": request["token"]}) + "\n").encode())
+    conn.sendall((json.dumps({"hello": str(request["hello"])}) + "\n").encode())
 
     def forward_stdin() -> None:
         for raw in iter(sys.stdin.buffer.readline, b""):

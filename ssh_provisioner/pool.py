@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -140,8 +140,13 @@ def check_connect_options(options: dict[str, Any]) -> None:
         )
 
 
+Errand = Callable[[], Coroutine[Any, Any, None]]
+
+
 class ConnectionPool:
     def __init__(self) -> None:
+        self._errands: dict[str, list[Errand]] = {}
+        self._errand_tasks: set[asyncio.Task[None]] = set()
         self._entries: dict[str, list[_Entry]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._closing: set[asyncio.Task[None]] = set()
@@ -178,6 +183,7 @@ class ConnectionPool:
                     raise
                 entry = _Entry(connection)
                 entries.append(entry)
+                self._run_errands(key)
             if entry.idle_close is not None:
                 entry.idle_close.cancel()
                 entry.idle_close = None
@@ -228,6 +234,17 @@ class ConnectionPool:
                 lease.release()
             return lease, result
         raise AssertionError("unreachable")
+
+    def when_reachable(self, host: Host, options: dict[str, Any], errand: Errand) -> None:
+        """Run ``errand`` once the next new connection to ``host`` is up (the host is
+        reachable again): ending a kernel abandoned during an outage, for one."""
+        self._errands.setdefault(self.key_for(host, options), []).append(errand)
+
+    def _run_errands(self, key: str) -> None:
+        for errand in self._errands.pop(key, []):
+            task = asyncio.get_running_loop().create_task(errand())
+            self._errand_tasks.add(task)
+            task.add_done_callback(self._errand_tasks.discard)
 
     def _entry(self, key: str, connection: asyncssh.SSHClientConnection) -> _Entry | None:
         return next((e for e in self._entries.get(key, ()) if e.connection is connection), None)
@@ -295,9 +312,11 @@ class ConnectionPool:
         entries = [entry for per_key in self._entries.values() for entry in per_key]
         self._entries = {}
         preparing, self._preparing = self._preparing, {}
-        for task in preparing.values():
+        errands, self._errand_tasks = self._errand_tasks, set()
+        self._errands = {}
+        for task in [*preparing.values(), *errands]:
             task.cancel()
-        await asyncio.gather(*preparing.values(), return_exceptions=True)
+        await asyncio.gather(*preparing.values(), *errands, return_exceptions=True)
         for entry in entries:
             entry.close()
         for entry in entries:

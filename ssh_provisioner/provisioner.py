@@ -34,6 +34,7 @@ from .encryption import CurveKeys, adopt, negotiate
 from .engine import get_engine
 from .errors import (
     HostSelectionError,
+    KernelUnreachable,
     ProvisionerConfigError,
     SessionLimitError,
     SSHConnectError,
@@ -431,8 +432,15 @@ class SSHProvisioner(KernelProvisionerBase):
                 f"kernel {self.kernel_id}: {signum!r} is not a signal number"
             ) from None
         session = self._session
-        if session is not None:
+        if session is None:
+            return
+        try:
             await get_engine().run(session.send_signal(signum))
+        except KernelUnreachable as exc:
+            # KernelManager.shutdown_kernel interrupts first: a shutdown goes on.
+            if not getattr(self.parent, "shutting_down", False):
+                raise
+            self.log.warning("%s", exc)
 
     async def kill(self, restart: bool = False) -> None:
         """Called by KernelManager._kill_kernel: SIGKILL to the kernel's process group.

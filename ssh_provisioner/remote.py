@@ -11,9 +11,11 @@ import asyncio
 import collections
 import contextlib
 import functools
+import hmac
 import json
 import logging
 import posixpath
+import secrets
 import shlex
 import signal
 from collections.abc import Awaitable, Callable
@@ -32,7 +34,7 @@ from .errors import (
     session_open_error,
 )
 from .hosts import Host
-from .launcher import BOOTSTRAP, CHANNELS, RUNTIME_DIR_PREFIX
+from .launcher import BOOTSTRAP, CHANNELS, RUNTIME_DIR_PREFIX, prove
 
 log = logging.getLogger(__name__)
 
@@ -139,32 +141,71 @@ async def _attach_channel(
     kernel_id: str,
     timeout: float,
 ) -> tuple[asyncssh.SSHClientProcess[bytes], _LineReader]:
-    """A new channel relayed to the launcher's control socket, past its "attached" event."""
-    if not handshake.control:
+    """A new channel relayed to the launcher's control socket, past its "attached" event.
+
+    The launcher proves it knows the token first (an HMAC over both sides' nonces); only
+    then does this side prove it.  Whoever sits at the control path without the token
+    (another user, once the real launcher is gone) learns nothing: not the token, and no
+    forward is ever opened to its kernel endpoints."""
+    if not handshake.control or not token:
         raise KernelGone(f"kernel {kernel_id} on {host} cannot be reattached", host=str(host))
-    request = {"attach": {"control": handshake.control, "token": token}}
+    nonce = secrets.token_hex(16)
+    request = {"attach": {"control": handshake.control, "hello": nonce}}
     try:
         process = await start_launcher(connection, python)
     except (asyncssh.Error, OSError) as exc:
         raise session_open_error(str(host), f"reattaching kernel {kernel_id}", exc) from exc
+    reader = _LineReader(process.stdout)
+
+    async def next_event() -> dict[str, Any]:
+        line = await asyncio.wait_for(reader.readline(), timeout)
+        try:
+            event = json.loads(line or b"{}")
+        except ValueError:
+            event = None
+        if not isinstance(event, dict):
+            raise KernelGone(f"kernel {kernel_id} on {host} is gone: {line!r}", host=str(host))
+        return event
+
     try:
         process.stdin.write(json.dumps(request).encode() + b"\n")
-        reader = _LineReader(process.stdout)
-        line = await asyncio.wait_for(reader.readline(), timeout)
+        challenge = await next_event()
+        if "challenge" not in challenge:
+            raise KernelGone(
+                f"kernel {kernel_id} on {host} is gone: {challenge.get('message', challenge)}",
+                host=str(host),
+            )
+        theirs = str(challenge["challenge"])
+        expected = prove(token, "launcher", nonce, theirs)
+        if not hmac.compare_digest(str(challenge.get("proof", "")), expected):
+            log.error(
+                "kernel %s on %s: the process at %s could not prove it is the kernel's "
+                "launcher (another user's?); not reattaching",
+                kernel_id, host, handshake.control,
+            )  # fmt: skip
+            raise KernelGone(
+                f"kernel {kernel_id} on {host}: the control socket {handshake.control} is "
+                f"not its launcher's (it could not prove it knows the token)",
+                host=str(host),
+            )
+        answer = {"proof": prove(token, "client", theirs, nonce)}
+        process.stdin.write(json.dumps(answer).encode() + b"\n")
+        attached = await next_event()
+        if attached.get("event") != "attached":
+            raise KernelGone(
+                f"kernel {kernel_id} on {host} refused the reattach: {attached}", host=str(host)
+            )
+    except KernelGone:
+        process.close()
+        raise
     except (asyncssh.Error, OSError, ValueError) as exc:  # TimeoutError is an OSError
         process.close()
         raise SSHConnectError(
             f"SSH to {host}: reattaching kernel {kernel_id} failed: {exc}", host=str(host)
         ) from exc
-    try:
-        event = json.loads(line or b"{}")
-    except ValueError:
-        event = {}
-    if event.get("event") != "attached":
+    except BaseException:
         process.close()
-        raise KernelGone(
-            f"kernel {kernel_id} on {host} is gone: {event.get('message', line)}", host=str(host)
-        )
+        raise
     return process, reader
 
 

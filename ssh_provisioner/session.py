@@ -314,6 +314,54 @@ class KernelSession:
             if self._lease is not None:
                 self._lease.release()
                 self._lease = None
+        if not reachable and kernel is not None and kernel.handshake is not None:
+            await self._end_abandoned(kernel.handshake, kernel.attach_token or "")
+
+    async def _end_abandoned(self, handshake: Handshake, token: str) -> None:
+        """A kernel given up while its host was unreachable may still run there: end it
+        now if the host is back, else as soon as a connection to the host is up again
+        (its launcher ends it after orphan_timeout at the latest)."""
+        settings = self.settings
+
+        async def end(lease: Lease) -> None:
+            kernel = await RemoteKernel.attach(
+                lease.connection,
+                settings.host,
+                python=settings.python,
+                handshake=handshake,
+                token=token,
+                kernel_id=settings.kernel_id,
+                timeout=settings.connect_timeout,
+            )
+            await kernel.aclose()  # SIGKILL through its launcher, which then cleans up
+
+        async def attempt() -> bool:
+            try:
+                await self._pool.use(
+                    settings.host,
+                    settings.connect_options,
+                    end,
+                    connect_timeout=settings.connect_timeout,
+                    idle_timeout=settings.idle_timeout,
+                )
+            except KernelGone:
+                return True  # ended already (orphan_timeout), or never reattachable
+            except (SSHConnectError, TunnelError, OSError, asyncssh.Error) as exc:
+                log.info("kernel %s: cannot end it yet: %s", settings.kernel_id, exc)
+                return False
+            log.warning(
+                "kernel %s on %s: ended the kernel abandoned during the outage",
+                settings.kernel_id, settings.host_name,
+            )  # fmt: skip
+            return True
+
+        async def later() -> None:
+            await attempt()
+
+        if not token or not handshake.control:
+            return
+        if not await attempt():
+            self._pool.when_reachable(settings.host, settings.connect_options, later)
 
     async def _drop_tunnels(self) -> None:
         tunnels, self._tunnels = self._tunnels, None

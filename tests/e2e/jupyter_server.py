@@ -118,8 +118,11 @@ class Channels:
         self.ws.close()
 
 
-def start_server(root: Path, jupyter_path: Path, *args: str, log_level: str = "DEBUG") -> Server:
-    """`jupyter server` on 127.0.0.1 with a token, waiting until /api/status answers."""
+def start_server(
+    root: Path, jupyter_path: Path, *args: str, log_level: str = "DEBUG", app: str = "server"
+) -> Server:
+    """`jupyter server` (or another Jupyter Server app: nbclassic) on 127.0.0.1 with a
+    token, waiting until /api/status answers."""
     port = free_port("127.0.0.1")
     token = uuid.uuid4().hex
     env = {
@@ -134,7 +137,7 @@ def start_server(root: Path, jupyter_path: Path, *args: str, log_level: str = "D
     log_path = root / "server.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [JUPYTER, "server", "--no-browser", "--allow-root", "--ServerApp.ip=127.0.0.1",
+            [JUPYTER, app, "--no-browser", "--allow-root", "--ServerApp.ip=127.0.0.1",
              f"--ServerApp.port={port}", "--ServerApp.port_retries=0",
              f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={notebooks}",
              f"--Application.log_level={log_level}", *args],

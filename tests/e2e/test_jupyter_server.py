@@ -19,7 +19,7 @@ from nbclient import NotebookClient
 from ssh_provisioner.throwaway import free_port
 
 from ..conftest import remote_leftovers
-from ..helpers import process_alive, wait_until
+from ..helpers import SLEEPING_CELL, process_alive, wait_until
 from .jupyter_server import Channels, Server, start_server
 
 pytestmark = [pytest.mark.sshd, pytest.mark.usefixtures("no_leaks")]
@@ -80,6 +80,28 @@ async def kernel_pid(channels: Channels) -> int:
 
 
 async def test_rest_and_websocket_lifecycle(server: Server) -> None:
+    await lifecycle(server)
+
+
+async def test_the_classic_notebook_ui_nbclassic(tmp_path: Path, jupyter_path: Path) -> None:
+    """nbclassic: the classic Notebook UI, on Jupyter Server (Notebook 6 itself needs
+    jupyter_client < 8): its page lists the kernelspec, and the whole lifecycle runs."""
+    server = start_server(tmp_path, jupyter_path, app="nbclassic")
+    try:
+        page = await server.http.fetch(
+            f"{server.url}/tree", headers={"Authorization": f"token {server.token}"}
+        )
+        assert b"nbclassic" in page.body or b"Jupyter Notebook" in page.body
+        specs = await server.request("GET", "/api/kernelspecs")
+        assert "remote" in specs["kernelspecs"]
+        await lifecycle(server)
+    finally:
+        server.stop()
+
+
+async def lifecycle(server: Server) -> None:
+    """Sessions, websocket execute (stream, display, result, input), interrupt, restart,
+    delete."""
     session = await server.request(
         "POST", "/api/sessions",
         {"path": "nb.ipynb", "type": "notebook", "kernel": {"name": "remote"}},
@@ -117,7 +139,7 @@ async def test_rest_and_websocket_lifecycle(server: Server) -> None:
         assert after > before
 
         # interrupt a long cell through the REST API
-        msg_id = channels.execute("import time; print('sleeping', flush=True); time.sleep(60)")
+        msg_id = channels.execute(SLEEPING_CELL)
         while not (  # the cell runs (a SIGINT before that can be lost by ipykernel)
             (m := await channels.receive())["msg_type"] == "stream"
             and m["parent_header"].get("msg_id") == msg_id

@@ -27,6 +27,7 @@ from jupyter_client.manager import KernelManager, run_kernel, start_new_kernel
 from ssh_provisioner.engine import get_engine
 
 from ..conftest import KernelSpecFactory
+from ..helpers import SLEEPING_CELL
 from ..sshd import SSHDaemon
 
 pytestmark = [pytest.mark.sshd, pytest.mark.usefixtures("no_leaks")]
@@ -126,7 +127,7 @@ def test_the_sync_kernel_manager_and_blocking_client(one_host: tuple[Any, str, S
     try:
         kc.wait_for_ready(timeout=30)
         assert blocking_execute(kc, WHERE).strip() == f"on {HOSTNAME}"
-        msg_id = kc.execute("import time; print('sleeping', flush=True); time.sleep(30)")
+        msg_id = kc.execute(SLEEPING_CELL)
         while not (
             (m := kc.get_iopub_msg(timeout=30))["msg_type"] == "stream"
             and m["parent_header"].get("msg_id") == msg_id

@@ -20,7 +20,7 @@ import pytest
 from ssh_provisioner import ProvisionerConfigError
 
 from ..conftest import KernelSpecFactory, connect_options
-from ..helpers import execute, process_alive
+from ..helpers import SLEEPING_CELL, execute, process_alive
 from ..sshd import TEST_USER, SSHDaemon
 from .test_lifecycle import running_kernel
 
@@ -32,7 +32,7 @@ ENV = shutil.which("env") or "/usr/bin/env"
 
 
 async def interrupt_a_running_cell(km: Any, kc: Any) -> None:
-    msg_id = kc.execute("import time; print('sleeping', flush=True); time.sleep(30)")
+    msg_id = kc.execute(SLEEPING_CELL)
     while not (
         (m := await kc.get_iopub_msg(timeout=30))["msg_type"] == "stream"
         and m["parent_header"].get("msg_id") == msg_id

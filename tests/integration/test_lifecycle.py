@@ -21,6 +21,7 @@ from ssh_provisioner.engine import get_engine
 
 from ..conftest import KernelSpecFactory
 from ..helpers import (
+    SLEEPING_CELL,
     cmdlines_containing,
     execute,
     listening_ports,
@@ -143,7 +144,7 @@ async def test_interrupt_stops_a_sleeping_cell(
         km,
         kc,
     ):
-        msg_id = kc.execute("import time; print('sleeping', flush=True); time.sleep(60)")
+        msg_id = kc.execute(SLEEPING_CELL)
         await wait_for_output(kc, msg_id)  # the cell runs (see wait_for_output)
         started = time.monotonic()
         await km.interrupt_kernel()

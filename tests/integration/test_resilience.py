@@ -4,7 +4,11 @@ the launcher, reopening the forwards on the same local ports."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -17,6 +21,7 @@ import pytest
 from jupyter_client.manager import AsyncKernelManager
 from jupyter_client.provisioning import KernelProvisionerFactory
 
+from ssh_provisioner import KernelUnreachable
 from ssh_provisioner.session import State
 
 from ..conftest import KernelSpecFactory, connect_options
@@ -26,6 +31,10 @@ from ..sshd import SSHDaemon, start_sshd
 from .test_lifecycle import running_kernel
 
 pytestmark = [pytest.mark.sshd, pytest.mark.usefixtures("no_leaks")]
+
+
+def lost(km: AsyncKernelManager) -> bool:
+    return km.provisioner._session.state is not State.RUNNING
 
 
 def reattached(km: AsyncKernelManager, old_leases: list[Any]) -> bool:
@@ -87,8 +96,7 @@ async def test_a_running_cell_survives_an_sshd_restart(
         ):
             pass
         flaky_host.stop()  # every connection of the host dies with its sshd
-        lease = km.provisioner._session._lease
-        await wait_until(lambda: lease.connection.is_closed(), 10, "the lost connection")
+        await wait_until(lambda: lost(km), 10, "the lost connection")
         assert await km.provisioner.poll() is None  # unreachable, not dead
         assert process_alive(pid)
         flaky_host.start()
@@ -279,3 +287,108 @@ async def test_a_link_down_for_good_leaves_nothing_on_the_host(
             lambda: not Path(info["runtime_dir"]).exists(), 10, "its runtime dir to go"
         )
         assert time.monotonic() - cut < 20
+
+
+FAKE_LAUNCHER = """
+import json, os, socket, sys
+path = sys.argv[1]
+os.makedirs(os.path.dirname(path), exist_ok=True)
+server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+server.bind(path)
+server.listen(1)
+print("listening", flush=True)
+server.settimeout(60)
+conn, _ = server.accept()
+conn.settimeout(5)
+received = b""
+conn.sendall(b'{"challenge": "00", "proof": "not a proof"}\\n')
+try:
+    while True:
+        data = conn.recv(65536)
+        if not data:
+            break
+        received += data
+        conn.sendall(b'{"event": "attached"}\\n')
+except OSError:
+    pass
+print(received.hex(), flush=True)
+"""
+
+
+async def test_a_fake_launcher_gets_neither_the_token_nor_the_code(
+    make_kernelspec: KernelSpecFactory,
+    flaky_config: dict[str, Any],
+    flaky_host: SSHDaemon,
+    test_user: str,
+) -> None:
+    """The kernel dies while its client is cut off; another user on the host takes its
+    control socket's path.  The reconnecting provisioner learns the impostor cannot
+    prove it knows the token, sends it nothing it could use, and counts the kernel dead."""
+    async with running_kernel(make_kernelspec, flaky_config) as (km, _):
+        info = await km.provisioner.get_provisioner_info()
+        flaky_host.stop()
+        await wait_until(lambda: lost(km), 10, "the lost connection")
+        for pid in (info["launcher_pid"], info["pid"]):  # the kernel dies meanwhile
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        await wait_until(lambda: not process_alive(info["pid"]), 10, "the kernel to die")
+        shutil.rmtree(info["runtime_dir"], ignore_errors=True)
+        control = info["handshake"]["control"]
+        impostor = await asyncio.create_subprocess_exec(
+            "runuser", "-u", test_user, "--", sys.executable, "-c", FAKE_LAUNCHER, control,
+            stdout=subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            assert impostor.stdout is not None
+            assert await impostor.stdout.readline() == b"listening\n"
+            flaky_host.start()
+            assert await asyncio.wait_for(km.provisioner.wait(), 30) == 255
+            received = bytes.fromhex((await impostor.stdout.readline()).decode().strip())
+            assert await asyncio.wait_for(impostor.wait(), 30) == 0
+        finally:
+            if impostor.returncode is None:
+                impostor.kill()
+                await impostor.wait()
+            shutil.rmtree(Path(control).parent, ignore_errors=True)
+        assert received.startswith(b'{"hello": "')  # a nonce, and nothing after it
+        assert received.count(b"\n") == 1
+        assert info["attach_token"].encode() not in received
+
+
+async def test_an_abandoned_kernel_is_ended_once_its_host_is_back(
+    make_kernelspec: KernelSpecFactory, flaky_config: dict[str, Any], flaky_host: SSHDaemon
+) -> None:
+    """Past reconnect_timeout the kernel counts as dead (a restarter would start a new
+    one); when the host is back, shutting the old one down ends it there at once, not
+    orphan_timeout (here 10 min) later."""
+    config = {**flaky_config, "reconnect_timeout": 1.5, "orphan_timeout": 600.0}
+    async with running_kernel(make_kernelspec, config) as (km, _):
+        pid = (await km.provisioner.get_provisioner_info())["pid"]
+        flaky_host.stop()
+        assert await asyncio.wait_for(km.provisioner.wait(), 20) == 255
+        assert process_alive(pid)  # abandoned, still running on the host
+        flaky_host.start()
+        await km.shutdown_kernel(now=True)
+        await wait_until(lambda: not process_alive(pid), 10, "the abandoned kernel to end")
+
+
+async def test_interrupt_and_shutdown_during_an_outage(
+    make_kernelspec: KernelSpecFactory, flaky_config: dict[str, Any], flaky_host: SSHDaemon
+) -> None:
+    """During a cut an interrupt is refused with a clear error (nothing queued), and a
+    shutdown finishes without a transport error; the kernel, abandoned, is ended by the
+    next connection to its host."""
+    config = {**flaky_config, "orphan_timeout": 600.0}
+    async with running_kernel(make_kernelspec, config) as (km, _):
+        pid = (await km.provisioner.get_provisioner_info())["pid"]
+        flaky_host.stop()
+        await wait_until(lambda: lost(km), 10, "the lost connection")
+        with pytest.raises(KernelUnreachable, match=r"unreachable .*not delivered"):
+            await km.interrupt_kernel()
+        await km.shutdown_kernel(now=True)
+        assert process_alive(pid)  # nobody could reach it yet
+    flaky_host.start()
+    async with running_kernel(make_kernelspec, config) as (_, kc):  # a new connection
+        await wait_until(lambda: not process_alive(pid), 10, "the abandoned kernel to end")
+        out, _ = await execute(kc, "print('fresh')")
+        assert out.strip() == "fresh"

@@ -1,0 +1,149 @@
+"""Jupyter Server's event-loop lag while 8 kernels stream output: remote vs local.
+
+    .venv/bin/python -m benchmarks.loop_lag [--rounds N] [--login USER]
+
+A real `jupyter server` loads this module as a server extension, which wakes every
+10 ms on the server's own loop and records how late it woke (GET /loop-lag returns the
+samples since the last call).  Eight kernels then print 2000 lines each as fast as
+they can, their output relayed to eight websocket clients; the same eight kernels run
+local (the baseline) and remote over ssh-provisioner, alternating, in one run.
+The figure: p50 and p99 of the lag, remote against local.  With the SSH engine on a
+thread of its own, the server's loop relays websocket traffic, as for a local kernel,
+and no SSH byte.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import time
+from typing import Any
+
+from tornado.web import RequestHandler
+
+from tests.e2e.jupyter_server import Channels, Server, start_server
+
+from .rig import loopback_hosts, main, write_kernelspecs
+
+KERNELS = 8
+LINES = 2000
+INTERVAL = 0.010
+STREAM = f"for i in range({LINES}): print('line', i, 'x' * 60)"
+
+# -- the server extension (runs inside jupyter server) -----------------------------------
+
+_samples: list[float] = []
+
+
+async def _sample_lag() -> None:
+    loop = asyncio.get_running_loop()
+    while True:
+        expected = loop.time() + INTERVAL
+        await asyncio.sleep(INTERVAL)
+        _samples.append(max(0.0, loop.time() - expected))
+
+
+class LagHandler(RequestHandler):  # type: ignore[misc]
+    def get(self) -> None:
+        taken = list(_samples)
+        _samples.clear()
+        self.finish(json.dumps(taken))
+
+
+_tasks: set[asyncio.Task[None]] = set()
+
+
+def _load_jupyter_server_extension(serverapp: Any) -> None:
+    serverapp.web_app.add_handlers(".*$", [("/loop-lag", LagHandler)])
+    task = asyncio.get_event_loop().create_task(_sample_lag())
+    _tasks.add(task)
+
+
+def _jupyter_server_extension_points() -> list[dict[str, str]]:
+    return [{"module": "benchmarks.loop_lag"}]
+
+
+# -- the benchmark ------------------------------------------------------------------
+
+
+async def lag_samples(server: Server) -> list[float]:
+    response = await server.http.fetch(
+        f"{server.url}/loop-lag", headers={"Authorization": f"token {server.token}"}
+    )
+    samples: list[float] = json.loads(response.body)
+    return samples
+
+
+async def stream_round(server: Server, kernel_name: str) -> list[float]:
+    """Lag samples while KERNELS kernels of ``kernel_name`` stream LINES lines each."""
+    kernels = [
+        await server.request("POST", "/api/kernels", {"name": kernel_name}) for _ in range(KERNELS)
+    ]
+    channels: list[Channels] = []
+    try:
+        channels = [await server.channels(k["id"]) for k in kernels]
+        for ch in channels:  # ready: one round trip each
+            await ch.collect(ch.execute("1"), timeout=60)
+        await lag_samples(server)  # drop what came before the streams
+        msg_ids = [ch.execute(STREAM) for ch in channels]
+        await asyncio.gather(
+            *(ch.collect(msg_id, timeout=120) for ch, msg_id in zip(channels, msg_ids, strict=True))
+        )
+        return await lag_samples(server)
+    finally:
+        for ch in channels:
+            ch.close()
+        for k in kernels:
+            await server.request("DELETE", f"/api/kernels/{k['id']}")
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+async def run_rounds(server: Server, rounds: int) -> dict[str, list[float]]:
+    samples: dict[str, list[float]] = {"local": [], "ssh": []}
+    for _ in range(rounds):  # alternating, so drift hits both alike
+        for name in samples:
+            samples[name] += await stream_round(server, name)
+    return samples
+
+
+def measure(rounds: int, login: str) -> None:
+    with loopback_hosts(1, login) as rig:
+        jupyter_path = rig.directory / "share" / "jupyter"
+        write_kernelspecs(
+            jupyter_path / "kernels",
+            {"local": None, "ssh": rig.config(pool_idle_timeout=600)},
+        )
+        server = start_server(
+            rig.directory,
+            jupyter_path,
+            '--ServerApp.jpserver_extensions={"benchmarks.loop_lag": true}',
+            log_level="WARN",
+        )
+        started = time.monotonic()
+        try:
+            samples = asyncio.run(run_rounds(server, rounds))
+        finally:
+            server.stop()
+    print(
+        f"Jupyter Server loop lag, sampled every {INTERVAL * 1000:g} ms, while {KERNELS} "
+        f"kernels print {LINES} lines each ({rounds} rounds, {login}, "
+        f"{time.monotonic() - started:.0f} s)"
+    )
+    base50 = statistics.median(samples["local"])
+    base99 = percentile(samples["local"], 0.99)
+    for name, values in samples.items():
+        p50, p99 = statistics.median(values), percentile(values, 0.99)
+        ratio = "baseline" if name == "local" else f"{p50 / base50:.2f}x / {p99 / base99:.2f}x"
+        print(
+            f"  {name:<6} p50 {p50 * 1000:6.2f} ms  p99 {p99 * 1000:6.2f} ms  "
+            f"({len(values)} samples)  {ratio}"
+        )
+
+
+if __name__ == "__main__":
+    main(__doc__, measure)
