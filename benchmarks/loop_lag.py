@@ -4,8 +4,8 @@
 
 A real `jupyter server` loads this module as a server extension, which wakes every
 10 ms on the server's own loop and records how late it woke (GET /loop-lag returns the
-samples since the last call).  Eight kernels then print 2000 lines each as fast as
-they can, their output relayed to eight websocket clients; the same eight kernels run
+samples since the last call).  Eight kernels then print 500 lines each, one message every 10 ms
+(800 messages a second in all, under the server's IOPub rate limit), their output relayed to eight websocket clients; the same eight kernels run
 local (the baseline) and remote over ssh-provisioner, alternating, in one run.
 The figure: p50 and p99 of the lag, remote against local.  With the SSH engine on a
 thread of its own, the server's loop relays websocket traffic, as for a local kernel,
@@ -27,9 +27,14 @@ from tests.e2e.jupyter_server import Channels, Server, start_server
 from .rig import loopback_hosts, main, write_kernelspecs
 
 KERNELS = 8
-LINES = 2000
+LINES = 500  # 100 a second: 8 kernels stay under Jupyter Server's IOPub rate limit
 INTERVAL = 0.010
-STREAM = f"for i in range({LINES}): print('line', i, 'x' * 60)"
+STREAM = (
+    "import time\n"
+    f"for i in range({LINES}):\n"
+    "    print('line', i, 'x' * 60, flush=True)\n"
+    "    time.sleep(0.01)"
+)
 
 # -- the server extension (runs inside jupyter server) -----------------------------------
 
@@ -118,20 +123,22 @@ def measure(rounds: int, login: str) -> None:
             jupyter_path / "kernels",
             {"local": None, "ssh": rig.config(pool_idle_timeout=600)},
         )
-        server = start_server(
-            rig.directory,
-            jupyter_path,
-            '--ServerApp.jpserver_extensions={"benchmarks.loop_lag": true}',
-            log_level="WARN",
-        )
+        config_dir = rig.directory / "config"  # start_server's JUPYTER_CONFIG_DIR
+        config_dir.mkdir()
+        enable = {"ServerApp": {"jpserver_extensions": {"benchmarks.loop_lag": True}}}
+        (config_dir / "jupyter_server_config.json").write_text(json.dumps(enable))
+        server = start_server(rig.directory, jupyter_path, log_level="WARN")
         started = time.monotonic()
         try:
             samples = asyncio.run(run_rounds(server, rounds))
+        except Exception:
+            print(server.log()[-6000:])
+            raise
         finally:
             server.stop()
     print(
         f"Jupyter Server loop lag, sampled every {INTERVAL * 1000:g} ms, while {KERNELS} "
-        f"kernels print {LINES} lines each ({rounds} rounds, {login}, "
+        f"kernels print {LINES} lines each, one message a line, 100 a second ({rounds} rounds, {login}, "
         f"{time.monotonic() - started:.0f} s)"
     )
     base50 = statistics.median(samples["local"])

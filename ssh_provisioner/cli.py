@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     install.add_argument(
         "--curve",
         action="store_true",
-        help="declare CurveZMQ support (the hosts' kernel must have it: ipykernel 7.4 does); "
+        help="declare CurveZMQ support (the hosts' kernel must have it: ipykernel >= 7.3 does); "
         "managers with transport_encryption auto or required then encrypt the channels",
     )
     install.add_argument("--display-name", help="name shown in JupyterLab")

@@ -1,6 +1,6 @@
 """CurveZMQ for the kernel's channels, when the KernelManager asks for it.
 
-jupyter_client >= 8.10 has ``KernelManager.transport_encryption`` (disabled, auto,
+jupyter_client >= 8.9 has ``KernelManager.transport_encryption`` (disabled, auto,
 required) and kernelspecs declare ``metadata.supported_encryption: ["curve"]``.  The
 kernel is the CURVE server of every channel; the manager and its clients know the
 server's key pair from the connection info.  Over SSH the bytes are already encrypted
@@ -45,7 +45,7 @@ def negotiate(manager: Any, requested: str | None, kernel_name: str) -> CurveKey
     Follows jupyter_client's rules: ``auto`` encrypts when the kernelspec declares curve
     support, ``required`` always does (the manager itself refuses a kernelspec without
     it).  Keys already on the manager are reused, so a restarted kernel keeps them like
-    it keeps the session key.  Managers older than 8.10 have no such setting: no curve.
+    it keeps the session key.  Managers older than 8.9 have no such setting: no curve.
     """
     policy_of = getattr(manager, "_transport_encryption_policy", None)
     if policy_of is None:
