@@ -4,9 +4,10 @@
 
 A real `jupyter server` loads this module as a server extension, which wakes every
 10 ms on the server's own loop and records how late it woke (GET /loop-lag returns the
-samples since the last call).  Eight kernels then print 500 lines each, one message every 10 ms
-(800 messages a second in all, under the server's IOPub rate limit), their output relayed to eight websocket clients; the same eight kernels run
-local (the baseline) and remote over ssh-provisioner, alternating, in one run.
+samples since the last call).  Eight kernels then print 500 lines each, one message
+every 10 ms (800 a second in all, under the server's IOPub rate limit), relayed to
+eight websocket clients; the same eight kernels run local (the baseline) and remote
+over ssh-provisioner, alternating, in one run.
 The figure: p50 and p99 of the lag, remote against local.  With the SSH engine on a
 thread of its own, the server's loop relays websocket traffic, as for a local kernel,
 and no SSH byte.
@@ -138,8 +139,8 @@ def measure(rounds: int, login: str) -> None:
             server.stop()
     print(
         f"Jupyter Server loop lag, sampled every {INTERVAL * 1000:g} ms, while {KERNELS} "
-        f"kernels print {LINES} lines each, one message a line, 100 a second ({rounds} rounds, {login}, "
-        f"{time.monotonic() - started:.0f} s)"
+        f"kernels print {LINES} lines each, one message a line, 100 a second "
+        f"({rounds} rounds, {login}, {time.monotonic() - started:.0f} s)"
     )
     base50 = statistics.median(samples["local"])
     base99 = percentile(samples["local"], 0.99)

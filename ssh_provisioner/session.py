@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncssh
 
@@ -31,6 +31,7 @@ from .tunnels import KernelTunnels
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 RECONNECT_BACKOFF_MAX = 2.0  # a link that comes back carries the kernel again at once
 
 
@@ -99,14 +100,7 @@ class KernelSession:
             )
             return kernel, await self._forward(lease, kernel, preferred_ports, kernel.aclose)
 
-        lease, (kernel, tunnels) = await self._pool.use(
-            settings.host,
-            settings.connect_options,
-            launch,
-            connect_timeout=settings.connect_timeout,
-            idle_timeout=settings.idle_timeout,
-            keep=True,
-        )
+        lease, (kernel, tunnels) = await self._use(launch, keep=True)
         if settings.prewarm:
             python = settings.python
             lease.prepare_spare(python, lambda connection: start_launcher(connection, python))
@@ -120,27 +114,46 @@ class KernelSession:
         settings = self.settings
 
         async def reattach(lease: Lease) -> tuple[RemoteKernel, KernelTunnels]:
-            kernel = await RemoteKernel.attach(
-                lease.connection,
-                settings.host,
-                python=settings.python,
-                handshake=handshake,
-                token=token,
-                kernel_id=settings.kernel_id,
-                timeout=settings.launch_timeout,
-            )
+            kernel = await self._attach_launcher(lease, handshake, token, settings.launch_timeout)
             return kernel, await self._forward(lease, kernel, preferred_ports, kernel.abandon)
 
-        lease, (kernel, tunnels) = await self._pool.use(
-            settings.host,
-            settings.connect_options,
-            reattach,
-            connect_timeout=settings.connect_timeout,
-            idle_timeout=settings.idle_timeout,
-            keep=True,
-        )
+        lease, (kernel, tunnels) = await self._use(reattach, keep=True)
         self._running(lease, kernel, tunnels)
         return self.local_ports
+
+    async def _attach_launcher(
+        self, lease: Lease, handshake: Handshake, token: str, timeout: float
+    ) -> RemoteKernel:
+        settings = self.settings
+        return await RemoteKernel.attach(
+            lease.connection,
+            settings.host,
+            python=settings.python,
+            handshake=handshake,
+            token=token,
+            kernel_id=settings.kernel_id,
+            timeout=timeout,
+        )
+
+    async def _use(
+        self,
+        work: Callable[[Lease], Awaitable[T]],
+        *,
+        connect_timeout: float | None = None,
+        keep: bool = False,
+    ) -> tuple[Lease, T]:
+        """``work`` on a pooled connection to the host (the pool retries on another)."""
+        settings = self.settings
+        return await self._pool.use(
+            settings.host,
+            settings.connect_options,
+            work,
+            connect_timeout=settings.connect_timeout
+            if connect_timeout is None
+            else connect_timeout,
+            idle_timeout=settings.idle_timeout,
+            keep=keep,
+        )
 
     async def _forward(
         self,
@@ -200,13 +213,8 @@ class KernelSession:
         while (remaining := deadline - time.monotonic()) > 0:
             self.state = State.REATTACHING
             try:
-                lease, tunnels = await self._pool.use(
-                    settings.host,
-                    settings.connect_options,
-                    resume,
-                    connect_timeout=min(settings.connect_timeout, remaining),
-                    idle_timeout=settings.idle_timeout,
-                    keep=True,
+                lease, tunnels = await self._use(
+                    resume, connect_timeout=min(settings.connect_timeout, remaining), keep=True
                 )
             except (HostKeyError, KernelGone) as exc:
                 log.error("kernel %s: not reattaching: %s", settings.kernel_id, exc)
@@ -324,26 +332,12 @@ class KernelSession:
         settings = self.settings
 
         async def end(lease: Lease) -> None:
-            kernel = await RemoteKernel.attach(
-                lease.connection,
-                settings.host,
-                python=settings.python,
-                handshake=handshake,
-                token=token,
-                kernel_id=settings.kernel_id,
-                timeout=settings.connect_timeout,
-            )
+            kernel = await self._attach_launcher(lease, handshake, token, settings.connect_timeout)
             await kernel.aclose()  # SIGKILL through its launcher, which then cleans up
 
         async def attempt() -> bool:
             try:
-                await self._pool.use(
-                    settings.host,
-                    settings.connect_options,
-                    end,
-                    connect_timeout=settings.connect_timeout,
-                    idle_timeout=settings.idle_timeout,
-                )
+                await self._use(end)
             except KernelGone:
                 return True  # ended already (orphan_timeout), or never reattachable
             except (SSHConnectError, TunnelError, OSError, asyncssh.Error) as exc:

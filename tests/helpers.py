@@ -107,6 +107,22 @@ async def execute(
     return "".join(chunks), reply["content"]
 
 
+async def interrupt_a_running_cell(
+    km: AsyncKernelManager, kc: AsyncKernelClient, cell: str = SLEEPING_CELL
+) -> str:
+    """Run ``cell``, interrupt it once it prints, expect KeyboardInterrupt; its msg_id."""
+    msg_id = kc.execute(cell)
+    while not (
+        (m := await kc.get_iopub_msg(timeout=30))["msg_type"] == "stream"
+        and m["parent_header"].get("msg_id") == msg_id
+    ):
+        pass
+    await km.interrupt_kernel()
+    reply = await kc.get_shell_msg(timeout=10)
+    assert reply["content"]["ename"] == "KeyboardInterrupt"
+    return msg_id
+
+
 async def iopub_delivers(kc: AsyncKernelClient, timeout: float = 30.0) -> None:
     """Nudge with kernel_info until IOPub delivers an answer: after a reconnect the SUB
     socket subscribes again on its own schedule, and PUB drops what it sends before."""

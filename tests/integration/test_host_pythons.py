@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from ..conftest import IN_CI, KernelSpecFactory, connect_options
-from ..helpers import execute
+from ..helpers import execute, interrupt_a_running_cell
 from ..sshd import SSHDaemon
 from .test_lifecycle import running_kernel
 
@@ -84,15 +84,7 @@ async def test_a_kernel_lives_its_whole_life_on_host_python(
         if transport == "ipc":
             assert all(isinstance(e, str) for e in info["endpoints"].values())
 
-        msg_id = kc.execute("import time; print('sleeping', flush=True); time.sleep(30)")
-        while not (
-            (m := await kc.get_iopub_msg(timeout=30))["msg_type"] == "stream"
-            and m["parent_header"].get("msg_id") == msg_id
-        ):
-            pass
-        await km.interrupt_kernel()
-        reply = await kc.get_shell_msg(timeout=30)
-        assert reply["content"]["ename"] == "KeyboardInterrupt"
+        await interrupt_a_running_cell(km, kc)
 
         await km.restart_kernel()
         await kc.wait_for_ready(timeout=60)

@@ -20,7 +20,7 @@ import pytest
 from ssh_provisioner import ProvisionerConfigError
 
 from ..conftest import KernelSpecFactory, connect_options
-from ..helpers import SLEEPING_CELL, execute, process_alive
+from ..helpers import execute, interrupt_a_running_cell, process_alive
 from ..sshd import TEST_USER, SSHDaemon
 from .test_lifecycle import running_kernel
 
@@ -29,18 +29,6 @@ pytestmark = [pytest.mark.sshd, pytest.mark.usefixtures("no_leaks")]
 KERNEL = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
 SETSID = shutil.which("setsid") or "/usr/bin/setsid"
 ENV = shutil.which("env") or "/usr/bin/env"
-
-
-async def interrupt_a_running_cell(km: Any, kc: Any) -> None:
-    msg_id = kc.execute(SLEEPING_CELL)
-    while not (
-        (m := await kc.get_iopub_msg(timeout=30))["msg_type"] == "stream"
-        and m["parent_header"].get("msg_id") == msg_id
-    ):
-        pass
-    await km.interrupt_kernel()
-    reply = await kc.get_shell_msg(timeout=10)
-    assert reply["content"]["ename"] == "KeyboardInterrupt"
 
 
 async def test_a_kernel_behind_setsid_starts_interrupts_and_leaves_nothing(

@@ -16,7 +16,7 @@ from jupyter_client.manager import AsyncKernelManager
 from ssh_provisioner.engine import shutdown_engine
 
 from ..conftest import KernelSpecFactory
-from ..helpers import SLEEPING_CELL, execute
+from ..helpers import execute, interrupt_a_running_cell
 
 pytestmark = [pytest.mark.sshd, pytest.mark.slow, pytest.mark.usefixtures("no_leaks")]
 CYCLES = int(os.environ.get("SSHP_SOAK_CYCLES", "200"))
@@ -30,17 +30,9 @@ async def cycle(ksm: Any, name: str, index: int) -> None:
     try:
         await kc.wait_for_ready(timeout=60)
         if index % 5 == 1:  # interrupt a running cell
-            # interrupt once the cell runs: a SIGINT that lands before, while the kernel
-            # is still setting up the execution, can be lost (ipykernel, not us)
-            msg_id = kc.execute(SLEEPING_CELL)
-            while not (
-                (m := await kc.get_iopub_msg(timeout=10))["msg_type"] == "stream"
-                and m["parent_header"].get("msg_id") == msg_id
-            ):
-                pass
-            await km.interrupt_kernel()
-            reply = await kc.get_shell_msg(timeout=10)
-            assert reply["content"]["ename"] == "KeyboardInterrupt"
+            # once the cell runs: a SIGINT that lands before, while the kernel is still
+            # setting up the execution, can be lost (ipykernel, not us)
+            msg_id = await interrupt_a_running_cell(km, kc)
             # ipykernel aborts every execute_request that reaches it between an error
             # reply and the end of its stop_on_error window; it publishes `idle` after.
             # A client that sends the next cell on the error reply itself races that
