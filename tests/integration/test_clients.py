@@ -114,6 +114,7 @@ def blocking_execute(kc: BlockingKernelClient, code: str, timeout: float = 30) -
 # -- in this process --------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_the_sync_kernel_manager_and_blocking_client(one_host: tuple[Any, str, SSHDaemon]) -> None:
     """The whole life through the sync API, with 90 s of silence in the middle: no call
