@@ -336,6 +336,7 @@ class SSHProvisioner(KernelProvisionerBase):
             self._place_and_start(plan, cmd, candidates, connection)
         )
         self._session, self._placement, self._reaped = session, placement, False
+        self._reserved = placement.entry  # the host's slot, given back by cleanup
         self._restart_ports = None
         self.connection_info = self._local_connection_info(session.local_ports)
         return self.connection_info

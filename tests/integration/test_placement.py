@@ -171,6 +171,10 @@ async def test_max_kernels(make_kernelspec: KernelSpecFactory, trio_config: dict
         message = await start_failing(make_kernelspec, config, HostSelectionError)
         assert f"{hosts[0]}: skipped, full (1 kernels" in message
         assert f"{hosts[1]}: skipped, full (2 kernels" in message
+    # shut down, every slot is free again: the next start takes host-a
+    assert [get_engine().placement.kernels(HostEntry.parse(h)) for h in hosts[:2]] == [0, 0]
+    async with kernel_on(make_kernelspec, config) as (_, _, hostname):
+        assert hostname == "host-a"
 
 
 async def test_restart_stays_on_its_host(
