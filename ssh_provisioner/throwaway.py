@@ -92,22 +92,20 @@ class SSHDaemon:
         """Stop the daemon and the sshd processes serving its connections.
 
         Those run in sessions of their own, so stopping the listener alone would leave
-        established connections up; users' processes (kernels) are left alone.
+        established connections up; users' processes (kernels) are left alone.  The
+        listener is frozen first: a client reconnecting at once (the provisioner does,
+        from its engine thread) must not get a new connection, served by a process
+        forked after the list of those to kill was taken.
         """
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.process.pid, signal.SIGSTOP)
         for pid in _sshd_descendants(self.process.pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        if self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(5)
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
+            os.killpg(self.process.pid, signal.SIGKILL)  # a stopped process dies of it too
+        self.process.wait(5)
 
     def start(self) -> None:
         """(Re)start on the same address, port and host key."""
