@@ -45,6 +45,7 @@ from .policies import HostPolicy, Placement, load_policy
 from .pool import Lease, check_connect_options
 from .remote import Handshake, run_probe
 from .session import KernelSession, SessionSettings
+from .tunnels import KernelPorts
 
 # Forwarded from the launch request whatever forward_env says: what a kernel needs from
 # its client.  Everything else in the request env is the *server's* environment.
@@ -214,7 +215,7 @@ class SSHProvisioner(KernelProvisionerBase):
         self._reserved: HostEntry | None = None
         self._handshake: Handshake | None = None
         self._reaped = False
-        self._restart_ports: dict[str, int] | None = None
+        self._ports: KernelPorts | None = None  # bound at the first start, kept until cleanup
         self._standalone_key: bytes | None = None
         self._curve: CurveKeys | None = None
 
@@ -332,12 +333,21 @@ class SSHProvisioner(KernelProvisionerBase):
         plan = self._plan
         connection = self._connection_fields()
         candidates = self._candidates(plan.pinned_host, plan.labels)
-        session, placement = await get_engine().run(
-            self._place_and_start(plan, cmd, candidates, connection)
-        )
+
+        async def start() -> tuple[KernelSession, Placement]:
+            fresh = self._ports is None
+            ports = self._ports = self._ports or await KernelPorts.open()
+            try:
+                return await self._place_and_start(plan, cmd, candidates, connection, ports)
+            except BaseException:
+                if fresh:
+                    self._ports = None
+                    await asyncio.shield(ports.aclose())
+                raise
+
+        session, placement = await get_engine().run(start())
         self._session, self._placement, self._reaped = session, placement, False
         self._reserved = placement.entry  # the host's slot, given back by cleanup
-        self._restart_ports = None
         self.connection_info = self._local_connection_info(session.local_ports)
         return self.connection_info
 
@@ -347,6 +357,7 @@ class SSHProvisioner(KernelProvisionerBase):
         cmd: list[str],
         candidates: list[HostEntry],
         connection: dict[str, Any],
+        ports: KernelPorts,
     ) -> tuple[KernelSession, Placement]:
         """(engine loop) Choose a host and start the kernel there, trying the next host
         when one cannot be reached."""
@@ -360,12 +371,10 @@ class SSHProvisioner(KernelProvisionerBase):
             if placement is None:
                 break
             entry = placement.entry
-            session = KernelSession(self._settings(entry), get_engine().pool)
+            session = KernelSession(self._settings(entry), get_engine().pool, ports)
             started = time.perf_counter()
             try:
-                await session.start(
-                    self._launch_spec(plan, cmd, placement, connection), self._restart_ports
-                )
+                await session.start(self._launch_spec(plan, cmd, placement, connection))
             except SSHConnectError as exc:
                 state.release(entry)
                 state.mark_unhealthy(entry, str(exc), self.host_cooldown)
@@ -460,16 +469,18 @@ class SSHProvisioner(KernelProvisionerBase):
     async def cleanup(self, restart: bool = False) -> None:
         """Called by KernelManager.cleanup_resources after every shutdown; idempotent.
 
-        Closes the forwards (remembering their ports for a restart), waits until the
-        launcher has removed the kernel and its runtime dir, and releases the pooled
-        connection (kept open for a restart or reuse).
+        Waits until the launcher has removed the kernel and its runtime dir, and
+        releases the pooled connection (kept open for a restart or reuse).  The local
+        ports stay bound for a restart, holding the clients' connections until the new
+        kernel is up; otherwise they are closed.
         """
         session, self._session = self._session, None
         self._reaped = True
         reserved, self._reserved = self._reserved, None
-        if session is not None and restart:
-            self._restart_ports = dict(session.local_ports)
-        if session is None and reserved is None:
+        ports = None
+        if not restart:
+            ports, self._ports = self._ports, None
+        if session is None and reserved is None and ports is None:
             return
 
         async def close() -> None:
@@ -479,6 +490,8 @@ class SSHProvisioner(KernelProvisionerBase):
             finally:
                 if reserved is not None:
                     get_engine().placement.release(reserved)
+                if ports is not None:
+                    await ports.aclose()
 
         await get_engine().run(close())
 
@@ -535,13 +548,26 @@ class SSHProvisioner(KernelProvisionerBase):
             entry = self._candidates(str(host_name), frozenset())[0]
         handshake = Handshake.from_event(provisioner_info["handshake"])
         token = str(provisioner_info.get("attach_token") or "")
-        session = KernelSession(self._settings(entry), get_engine().pool)
+        saved_ports = provisioner_info.get("local_ports") or None
 
-        async def attach() -> None:
-            await session.attach(handshake, token, provisioner_info.get("local_ports"))
+        async def attach() -> KernelSession:
+            ports = await KernelPorts.open(saved_ports)
+            try:
+                session = KernelSession(self._settings(entry), get_engine().pool, ports)
+                await session.attach(handshake, token)
+            except BaseException:
+                await asyncio.shield(ports.aclose())
+                raise
             get_engine().placement.adopt(entry)
+            self._ports = ports
+            return session
 
-        await get_engine().run(attach())
+        session = await get_engine().run(attach())
+        if saved_ports and session.local_ports != saved_ports:
+            self.log.warning(
+                "kernel %s: local ports %s were taken; now %s (connection_info updated)",
+                self.kernel_id, saved_ports, session.local_ports,
+            )  # fmt: skip
         self._placement, self._reserved = Placement(entry), entry
         self._session, self._handshake, self._reaped = session, handshake, False
         saved_info = provisioner_info.get("connection_info") or {}

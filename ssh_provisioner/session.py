@@ -1,7 +1,9 @@
 """KernelSession: one kernel's remote life, on the engine's loop.
 
-It owns the pooled-connection lease, the launcher channel (``RemoteKernel``), the five
-forwards (``KernelTunnels``) and the handshake, and moves through explicit states::
+It owns the pooled-connection lease, the launcher channel (``RemoteKernel``), the
+handshake, and where the kernel's local ports (``KernelPorts``, bound by the provisioner
+for the kernel manager's whole life, restarts included) relay to.  It moves through
+explicit states::
 
     STARTING -> RUNNING -> UNREACHABLE -> REATTACHING -> RUNNING
                                                     \\-> ABANDONED
@@ -23,11 +25,11 @@ from typing import Any, TypeVar
 
 import asyncssh
 
-from .errors import HostKeyError, KernelUnreachable, SSHConnectError, TunnelError
+from .errors import HostKeyError, KernelUnreachable, SSHConnectError
 from .hosts import Host
 from .pool import ConnectionPool, Lease
 from .remote import Handshake, KernelGone, RemoteKernel, start_launcher
-from .tunnels import KernelTunnels
+from .tunnels import KernelPorts, Target
 
 log = logging.getLogger(__name__)
 
@@ -63,15 +65,14 @@ class SessionSettings:
 
 
 class KernelSession:
-    def __init__(self, settings: SessionSettings, pool: ConnectionPool) -> None:
+    def __init__(self, settings: SessionSettings, pool: ConnectionPool, ports: KernelPorts) -> None:
         self.settings = settings
         self._pool = pool
+        self._ports = ports
         self.state = State.STARTING
         self._lease: Lease | None = None
         self._kernel: RemoteKernel | None = None
-        self._tunnels: KernelTunnels | None = None
         self.handshake: Handshake | None = None
-        self.local_ports: dict[str, int] = {}
         self._close_task: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
@@ -80,16 +81,18 @@ class KernelSession:
 
     # -- STARTING -> RUNNING ------------------------------------------------------------
 
-    async def start(
-        self, spec: dict[str, Any], preferred_ports: dict[str, int] | None
-    ) -> dict[str, int]:
-        """Run the launcher with ``spec``, await its handshake and open the forwards.
-        Returns the local ports.  On failure nothing is left (the lease is released)."""
+    @property
+    def local_ports(self) -> dict[str, int]:
+        return self._ports.numbers
+
+    async def start(self, spec: dict[str, Any]) -> None:
+        """Run the launcher with ``spec``, await its handshake and relay the local ports
+        to the kernel.  On failure nothing is left (the lease is released)."""
         settings = self.settings
 
-        async def launch(lease: Lease) -> tuple[RemoteKernel, KernelTunnels]:
+        async def launch(lease: Lease) -> RemoteKernel:
             spare = lease.take_spare(settings.python) if settings.prewarm else None
-            kernel = await RemoteKernel.start(
+            return await RemoteKernel.start(
                 lease.connection,
                 settings.host,
                 python=settings.python,
@@ -98,28 +101,22 @@ class KernelSession:
                 timeout=settings.launch_timeout,
                 spare=spare,
             )
-            return kernel, await self._forward(lease, kernel, preferred_ports, kernel.aclose)
 
-        lease, (kernel, tunnels) = await self._use(launch, keep=True)
+        lease, kernel = await self._use(launch, keep=True)
         if settings.prewarm:
             python = settings.python
             lease.prepare_spare(python, lambda connection: start_launcher(connection, python))
-        self._running(lease, kernel, tunnels)
-        return self.local_ports
+        self._running(lease, kernel)
 
-    async def attach(
-        self, handshake: Handshake, token: str, preferred_ports: dict[str, int] | None
-    ) -> dict[str, int]:
+    async def attach(self, handshake: Handshake, token: str) -> None:
         """Take over a kernel that another process (or an earlier server) started."""
         settings = self.settings
 
-        async def reattach(lease: Lease) -> tuple[RemoteKernel, KernelTunnels]:
-            kernel = await self._attach_launcher(lease, handshake, token, settings.launch_timeout)
-            return kernel, await self._forward(lease, kernel, preferred_ports, kernel.abandon)
+        async def reattach(lease: Lease) -> RemoteKernel:
+            return await self._attach_launcher(lease, handshake, token, settings.launch_timeout)
 
-        lease, (kernel, tunnels) = await self._use(reattach, keep=True)
-        self._running(lease, kernel, tunnels)
-        return self.local_ports
+        lease, kernel = await self._use(reattach, keep=True)
+        self._running(lease, kernel)
 
     async def _attach_launcher(
         self, lease: Lease, handshake: Handshake, token: str, timeout: float
@@ -155,25 +152,10 @@ class KernelSession:
             keep=keep,
         )
 
-    async def _forward(
-        self,
-        lease: Lease,
-        kernel: RemoteKernel,
-        ports: dict[str, int] | None,
-        undo: Callable[[], Awaitable[None]],
-    ) -> KernelTunnels:
-        try:
-            return await KernelTunnels.open(
-                lease.connection, self.settings.host, kernel.endpoints, preferred_ports=ports
-            )
-        except BaseException:
-            await asyncio.shield(undo())
-            raise
-
-    def _running(self, lease: Lease, kernel: RemoteKernel, tunnels: KernelTunnels) -> None:
-        self._lease, self._kernel, self._tunnels = lease, kernel, tunnels
+    def _running(self, lease: Lease, kernel: RemoteKernel) -> None:
+        self._lease, self._kernel = lease, kernel
         self.handshake = kernel.ready
-        self.local_ports = tunnels.local_ports
+        self._ports.attach(Target(lease.connection, kernel.endpoints))
         self.state = State.RUNNING
         if self.settings.reconnect_timeout > 0:
             kernel.reconnect = self._reconnect
@@ -182,17 +164,15 @@ class KernelSession:
     # -- RUNNING -> UNREACHABLE -> REATTACHING -> RUNNING | ABANDONED -------------------
 
     async def _reconnect(self, kernel: RemoteKernel) -> bool:
-        """The kernel's connection died: reconnect, reattach to its launcher and reopen
-        the forwards on the same local ports, for up to ``reconnect_timeout`` seconds.
-        Meanwhile the kernel counts as alive: unreachable, not dead."""
+        """The kernel's connection died: reconnect and reattach to its launcher, for up
+        to ``reconnect_timeout`` seconds.  Meanwhile the kernel counts as alive
+        (unreachable, not dead) and its local ports stay bound, holding the connections
+        its clients make until it is back."""
         if self.state is not State.RUNNING:
             return False
         settings = self.settings
         self.state = State.UNREACHABLE
-        ports = dict(self.local_ports)
-        # Refuse local connections while the host is unreachable, so that clients see
-        # closed ports and reconnect once the forwards are back.
-        await self._drop_tunnels()
+        self._ports.detach()
         if self._lease is not None:
             self._lease.release()
             self._lease = None
@@ -203,33 +183,28 @@ class KernelSession:
             settings.kernel_id, settings.host_name, settings.reconnect_timeout,
         )  # fmt: skip
 
-        async def resume(lease: Lease) -> KernelTunnels:
+        async def resume(lease: Lease) -> None:
             await kernel.resume(lease.connection, settings.python, settings.connect_timeout)
-            return await KernelTunnels.open(
-                lease.connection, settings.host, kernel.endpoints, preferred_ports=ports
-            )
 
         delay = 0.25
         while (remaining := deadline - time.monotonic()) > 0:
             self.state = State.REATTACHING
             try:
-                lease, tunnels = await self._use(
+                lease, _ = await self._use(
                     resume, connect_timeout=min(settings.connect_timeout, remaining), keep=True
                 )
             except (HostKeyError, KernelGone) as exc:
                 log.error("kernel %s: not reattaching: %s", settings.kernel_id, exc)
                 break
-            except (SSHConnectError, TunnelError) as exc:
+            except SSHConnectError as exc:
                 log.info("kernel %s: still unreachable: %s", settings.kernel_id, exc)
             else:
-                self._lease, self._tunnels = lease, tunnels
-                self.local_ports = tunnels.local_ports
+                if self.state is not State.REATTACHING:  # closed or abandoned meanwhile
+                    lease.release()
+                    return False
+                self._lease = lease
+                self._ports.attach(Target(lease.connection, kernel.endpoints))
                 self.state = State.RUNNING
-                if self.local_ports != ports:
-                    log.warning(
-                        "kernel %s: local ports changed on reattach: %s -> %s",
-                        settings.kernel_id, ports, self.local_ports,
-                    )  # fmt: skip
                 log.warning(
                     "kernel %s on %s: reattached after %.1fs",
                     settings.kernel_id, settings.host_name, time.monotonic() - started,
@@ -289,7 +264,7 @@ class KernelSession:
         self.state = State.ABANDONED
         if self._kernel is not None:
             await self._kernel.abandon()
-        await self._drop_tunnels()
+        self._ports.detach()
         if self._lease is not None:
             self._lease.release()
             self._lease = None
@@ -318,7 +293,7 @@ class KernelSession:
                 else:  # cancels a reattach in flight before its forwards are dropped
                     await kernel.abandon()
         finally:
-            await self._drop_tunnels()
+            self._ports.detach()
             if self._lease is not None:
                 self._lease.release()
                 self._lease = None
@@ -340,7 +315,7 @@ class KernelSession:
                 await self._use(end)
             except KernelGone:
                 return True  # ended already (orphan_timeout), or never reattachable
-            except (SSHConnectError, TunnelError, OSError, asyncssh.Error) as exc:
+            except (SSHConnectError, OSError, asyncssh.Error) as exc:
                 log.info("kernel %s: cannot end it yet: %s", settings.kernel_id, exc)
                 return False
             log.warning(
@@ -356,11 +331,3 @@ class KernelSession:
             return
         if not await attempt():
             self._pool.when_reachable(settings.host, settings.connect_options, later)
-
-    async def _drop_tunnels(self) -> None:
-        tunnels, self._tunnels = self._tunnels, None
-        if tunnels is not None:
-            try:
-                await tunnels.aclose()
-            except (asyncssh.Error, OSError) as exc:
-                log.debug("closing forwards of %s: %s", self.settings.kernel_id, exc)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import queue
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -121,22 +120,6 @@ async def interrupt_a_running_cell(
     reply = await kc.get_shell_msg(timeout=10)
     assert reply["content"]["ename"] == "KeyboardInterrupt"
     return msg_id
-
-
-async def iopub_delivers(kc: AsyncKernelClient, timeout: float = 30.0) -> None:
-    """Nudge with kernel_info until IOPub delivers an answer: after a reconnect the SUB
-    socket subscribes again on its own schedule, and PUB drops what it sends before."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        msg_id = kc.kernel_info()
-        try:
-            while True:
-                message = await kc.get_iopub_msg(timeout=0.5)
-                if message["parent_header"].get("msg_id") == msg_id:
-                    return
-        except queue.Empty:
-            continue
-    raise AssertionError(f"IOPub delivered nothing for {timeout}s")
 
 
 async def start_failing(

@@ -25,7 +25,7 @@ from ssh_provisioner import KernelUnreachable
 from ssh_provisioner.session import State
 
 from ..conftest import KernelSpecFactory, connect_options
-from ..helpers import execute, iopub_delivers, process_alive, wait_until
+from ..helpers import execute, process_alive, wait_until
 from ..netns import Link, namespace_host
 from ..sshd import SSHDaemon, start_sshd
 from .test_lifecycle import running_kernel
@@ -255,7 +255,6 @@ async def test_more_kernels_than_max_sessions_reattach_after_an_sshd_restart(
         started = time.monotonic()
         for index, (km, kc) in enumerate(kernels):
             await wait_until(lambda km=km: reattached(km, leases), 20, "the reattach")
-            await iopub_delivers(kc)
             out, _ = await execute(kc, "print(x)")
             assert out.strip() == str(index)
         assert time.monotonic() - started < 20  # none waited for reconnect_timeout
@@ -392,3 +391,61 @@ async def test_interrupt_and_shutdown_during_an_outage(
         await wait_until(lambda: not process_alive(pid), 10, "the abandoned kernel to end")
         out, _ = await execute(kc, "print('fresh')")
         assert out.strip() == "fresh"
+
+
+SQUATTER = """
+import socket, sys
+for port in map(int, sys.argv[1:]):
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        print("bound", port, flush=True)
+        sys.exit(1)
+print("refused", flush=True)
+"""
+
+
+async def test_local_ports_stay_ours_and_a_request_sent_in_the_outage_is_answered(
+    make_kernelspec: KernelSpecFactory,
+    flaky_config: dict[str, Any],
+    flaky_host: SSHDaemon,
+    test_user: str,
+) -> None:
+    """While the host is unreachable the kernel's local ports stay bound (another user
+    cannot take them and receive the next cell's code), and a client's connections are
+    held, not refused: a cell sent during the outage runs when the host is back, and its
+    output and reply arrive without any nudge, as does the next cell's."""
+    async with running_kernel(make_kernelspec, flaky_config) as (km, kc):
+        await execute(kc, "x = 41")
+        info = dict(km.get_connection_info())
+        ports = [
+            info[f"{channel}_port"] for channel in ("shell", "iopub", "stdin", "control", "hb")
+        ]
+        flaky_host.stop()
+        await wait_until(lambda: lost(km), 10, "the lost connection")
+        squatter = subprocess.run(
+            ["runuser", "-u", test_user, "--", sys.executable, "-c", SQUATTER, *map(str, ports)],
+            capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+        assert squatter.stdout.strip() == "refused", squatter.stdout + squatter.stderr
+        msg_id = kc.execute("print('sent in the outage', x + 1)")
+        flaky_host.start()
+        printed, state = "", ""
+        deadline = time.monotonic() + 30
+        while state != "idle":
+            message = await kc.get_iopub_msg(timeout=max(0.1, deadline - time.monotonic()))
+            if message["parent_header"].get("msg_id") != msg_id:
+                continue
+            if message["msg_type"] == "stream":
+                printed += message["content"]["text"]
+            if message["msg_type"] == "status":
+                state = message["content"]["execution_state"]
+        assert printed == "sent in the outage 42\n"
+        reply = await kc.get_shell_msg(timeout=10)
+        assert reply["parent_header"]["msg_id"] == msg_id
+        assert reply["content"]["status"] == "ok"
+        assert dict(km.get_connection_info()) == info
+        out, _ = await execute(kc, "print('after', x)")
+        assert out.strip() == "after 41"
