@@ -11,6 +11,7 @@ from typing import Any, NoReturn
 
 from .errors import ProvisionerConfigError, SSHProvisionerError
 from .hosts import HostEntry
+from .sshconfig import ALLOW_UNCHECKED
 
 EXAMPLES = """examples:
   ssh-provisioner demo                                  a kernel on a throwaway local SSH host
@@ -286,6 +287,8 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         config = found[0].config
         hosts += [HostEntry.parse(item) for item in config.get("hosts", [])]
         options = dict(config.get("connect_options", {}))
+        if config.get(ALLOW_UNCHECKED):
+            options[ALLOW_UNCHECKED] = True
         python = args.python or config.get("remote_python", "python3")
         kernel_argv = found[0].argv
     if not hosts:

@@ -12,11 +12,12 @@ from typing import Any
 
 import asyncssh
 
-from .errors import AuthenticationError, HostKeyError, SSHConnectError
+from .errors import AuthenticationError, HostKeyError, SSHConnectError, SSHProvisionerError
 from .hosts import HostEntry
 from .policies import LeastLoad, MostFreeGpuMemory, parse_gpus, parse_load
 from .pool import connect
 from .remote import run_probe
+from .sshconfig import ALLOW_UNCHECKED, check_host_key_checking, read_host_config, unchecked
 
 CHECKS = ("dns", "tcp", "host key", "auth", "python", "kernel", "load", "gpus", "rtt")
 OLDEST_PYTHON = (3, 6)  # the oldest the launcher runs on (tested on 3.6 to 3.13)
@@ -98,13 +99,24 @@ async def check_host(
             checks["tcp"] = Check(FAIL, f"port {port}: timed out")
     if checks.get("tcp", Check(OK)).status == FAIL:
         return _skip_rest(report)
+    key_check = Check(OK, "known and matching")
+    with contextlib.suppress(SSHProvisionerError):  # connect() reports it, below
+        config = await asyncio.to_thread(read_host_config, host, connect_options)
+        allow = bool(connect_options.get(ALLOW_UNCHECKED))
+        plain = {k: v for k, v in connect_options.items() if k != ALLOW_UNCHECKED}
+        if unchecked(check_host_key_checking(host, plain, config, allow_unchecked=allow)):
+            key_check = Check(
+                WARN,
+                f"NOT checked ({ALLOW_UNCHECKED}): whoever answers as this host gets "
+                "the kernels' code",
+            )
     try:
         connection = await connect(host, connect_options, connect_timeout=timeout)
     except HostKeyError as exc:
         checks["host key"] = Check(FAIL, str(exc))
         return _skip_rest(report)
     except AuthenticationError as exc:
-        checks["host key"] = Check(OK, "known and matching")
+        checks["host key"] = key_check
         checks["auth"] = Check(FAIL, str(exc))
         return _skip_rest(report)
     except SSHConnectError as exc:
@@ -113,7 +125,7 @@ async def check_host(
         checks["tcp"] = Check(FAIL, str(exc))
         return _skip_rest(report)
     try:
-        checks["host key"] = Check(OK, "known and matching")
+        checks["host key"] = key_check
         checks["auth"] = Check(OK, f"as {connection.get_extra_info('username')}")
         version = await _run(connection, [python, "-c", PYTHON_VERSION], timeout)
         if version.exit_status != 0:

@@ -33,6 +33,13 @@ from .errors import (
     translate_connect_error,
 )
 from .hosts import Host
+from .sshconfig import (
+    ALLOW_UNCHECKED,
+    HostConfig,
+    check_host_key_checking,
+    jump_hosts,
+    read_host_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +56,7 @@ CONNECTIONS_PER_ATTEMPT = 4
 # and open no channel before the announcement has arrived (1-3 ms); servers that send
 # no announcement cost at most this long.
 HOST_KEYS_ANNOUNCEMENT_WAIT = 0.05
+MAX_JUMP_HOPS = 8
 # asyncssh's own list with AES-GCM first: every message of a kernel crosses asyncssh in
 # this process, and measured per execute round trip AES-GCM costs 0.4 ms less than
 # ChaCha20-Poly1305 (and streams 1.45x faster). All are secure; the server still decides
@@ -131,12 +139,13 @@ class Lease:
         self.pool._prepare_spare(self.key, self.connection, name, factory)
 
 
-def check_connect_options(options: dict[str, Any]) -> None:
+def check_connect_options(options: dict[str, Any], *, allow_unchecked: bool = False) -> None:
     """Refuse options that would silently weaken host-key checking."""
-    if "known_hosts" in options and options["known_hosts"] is None:
+    if "known_hosts" in options and options["known_hosts"] is None and not allow_unchecked:
         raise ProvisionerConfigError(
             "connect_options: known_hosts=null would disable host-key checking, which "
-            "ssh-provisioner never does; list a known_hosts file instead"
+            f"ssh-provisioner does not do unless an admin sets {ALLOW_UNCHECKED}; list "
+            "a known_hosts file instead"
         )
 
 
@@ -329,7 +338,77 @@ class ConnectionPool:
 async def connect(
     host: Host, options: dict[str, Any], *, connect_timeout: float
 ) -> asyncssh.SSHClientConnection:
-    """Open a connection, translating every failure into our exception tree."""
+    """Open a connection, translating every failure into our exception tree.
+
+    The user's ssh config is read first (in a thread): a line that switches host-key
+    checking off is refused, and ProxyJump hops are opened here with the same options."""
+    allow_unchecked = bool(options.get(ALLOW_UNCHECKED, False))
+    options = {name: value for name, value in options.items() if name != ALLOW_UNCHECKED}
+    config = await asyncio.to_thread(read_host_config, host, options)
+    requested = options
+    options = check_host_key_checking(host, options, config, allow_unchecked=allow_unchecked)
+    hop: asyncssh.SSHClientConnection | None = None
+    if config.proxy_jump and "tunnel" not in options:
+        hop = await _open_jump_hosts(host, config, requested, allow_unchecked, connect_timeout)
+        options = {**options, "tunnel": hop}
+    try:
+        connection = await _connect_direct(host, options, connect_timeout=connect_timeout)
+    except BaseException:
+        if hop is not None:
+            hop.close()
+        raise
+    if hop is not None:
+        connection.set_tunnel(hop)  # closed with the connection it carries
+    return connection
+
+
+async def _open_jump_hosts(
+    host: Host,
+    config: HostConfig,
+    options: dict[str, Any],
+    allow_unchecked: bool,
+    connect_timeout: float,
+) -> asyncssh.SSHClientConnection:
+    """Connect through each ProxyJump hop in turn, each with ``options`` (known_hosts,
+    client keys, keepalives): the first reads its own ssh config, ProxyJump included."""
+    hops = jump_hosts(config.proxy_jump or "")
+    if len(hops) > MAX_JUMP_HOPS or str(host) in {str(hop) for hop in hops}:
+        raise ProvisionerConfigError(
+            f"ssh config for {host}: ProxyJump {config.proxy_jump!r} "
+            f"({config.origins.get('ProxyJump', 'ssh config')}) loops or is too long"
+        )
+    hop_options = {**options, ALLOW_UNCHECKED: allow_unchecked}
+    previous: asyncssh.SSHClientConnection | None = None
+    connection: asyncssh.SSHClientConnection | None = None
+    for hop in hops:
+        try:
+            if previous is None:
+                connection = await connect(hop, hop_options, connect_timeout=connect_timeout)
+            else:
+                via = {**hop_options, "tunnel": previous}
+                connection = await connect(hop, via, connect_timeout=connect_timeout)
+                connection.set_tunnel(previous)
+        except SSHConnectError as exc:
+            if previous is not None:
+                previous.close()
+            raise type(exc)(
+                f"{exc} (jump host on the way to {host}: ProxyJump {config.proxy_jump}, "
+                f"{config.origins.get('ProxyJump', 'ssh config')})",
+                host=str(host),
+            ) from exc
+        except BaseException:
+            if previous is not None:
+                previous.close()
+            raise
+        previous = connection
+    if connection is None:
+        raise ProvisionerConfigError(f"ssh config for {host}: empty ProxyJump")
+    return connection
+
+
+async def _connect_direct(
+    host: Host, options: dict[str, Any], *, connect_timeout: float
+) -> asyncssh.SSHClientConnection:
     kwargs = {**options, **host.connect_kwargs()}
     kwargs.setdefault("connect_timeout", connect_timeout)
     kwargs.setdefault("encryption_algs", list(PREFERRED_CIPHERS))

@@ -45,6 +45,7 @@ from .policies import HostPolicy, Placement, load_policy
 from .pool import Lease, check_connect_options
 from .remote import Handshake, run_probe
 from .session import KernelSession, SessionSettings
+from .sshconfig import ALLOW_UNCHECKED
 from .tunnels import KernelPorts
 
 # Forwarded from the launch request whatever forward_env says: what a kernel needs from
@@ -107,11 +108,20 @@ class SSHProvisioner(KernelProvisionerBase):
         help="Let a start request name (KERNEL_SSH_HOST) a host that is not in 'hosts'. "
         "Off by default: users cannot send kernels to arbitrary machines.",
     )
+    allow_unchecked_host_keys = Bool(
+        False,
+        config=True,
+        help="Admin option, off by default: let an ssh config line (UserKnownHostsFile "
+        "none or /dev/null, StrictHostKeyChecking no) or known_hosts=null switch "
+        "host-key checking off. Without it such a host is refused with an error naming "
+        "the line: a kernel's code and secrets would go to whoever answers.",
+    )
     connect_options = Dict(
         config=True,
         help="Keyword arguments passed to asyncssh.connect (client_keys, known_hosts, "
         "username, config, ...). The default honours ~/.ssh/config, the SSH agent and "
-        "~/.ssh/known_hosts. Host keys are always checked: known_hosts may not be null.",
+        "~/.ssh/known_hosts; ProxyJump hops get the same options. Host keys are always "
+        "checked: known_hosts may not be null (see allow_unchecked_host_keys).",
     )
     remote_python = Unicode(
         "python3",
@@ -204,9 +214,10 @@ class SSHProvisioner(KernelProvisionerBase):
         try:
             self._entries = [self._with_defaults(HostEntry.parse(item)) for item in self.hosts]
             self._policy: HostPolicy = load_policy(self.policy)
-            check_connect_options(self.connect_options)
+            allow = self.allow_unchecked_host_keys
+            check_connect_options(self.connect_options, allow_unchecked=allow)
             for entry in self._entries:
-                check_connect_options(entry.override("connect_options", {}))
+                check_connect_options(entry.override("connect_options", {}), allow_unchecked=allow)
         except ProvisionerConfigError as exc:
             raise ProvisionerConfigError(f"{where}: {exc}") from exc
         self._plan: LaunchPlan | None = None
@@ -616,6 +627,8 @@ class SSHProvisioner(KernelProvisionerBase):
         options = {**self.connect_options, **entry.override("connect_options", {})}
         options.setdefault("keepalive_interval", self.keepalive_interval)
         options.setdefault("keepalive_count_max", self.keepalive_count_max)
+        if self.allow_unchecked_host_keys:
+            options[ALLOW_UNCHECKED] = True
         return options
 
     def _liveness(self, entry: HostEntry) -> tuple[float, float]:

@@ -111,8 +111,12 @@ class SSHDaemon:
         """(Re)start on the same address, port and host key."""
         if self.process.poll() is None:
             return
+        in_netns = self.argv[:3] == ["ip", "netns", "exec"]
+        log_from = self.log_path.stat().st_size if in_netns else None
         process = _spawn(self.argv, self.log_path)
-        if not _wait_for_banner(process, self.address, self.port):
+        if not _wait_for_banner(
+            process, self.address, self.port, log_path=self.log_path, log_from=log_from
+        ):
             raise SSHDUnavailable(f"sshd on {self.address}:{self.port} did not restart")
         self.process = process
 
@@ -151,11 +155,27 @@ def _spawn(argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:
         )
 
 
-def _wait_for_banner(process: subprocess.Popen[bytes], address: str, port: int) -> bool:
+def _wait_for_banner(
+    process: subprocess.Popen[bytes],
+    address: str,
+    port: int,
+    *,
+    log_path: Path | None = None,
+    log_from: int | None = None,
+) -> bool:
+    """Until sshd answers on address:port; with ``log_from`` (a daemon in a network
+    namespace, maybe on an address only reachable there) until its log, from that
+    offset on, says it listens."""
     deadline = time.monotonic() + READY_TIMEOUT
+    listening = f"Server listening on {address} port {port}.".encode()
     while time.monotonic() < deadline and process.poll() is None:
-        if read_banner(address, port):
+        if log_from is None and read_banner(address, port):
             return True
+        if log_from is not None and log_path is not None:
+            with contextlib.suppress(OSError), open(log_path, "rb") as log:
+                log.seek(log_from)
+                if listening in log.read():
+                    return True
         time.sleep(0.02)
     if process.poll() is None:
         process.kill()
@@ -240,8 +260,11 @@ def start_sshd(
         if netns:
             argv = ["ip", "netns", "exec", netns, *argv]
         log_path = directory / "sshd.log"
+        log_from = log_path.stat().st_size if netns and log_path.exists() else 0
         process = _spawn(argv, log_path)
-        if _wait_for_banner(process, address, port):
+        if _wait_for_banner(
+            process, address, port, log_path=log_path, log_from=log_from if netns else None
+        ):
             return SSHDaemon(address, port, directory, public, argv, process, log_path)
         last_error = log_path.read_text(errors="replace")[-2000:]
     raise SSHDUnavailable(f"sshd on {address} did not start:\n{last_error}")
