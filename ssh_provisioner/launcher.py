@@ -548,51 +548,36 @@ class Supervisor:
 
     def supervise(self) -> int:
         threading.Thread(target=self.wait_kernel, daemon=True).start()
-        liveness = float(self.spec.get("liveness_timeout") or 0)
-        orphan_deadline = None  # type: Optional[float]
-        killed_at = None  # type: Optional[float]
-        heard = time.monotonic()  # the current client's last line
-        silent = False  # the orphan countdown runs because the client fell silent
+        clock = OrphanClock(
+            float(self.spec.get("liveness_timeout") or 0),
+            float(self.spec["orphan_timeout"]),
+            TERMINATE_GRACE,
+            time.monotonic(),
+        )
         while True:
-            now = time.monotonic()
-            listening = liveness and orphan_deadline is None and killed_at is None
-            if listening and now >= heard + liveness:
-                log("no word from the client for %gs; counting it as gone" % liveness)
-                orphan_deadline = now + float(self.spec["orphan_timeout"])
-                silent, listening = True, False
-            if orphan_deadline is not None and now >= orphan_deadline:
-                orphan_deadline = None
-                killed_at = now
-                log("no client for %ss; terminating the kernel" % self.spec["orphan_timeout"])
-                killpg(self.pgid, signal.SIGTERM)
-            if killed_at is not None and now >= killed_at + TERMINATE_GRACE:
-                killed_at = None
-                killpg(self.pgid, signal.SIGKILL)
-            timeouts = [t - now for t in (orphan_deadline,) if t is not None]
-            if listening:
-                timeouts.append(heard + liveness - now)
-            if killed_at is not None:
-                timeouts.append(killed_at + TERMINATE_GRACE - now)
+            for action in clock.due(time.monotonic()):
+                if action == OrphanClock.GONE:
+                    log("no word from the client for %gs; counting it as gone" % clock.liveness)
+                elif action == OrphanClock.TERMINATE:
+                    log("no client for %gs; terminating the kernel" % clock.orphan)
+                    killpg(self.pgid, signal.SIGTERM)
+                elif action == OrphanClock.KILL:
+                    killpg(self.pgid, signal.SIGKILL)
+            wait = clock.next_wakeup(time.monotonic())
             try:
-                kind, value = self.events.get(
-                    timeout=max(0.01, min(timeouts)) if timeouts else None
-                )
+                kind, value = self.events.get(timeout=max(0.01, wait) if wait is not None else None)
             except queue.Empty:
                 continue
             if kind == "line":
                 generation, line = value
                 self.handle_control(line)
                 if generation == self.generation:
-                    heard = time.monotonic()
-                    if silent and killed_at is None:  # it was slow, not gone
-                        orphan_deadline, silent = None, False
+                    clock.heard(time.monotonic())
             elif kind == "eof" and value == self.generation:  # the current client left
-                orphan_deadline = time.monotonic() + float(self.spec["orphan_timeout"])
-                silent = False
+                clock.left(time.monotonic())
             elif kind == "attach":
                 self.attach(*value)
-                orphan_deadline = killed_at = None
-                heard, silent = time.monotonic(), False
+                clock.attached(time.monotonic())
                 log("a client reattached")
             elif kind == "exit":
                 return int(value)
@@ -634,6 +619,72 @@ class Supervisor:
             # Whatever the kernel left behind has lost its owner.
             self.end_everything()
         shutil.rmtree(self.runtime_dir, ignore_errors=True)
+
+
+class OrphanClock:
+    """When a kernel nobody attends to is ended.  Pure: the time is passed in.
+
+    The client is gone when its channel reaches EOF (``left``), or when it has sent
+    nothing for ``liveness`` seconds (0: silence never counts).  ``orphan`` seconds
+    after that the kernel gets SIGTERM, and SIGKILL ``grace`` seconds later.  A client
+    that speaks again after a silence stops the countdown (it was slow, not gone),
+    unless SIGTERM went out; one that reattaches always stops it."""
+
+    GONE, TERMINATE, KILL = "gone", "terminate", "kill"
+
+    def __init__(self, liveness: float, orphan: float, grace: float, now: float) -> None:
+        self.liveness, self.orphan, self.grace = liveness, orphan, grace
+        self.last_heard = now
+        self.orphan_deadline = None  # type: Optional[float]
+        self.terminated_at = None  # type: Optional[float]
+        self.silent = False  # the countdown runs because the client fell silent
+        self.killed = False  # SIGKILL went out: nothing is due any more
+
+    def _listening(self) -> bool:
+        waiting = self.orphan_deadline is None and self.terminated_at is None
+        return bool(self.liveness) and waiting and not self.killed
+
+    def heard(self, now: float) -> None:
+        self.last_heard = now
+        if self.silent and self.terminated_at is None:
+            self.orphan_deadline, self.silent = None, False
+
+    def left(self, now: float) -> None:
+        self.orphan_deadline = now + self.orphan
+        self.silent = False
+
+    def attached(self, now: float) -> None:
+        self.orphan_deadline = self.terminated_at = None
+        self.last_heard, self.silent = now, False
+
+    def due(self, now: float) -> List[str]:
+        """What is due at ``now``, in order; each action is reported once."""
+        actions = []  # type: List[str]
+        if self.killed:
+            return actions
+        if self._listening() and now >= self.last_heard + self.liveness:
+            actions.append(self.GONE)
+            self.orphan_deadline, self.silent = now + self.orphan, True
+        if self.orphan_deadline is not None and now >= self.orphan_deadline:
+            actions.append(self.TERMINATE)
+            self.orphan_deadline, self.terminated_at = None, now
+        if self.terminated_at is not None and now >= self.terminated_at + self.grace:
+            actions.append(self.KILL)
+            self.terminated_at, self.killed = None, True
+        return actions
+
+    def next_wakeup(self, now: float) -> Optional[float]:
+        """Seconds until something may be due, or None: nothing until an event."""
+        times = []  # type: List[float]
+        if self.killed:
+            return None
+        if self.orphan_deadline is not None:
+            times.append(self.orphan_deadline)
+        if self._listening():
+            times.append(self.last_heard + self.liveness)
+        if self.terminated_at is not None:
+            times.append(self.terminated_at + self.grace)
+        return min(times) - now if times else None
 
 
 def name_is_signal(name: Any) -> bool:
