@@ -21,11 +21,11 @@ import pytest
 from jupyter_client.manager import AsyncKernelManager
 from jupyter_client.provisioning import KernelProvisionerFactory
 
-from ssh_provisioner import KernelUnreachable
+from ssh_provisioner import HostSelectionError, KernelUnreachable
 from ssh_provisioner.session import State
 
 from ..conftest import KernelSpecFactory, connect_options
-from ..helpers import execute, process_alive, wait_until
+from ..helpers import cmdlines_containing, execute, listening_ports, process_alive, wait_until
 from ..netns import Link, namespace_host
 from ..sshd import SSHDaemon, start_sshd
 from .test_lifecycle import running_kernel
@@ -174,6 +174,16 @@ async def test_reattach_from_another_process(
     info = json.loads(saved.read_text())
     assert process_alive(info["pid"])  # orphaned, waiting to be reattached
     assert ("curve_publickey" in info["connection_info"]) == (encryption == "required")
+
+    # A provisioner whose hosts do not include the kernel's host may not take it over.
+    other_ksm, other_name = make_kernelspec({**flaky_config, "hosts": ["root@127.0.0.250:22"]})
+    stranger = AsyncKernelManager(kernel_name=other_name, kernel_spec_manager=other_ksm)
+    provisioner = KernelProvisionerFactory.instance().create_provisioner_instance(
+        info["kernel_id"], stranger.kernel_spec, parent=stranger
+    )
+    with pytest.raises(HostSelectionError, match=r"not one of the configured hosts"):
+        await provisioner.load_provisioner_info(info)
+    assert process_alive(info["pid"])
 
     km = AsyncKernelManager(
         kernel_name=name, kernel_spec_manager=ksm, transport_encryption=encryption
@@ -449,3 +459,29 @@ async def test_local_ports_stay_ours_and_a_request_sent_in_the_outage_is_answere
         assert dict(km.get_connection_info()) == info
         out, _ = await execute(kc, "print('after', x)")
         assert out.strip() == "after 41"
+
+
+async def test_a_cancelled_start_leaves_nothing_here_or_there(
+    make_kernelspec: KernelSpecFactory, flaky_config: dict[str, Any]
+) -> None:
+    """A start cancelled while the launcher runs on the host (a browser tab closed, a
+    server stopping) leaves no kernel, launcher, local port or leased connection."""
+    from ssh_provisioner.engine import get_engine
+
+    ksm, name = make_kernelspec({**flaky_config, "pool_idle_timeout": 0})
+    km = AsyncKernelManager(kernel_name=name, kernel_spec_manager=ksm)
+    before = listening_ports()
+    start = asyncio.ensure_future(km.start_kernel())
+    await wait_until(
+        lambda: bool(cmdlines_containing(b"ssh_provisioner_launcher")), 30, "the launcher"
+    )
+    start.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await start
+    await km.cleanup_resources()
+    pool = get_engine().pool
+    await wait_until(lambda: pool.open_connections == 0, 10, "the connection to close")
+    await wait_until(
+        lambda: not cmdlines_containing(b"ssh_provisioner_launcher"), 10, "the launcher to go"
+    )
+    assert listening_ports() <= before
