@@ -11,6 +11,7 @@ from typing import Any, NoReturn
 
 from .errors import ProvisionerConfigError, SSHProvisionerError
 from .hosts import HostEntry
+from .kbdint import KBDINT, parse_rules
 from .sshconfig import ALLOW_UNCHECKED
 
 EXAMPLES = """examples:
@@ -101,6 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="K=V",
         help="asyncssh.connect option, value as JSON or text; repeat",
+    )
+    install.add_argument(
+        "--kbdint",
+        action="append",
+        default=[],
+        metavar="'REGEX=ANSWER|REGEX=!COMMAND'",
+        help="answer a keyboard-interactive prompt (a second factor) matching REGEX with "
+        "ANSWER, or with the stdout of COMMAND (a TOTP generator); repeat",
     )
     install.add_argument(
         "--curve",
@@ -223,6 +232,8 @@ def _install(args: argparse.Namespace) -> int:
         config["remote_transport"] = args.transport
     if args.connect_option:
         config["connect_options"] = dict(args.connect_option)
+    if args.kbdint:
+        config["kbdint"] = [rule.as_config() for rule in parse_rules(args.kbdint)]
     spec = build_kernelspec(
         hosts=args.hosts,
         display_name=args.display_name or f"{args.language.capitalize()} ({', '.join(args.hosts)})",
@@ -235,7 +246,7 @@ def _install(args: argparse.Namespace) -> int:
         reports = asyncio.run(
             _run_checks(
                 [HostEntry.parse(h) for h in args.hosts],
-                config.get("connect_options", {}),
+                _doctor_options(config),
                 config.get("remote_python", "python3"),
                 kernel_argv=args.kernel_argv or None,
                 timeout=10.0,
@@ -271,6 +282,16 @@ def _list() -> int:
     return 0
 
 
+def _doctor_options(config: dict[str, Any]) -> dict[str, Any]:
+    """The connect options a kernelspec's config gives the doctor's connections."""
+    options = dict(config.get("connect_options", {}))
+    if config.get(ALLOW_UNCHECKED):
+        options[ALLOW_UNCHECKED] = True
+    if config.get("kbdint"):
+        options[KBDINT] = list(config["kbdint"])
+    return options
+
+
 def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from .doctor import render_table
 
@@ -286,9 +307,7 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             parser.error(f"no installed ssh-provisioner kernelspec is named {args.name!r}")
         config = found[0].config
         hosts += [HostEntry.parse(item) for item in config.get("hosts", [])]
-        options = dict(config.get("connect_options", {}))
-        if config.get(ALLOW_UNCHECKED):
-            options[ALLOW_UNCHECKED] = True
+        options = _doctor_options(config)
         python = args.python or config.get("remote_python", "python3")
         kernel_argv = found[0].argv
     if not hosts:
@@ -328,9 +347,12 @@ async def _run_checks(
 
     async def one(entry: HostEntry) -> Any:
         nonlocal done
+        entry_options = {**options, **entry.override("connect_options", {})}
+        if entry.override("kbdint", None):
+            entry_options[KBDINT] = list(entry.override("kbdint", []))
         report = await check_host(
             entry,
-            connect_options={**options, **entry.override("connect_options", {})},
+            connect_options=entry_options,
             python=entry.override("remote_python", python),
             kernel_argv=kernel_argv,
             timeout=timeout,

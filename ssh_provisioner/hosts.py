@@ -78,6 +78,7 @@ HOST_OVERRIDES: dict[str, tuple[type, ...]] = {
     "remote_transport": (str,),
     "remote_env": (dict,),
     "connect_options": (dict,),
+    "kbdint": (list,),
 }
 TRANSPORTS = ("tcp", "ipc")
 

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import socket
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -26,6 +27,7 @@ from typing import Any, TypeVar
 import asyncssh
 
 from .errors import (
+    AuthenticationError,
     ProvisionerConfigError,
     SessionLimitError,
     SSHConnectError,
@@ -33,6 +35,7 @@ from .errors import (
     translate_connect_error,
 )
 from .hosts import Host
+from .kbdint import AUTH_COOLDOWN, KBDINT, PromptAnswering, PromptRule, parse_rules
 from .sshconfig import (
     ALLOW_UNCHECKED,
     HostConfig,
@@ -160,6 +163,7 @@ class ConnectionPool:
         self._locks: dict[str, asyncio.Lock] = {}
         self._closing: set[asyncio.Task[None]] = set()
         self._preparing: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._refusals: dict[str, tuple[float, AuthenticationError]] = {}
 
     @staticmethod
     def key_for(host: Host, options: dict[str, Any]) -> str:
@@ -173,9 +177,16 @@ class ConnectionPool:
         connect_timeout: float,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
     ) -> Lease:
-        """Return a lease on a live connection to ``host``, connecting if needed."""
-        check_connect_options(options)
+        """Return a lease on a live connection to ``host``, connecting if needed.
+
+        A host that refused our keyboard-interactive answers is not asked again (no
+        new prompt, no push to the user's phone) for ``auth_cooldown`` seconds: the
+        same error is raised at once."""
+        check_connect_options(options, allow_unchecked=bool(options.get(ALLOW_UNCHECKED)))
         key = self.key_for(host, options)
+        refusal = self._refusals.get(key)
+        if refusal is not None and time.monotonic() < refusal[0]:
+            raise refusal[1]
         async with self._locks.setdefault(key, asyncio.Lock()):
             entries = self._entries.setdefault(key, [])
             for lost in [entry for entry in entries if entry.connection.is_closed()]:
@@ -186,6 +197,13 @@ class ConnectionPool:
             if entry is None:
                 try:
                     connection = await connect(host, options, connect_timeout=connect_timeout)
+                except AuthenticationError as exc:
+                    if not entries:
+                        del self._entries[key]
+                    if options.get(KBDINT):
+                        until = time.monotonic() + float(options.get(AUTH_COOLDOWN, 0))
+                        self._refusals[key] = (until, exc)
+                    raise
                 except BaseException:
                     if not entries:
                         del self._entries[key]
@@ -343,16 +361,23 @@ async def connect(
     The user's ssh config is read first (in a thread): a line that switches host-key
     checking off is refused, and ProxyJump hops are opened here with the same options."""
     allow_unchecked = bool(options.get(ALLOW_UNCHECKED, False))
-    options = {name: value for name, value in options.items() if name != ALLOW_UNCHECKED}
+    private = (ALLOW_UNCHECKED, KBDINT, AUTH_COOLDOWN)
+    kbdint = options.get(KBDINT)
+    rules = parse_rules(kbdint)
+    options = {name: value for name, value in options.items() if name not in private}
     config = await asyncio.to_thread(read_host_config, host, options)
     requested = options
     options = check_host_key_checking(host, options, config, allow_unchecked=allow_unchecked)
     hop: asyncssh.SSHClientConnection | None = None
     if config.proxy_jump and "tunnel" not in options:
-        hop = await _open_jump_hosts(host, config, requested, allow_unchecked, connect_timeout)
+        hop = await _open_jump_hosts(
+            host, config, requested, allow_unchecked, kbdint, connect_timeout
+        )
         options = {**options, "tunnel": hop}
     try:
-        connection = await _connect_direct(host, options, connect_timeout=connect_timeout)
+        connection = await _connect_direct(
+            host, options, connect_timeout=connect_timeout, rules=rules
+        )
     except BaseException:
         if hop is not None:
             hop.close()
@@ -367,6 +392,7 @@ async def _open_jump_hosts(
     config: HostConfig,
     options: dict[str, Any],
     allow_unchecked: bool,
+    kbdint: Any,
     connect_timeout: float,
 ) -> asyncssh.SSHClientConnection:
     """Connect through each ProxyJump hop in turn, each with ``options`` (known_hosts,
@@ -377,7 +403,8 @@ async def _open_jump_hosts(
             f"ssh config for {host}: ProxyJump {config.proxy_jump!r} "
             f"({config.origins.get('ProxyJump', 'ssh config')}) loops or is too long"
         )
-    hop_options = {**options, ALLOW_UNCHECKED: allow_unchecked}
+    # A bastion may ask for the second factor too: the host's kbdint rules answer it.
+    hop_options = {**options, ALLOW_UNCHECKED: allow_unchecked, KBDINT: kbdint}
     previous: asyncssh.SSHClientConnection | None = None
     connection: asyncssh.SSHClientConnection | None = None
     for hop in hops:
@@ -407,9 +434,13 @@ async def _open_jump_hosts(
 
 
 async def _connect_direct(
-    host: Host, options: dict[str, Any], *, connect_timeout: float
+    host: Host, options: dict[str, Any], *, connect_timeout: float, rules: list[PromptRule]
 ) -> asyncssh.SSHClientConnection:
     kwargs = {**options, **host.connect_kwargs()}
+    prompts: PromptAnswering | None = None
+    if "client_factory" not in options and "password" not in options:
+        answering = prompts = PromptAnswering(str(host), rules)
+        kwargs["client_factory"] = lambda: answering
     kwargs.setdefault("connect_timeout", connect_timeout)
     kwargs.setdefault("encryption_algs", list(PREFERRED_CIPHERS))
     announced = asyncio.Event()
@@ -426,6 +457,10 @@ async def _connect_direct(
     except asyncio.CancelledError:
         raise
     except Exception as exc:
+        if isinstance(exc, asyncssh.PermissionDenied) and prompts is not None:
+            explained = prompts.explain(str(host))
+            if explained is not None:
+                raise explained from exc
         entries = None
         if isinstance(exc, asyncssh.HostKeyNotVerifiable):
             entries = await asyncio.to_thread(_count_known_keys, host, options)

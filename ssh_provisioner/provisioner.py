@@ -40,6 +40,7 @@ from .errors import (
     SSHConnectError,
 )
 from .hosts import HostEntry
+from .kbdint import AUTH_COOLDOWN, KBDINT, parse_rules
 from .placement import PlacementRequest
 from .policies import HostPolicy, Placement, load_policy
 from .pool import Lease, check_connect_options
@@ -75,7 +76,7 @@ class SSHProvisioner(KernelProvisionerBase):
         help="Where kernels may run. Each entry is an SSH destination, [user@]host[:port] "
         "or a ~/.ssh/config Host alias, or a dict with 'host' and per-host settings: "
         "max_kernels, labels, remote_python, remote_cwd, remote_env, remote_transport, "
-        "connect_options (these win over the provisioner-wide values).",
+        "connect_options, kbdint (these win over the provisioner-wide values).",
     )
     policy = Unicode(
         "least-kernels",
@@ -115,6 +116,14 @@ class SSHProvisioner(KernelProvisionerBase):
         "none or /dev/null, StrictHostKeyChecking no) or known_hosts=null switch "
         "host-key checking off. Without it such a host is refused with an error naming "
         "the line: a kernel's code and secrets would go to whoever answers.",
+    )
+    kbdint: List[Any] = List(
+        config=True,
+        help="How to answer keyboard-interactive prompts (a second factor) without a "
+        "terminal, asked once per pooled connection: rules {'prompt': REGEX, 'answer': "
+        "TEXT} or {'prompt': REGEX, 'command': ARGV} (its stdout is the answer: a TOTP "
+        "generator, a password manager), or 'REGEX=TEXT' / 'REGEX=!COMMAND'. Answers "
+        "never appear in logs or errors; a refused one is not retried for host_cooldown.",
     )
     connect_options = Dict(
         config=True,
@@ -215,6 +224,9 @@ class SSHProvisioner(KernelProvisionerBase):
             self._entries = [self._with_defaults(HostEntry.parse(item)) for item in self.hosts]
             self._policy: HostPolicy = load_policy(self.policy)
             allow = self.allow_unchecked_host_keys
+            parse_rules(self.kbdint)
+            for entry in self._entries:
+                parse_rules(entry.override("kbdint", []))
             check_connect_options(self.connect_options, allow_unchecked=allow)
             for entry in self._entries:
                 check_connect_options(entry.override("connect_options", {}), allow_unchecked=allow)
@@ -629,6 +641,10 @@ class SSHProvisioner(KernelProvisionerBase):
         options.setdefault("keepalive_count_max", self.keepalive_count_max)
         if self.allow_unchecked_host_keys:
             options[ALLOW_UNCHECKED] = True
+        rules = entry.override("kbdint", self.kbdint)
+        if rules:
+            options[KBDINT] = list(rules)
+            options[AUTH_COOLDOWN] = self.host_cooldown
         return options
 
     def _liveness(self, entry: HostEntry) -> tuple[float, float]:

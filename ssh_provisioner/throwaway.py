@@ -194,6 +194,7 @@ def start_sshd(
     set_env: dict[str, str] | None = None,
     netns: str | None = None,
     max_sessions: int = 100,
+    extra_config: list[str] | None = None,
 ) -> SSHDaemon:
     """Start ``/usr/sbin/sshd -D -e -f CONFIG`` on a free port and wait for its banner.
 
@@ -202,6 +203,7 @@ def start_sshd(
     (root only).  ``set_env`` is sshd's SetEnv for every session (PATH, for example).
     ``netns`` runs it in that network namespace (root only), on port 22 of ``address``.
     ``max_sessions`` is sshd's MaxSessions (OpenSSH's default is 10).
+    ``extra_config`` lines come first, so they win (sshd keeps an option's first value).
     """
     reason = sshd_missing_reason()
     if reason:
@@ -226,6 +228,7 @@ def start_sshd(
         config.write_text(
             "\n".join(
                 [
+                    *(extra_config or []),
                     f"Port {port}",
                     f"ListenAddress {address}",
                     f"HostKey {host_key}",
