@@ -8,10 +8,12 @@ connection is *held*: accepted, not read, and relayed as soon as the kernel is b
 So no other local process can take a port during a blip, clients are never refused, and
 the ports in ``connection_info`` never change.
 
-When the kernel comes back, IOPub goes first: the other channels stay held until every
-IOPub client connected before has subscribed again (or ``IOPUB_FIRST_BOUND`` passes).
-A request sent right after a blip or a restart then reaches a kernel whose PUB socket
-already has its subscriber, so none of its output is dropped.
+When the kernel comes back, IOPub goes first: the other channels stay held until the
+kernel has sent a message to every IOPub client connected before (ipykernel >= 7
+welcomes each new subscriber, JEP 65), or ``IOPUB_FIRST_BOUND`` passes.  A PUB socket
+sends only to subscribers it knows, so a request relayed after that gets all of its
+output.  (Seeing the client's subscription go out is not enough: the kernel's PUB
+socket takes it in only at a later send, and the first output can miss it.)
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from .launcher import CHANNELS
 log = logging.getLogger(__name__)
 
 LOCAL_ADDRESS = "127.0.0.1"
-IOPUB_FIRST_BOUND = 2.0  # seconds other channels wait for IOPub's clients at most
+IOPUB_FIRST_BOUND = 1.5  # seconds other channels wait for IOPub's clients at most
 MAX_HELD_PER_PORT = 32  # older held connections are closed (their clients reconnect)
 HELD_BUFFER_LIMIT = 64 * 1024  # what a held connection's client may send before it waits
 Endpoint = int | str  # a TCP port on the host's loopback, or a Unix socket path
@@ -44,19 +46,19 @@ class Target:
     endpoints: dict[str, Endpoint]
 
 
-class SubscriptionWatch:
-    """Follows the ZMTP 3 stream a SUB client sends until its first subscription:
-    a message frame (ZMTP 3.0), or a SUBSCRIBE or MESSAGE (CurveZMQ) command."""
+class FirstMessageWatch:
+    """Follows the ZMTP 3 stream a kernel's PUB socket sends a client until its first
+    message: a message frame, or a MESSAGE command (CurveZMQ), past the handshake."""
 
     GREETING = 64
-    MAX_FRAME = 64 * 1024  # past this, stop watching: count it as subscribed
+    MAX_FRAME = 64 * 1024  # past this, stop watching: count it as a message
 
     def __init__(self) -> None:
         self._buffer = bytearray()
         self._greeted = False
 
     def feed(self, data: bytes) -> bool:
-        """True once the subscription has been seen."""
+        """True once a message has been seen."""
         buffer = self._buffer
         buffer += data
         if not self._greeted:
@@ -81,7 +83,7 @@ class SubscriptionWatch:
             if not flags & 0x04:
                 return True
             name = body[1 : 1 + body[0]] if body else b""
-            if name in (b"SUBSCRIBE", b"MESSAGE"):
+            if name == b"MESSAGE":
                 return True
         return False
 
@@ -128,7 +130,7 @@ class _Link(asyncio.Protocol):
         self.channel = channel
         self._transport: asyncio.Transport | None = None
         self._remote: asyncssh.SSHTCPChannel[bytes] | asyncssh.SSHUNIXChannel[bytes] | None = None
-        self._watch = SubscriptionWatch() if channel == "iopub" else None
+        self._watch = FirstMessageWatch() if channel == "iopub" else None
         self._pending = bytearray()  # read before the channel is open
         self._local_eof = False
         self._eofs = 0
@@ -144,9 +146,6 @@ class _Link(asyncio.Protocol):
         self._ports.accepted(self)
 
     def data_received(self, data: bytes) -> None:
-        if self._watch is not None and self._watch.feed(data):
-            self._watch = None
-            self._ports.subscribed(self)
         if self._remote is not None:
             self._remote.write(data)
             return
@@ -175,6 +174,9 @@ class _Link(asyncio.Protocol):
     # -- called by the channel side ------------------------------------------------------
 
     def write_local(self, data: bytes) -> None:
+        if self._watch is not None and self._watch.feed(data):
+            self._watch = None
+            self._ports.subscribed(self)
         if self._transport is not None and not self._transport.is_closing():
             self._transport.write(data)
 
@@ -303,8 +305,8 @@ class KernelPorts:
         return self._target is not None
 
     def attach(self, target: Target) -> None:
-        """Relay to ``target`` from now on: IOPub first, the rest once IOPub's clients
-        have subscribed again."""
+        """Relay to ``target`` from now on: IOPub first, the rest once the kernel has
+        sent IOPub's clients a message (so it knows them as subscribers)."""
         self._target = target
         self._iopub_subscribed = 0
         if self._iopub_expected:

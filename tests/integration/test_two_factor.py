@@ -8,7 +8,6 @@ import logging
 import secrets
 import shutil
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -139,9 +138,7 @@ async def test_a_refused_answer_names_the_prompt_and_is_not_asked_again_at_once(
     assert "999999x" not in message
     attempts = daemon.log().count(REFUSED)
     assert attempts >= 1
-    started = time.monotonic()
     again = await start_failing(make_kernelspec, config, AuthenticationError)
-    assert time.monotonic() - started < 5
     assert PROMPT in again
     assert daemon.log().count(REFUSED) == attempts  # no new prompt within host_cooldown
 
