@@ -300,10 +300,6 @@ class KernelPorts:
             channel: server.sockets[0].getsockname()[1] for channel, server in self._servers.items()
         }
 
-    @property
-    def attached(self) -> bool:
-        return self._target is not None
-
     def attach(self, target: Target) -> None:
         """Relay to ``target`` from now on: IOPub first, the rest once the kernel has
         sent IOPub's clients a message (so it knows them as subscribers)."""
