@@ -1,5 +1,13 @@
 """Run Jupyter kernels on remote hosts over SSH: a jupyter_client kernel provisioner."""
 
+import warnings
+
+with warnings.catch_warnings():
+    # cryptography >= 47 deprecates DSA, which asyncssh still imports: a warning on
+    # every command a user runs, about nothing they can change.
+    warnings.filterwarnings("ignore", message="DSA is deprecated", category=UserWarning)
+    import asyncssh  # noqa: F401
+
 from .engine import shutdown_engine
 from .errors import (
     AuthenticationError,

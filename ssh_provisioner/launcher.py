@@ -29,6 +29,7 @@ import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -242,6 +243,7 @@ class Supervisor:
         self.ready_event = {}  # type: Dict[str, Any]
         self.control_path = ""
         self.kernel_groups = set()  # type: Set[int]
+        self.stream_relay = None  # type: Optional[Relay]
 
     # -- setup -------------------------------------------------------------------
 
@@ -458,6 +460,8 @@ class Supervisor:
                 "hostname": socket.gethostname(),
                 "launcher_pid": os.getpid(),
             }
+            self.stream_relay = Relay(self.spec, self.transport, endpoints, self.runtime_dir)
+            self.ready_event["relay"] = self.stream_relay.address
             self.listen_for_reattach()
             return dict(self.ready_event, control=self.control_path)
         raise AssertionError("unreachable")
@@ -685,6 +689,635 @@ class OrphanClock:
         if self.terminated_at is not None:
             times.append(self.terminated_at + self.grace)
         return min(times) - now if times else None
+
+
+# -- the relay: client connections that outlive a lost SSH connection -----------------
+#
+# Each connection a client makes to one of the kernel's local ports becomes a *stream*:
+# the relay holds the stream's connection to the kernel here for as long as the stream
+# lives, and the provisioner holds the client's.  Between them an SSH channel carries
+# frames; when the SSH connection is lost, both ends keep what the other has not
+# confirmed, and a new channel resumes the stream where it stopped.  So nothing the
+# kernel sends while the link is down is lost (within ``outage_buffer`` bytes), and the
+# kernel's ZMQ sockets never see their peer leave.
+#
+# A channel starts with two JSON lines each way, a challenge-response on the attach
+# token (neither end sends it, both prove they know it):
+#   client  {"hello": NONCE, "stream": ID, "channel": NAME, "resume": BOOL, "received": N}
+#   relay   {"nonce": NONCE2, "proof": prove(token, "relay", NONCE, NONCE2)}
+#   client  {"proof": prove(token, "client", NONCE2, NONCE)}
+#   relay   (resume only) {"received": M, "dropped": ...} or {"error": WHY}
+# then frames: FRAME_HEADER (kind, bytes received so far from the other end, size) and
+# the payload.  Every frame acknowledges what its sender has received; a receiver that
+# sends nothing back acknowledges on its own every ACK_EVERY bytes.
+
+FRAME_HEADER = struct.Struct(">cQI")
+FRAME_DATA, FRAME_ACK, FRAME_CLOSE = b"D", b"A", b"C"
+FRAME_PAYLOAD_MAX = 65536
+ACK_EVERY = 128 * 1024
+HANDSHAKE_LINE_MAX = 4096
+HANDSHAKE_TIMEOUT = 10.0
+LINK_OUTPUT_HIGH = 256 * 1024  # frame more of the stream once the channel took this in
+TO_KERNEL_HIGH = 1024 * 1024  # stop reading the channel while the kernel lags this much
+DEFAULT_OUTAGE_BUFFER = 32 * 1024 * 1024
+# The buffer also holds what is on its way to the client (up to an SSH channel window,
+# 2 MiB with asyncssh) and not yet acknowledged: a smaller one would drop output of a
+# client that keeps up.
+MIN_OUTAGE_BUFFER = 4 * 1024 * 1024
+
+
+class MessageCutter:
+    """Follows the ZMTP 3 byte stream a kernel's socket sends, to tell where each
+    message starts and ends, so that whole messages can be dropped.  With CurveZMQ the
+    boundaries are inside the encrypted boxes: the stream turns ``opaque``."""
+
+    GREETING = 64
+    KEEP_FRAME = 4096  # frames of a message kept for ``frames`` (the headers are small)
+
+    def __init__(self) -> None:
+        self.header = bytearray()
+        self.kind = "greeting"
+        self.remaining = self.GREETING
+        self.more = False
+        self.in_message = False
+        self.body = bytearray()
+        self.keeping = True
+        self.frames = []  # type: List[bytes]
+        self.opaque = False
+
+    @property
+    def between_messages(self) -> bool:
+        return not self.in_message and not self.opaque
+
+    def feed(self, data: bytes) -> List[Any]:
+        """``data`` as segments: (bytes, starts a message, in a message, ends it)."""
+        if self.opaque:
+            return [(data, False, False, False)]
+        segments = []  # type: List[Any]
+        pos, size = 0, len(data)
+        while pos < size:
+            if self.remaining:
+                chunk = data[pos : pos + self.remaining]
+                pos += len(chunk)
+                self.remaining -= len(chunk)
+                if self.keeping:
+                    self.body += chunk
+                ends = False
+                if not self.remaining:
+                    ends = self.unit_done()
+                segments.append((chunk, False, self.kind == "frame", ends))
+                if self.opaque:
+                    segments.append((data[pos:], False, False, False))
+                    return [s for s in segments if s[0]]
+                continue
+            self.header.append(data[pos])
+            pos += 1
+            flags = self.header[0]
+            need = 9 if flags & 0x02 else 2
+            if len(self.header) < need:
+                continue
+            length = int.from_bytes(bytes(self.header[1:need]), "big")
+            header = bytes(self.header)
+            self.header.clear()
+            self.kind = "command" if flags & 0x04 else "frame"
+            self.more = bool(flags & 0x01)
+            self.remaining = length
+            self.body.clear()
+            self.keeping = length <= self.KEEP_FRAME
+            starts = self.kind == "frame" and not self.in_message
+            if starts:
+                self.in_message = True
+                self.frames = []
+            ends = self.unit_done() if not length else False
+            segments.append((header, starts, self.kind == "frame", ends))
+        return segments
+
+    def unit_done(self) -> bool:
+        """A greeting, command or frame is complete: True if it ended a message."""
+        if self.kind == "command":
+            name = bytes(self.body[1 : 1 + self.body[0]]) if self.body else b""
+            self.opaque = name == b"MESSAGE"
+            return False
+        if self.kind != "frame":
+            return False
+        self.frames.append(bytes(self.body))
+        if self.more:
+            return False
+        self.in_message = False
+        return True
+
+
+def zmtp_frames(parts: List[bytes]) -> bytes:
+    out = bytearray()
+    for index, part in enumerate(parts):
+        more = 0x01 if index < len(parts) - 1 else 0
+        if len(part) > 255:
+            out += bytes([more | 0x02]) + len(part).to_bytes(8, "big")
+        else:
+            out += bytes([more, len(part)])
+        out += part
+    return bytes(out)
+
+
+DROPPABLE_MESSAGES = ("stream", "display_data", "update_display_data")
+
+
+def message_type(frames: List[bytes]) -> Optional[str]:
+    """The msg_type of a Jupyter message whose header frame is among ``frames``; "" if
+    it cannot be read, None while the header has not come yet."""
+    if b"<IDS|MSG>" not in frames:
+        return None
+    index = frames.index(b"<IDS|MSG>") + 2
+    if len(frames) <= index:
+        return None
+    try:
+        return str(json.loads(frames[index].decode("utf-8"))["msg_type"])
+    except (ValueError, KeyError, TypeError):
+        return ""
+
+
+def parent_of(frames: List[bytes]) -> bytes:
+    """The parent header of a Jupyter message in ZMQ frames, or b"{}"."""
+    try:
+        return frames[frames.index(b"<IDS|MSG>") + 3]
+    except (ValueError, IndexError):
+        return b"{}"
+
+
+def stream_notice(connection: Dict[str, Any], parent: bytes, text: str) -> bytes:
+    """A signed ``stream`` message (stderr) for IOPub, in ZMTP frames: what the user
+    sees in the cell whose output was dropped."""
+    import hashlib
+    import hmac
+    import uuid
+
+    header = json.dumps(
+        {
+            "msg_id": uuid.uuid4().hex,
+            "msg_type": "stream",
+            "username": "ssh-provisioner",
+            "session": uuid.uuid4().hex,
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime()),
+            "version": "5.3",
+        }
+    ).encode()
+    content = json.dumps({"name": "stderr", "text": text}).encode()
+    parts = [header, parent, b"{}", content]
+    key = str(connection.get("key") or "").encode()
+    scheme = str(connection.get("signature_scheme") or "hmac-sha256")
+    signature = b""
+    if key:
+        digest = hmac.new(key, digestmod=getattr(hashlib, scheme.split("-", 1)[-1]))
+        for part in parts:
+            digest.update(part)
+        signature = digest.hexdigest().encode()
+    return zmtp_frames([b"stream.stderr", b"<IDS|MSG>", signature, *parts])
+
+
+class RelayStream:
+    """One client connection's stream: its connection to the kernel, and what each
+    direction holds that the other end has not confirmed."""
+
+    def __init__(self, sid: str, channel: str, kernel: socket.socket) -> None:
+        self.sid, self.channel, self.kernel = sid, channel, kernel
+        self.to_kernel = bytearray()
+        self.received = 0  # client -> kernel bytes taken in
+        self.told = 0  # ``received`` as the client last heard it
+        self.unacked = bytearray()  # kernel -> client bytes the client has not confirmed
+        self.acked = 0
+        self.framed = 0  # bytes of ``unacked`` framed on the current link
+        self.link = None  # type: Optional[RelayLink]
+        self.left_at = 0.0
+        self.kernel_eof = self.close_sent = self.reading_paused = False
+        self.cutter = MessageCutter() if channel == "iopub" else None
+        self.deciding = False  # within a message that may be dropped: which type is it?
+        self.undecided = bytearray()  # its start, until the type is known
+        self.dropping = False  # within a message being dropped
+        self.dropped_messages = self.dropped_bytes = 0
+        self.parent = b"{}"
+
+
+class RelayLink:
+    """One SSH channel's connection to the relay."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.inbuf = bytearray()
+        self.outbuf = bytearray()
+        self.phase = "hello"  # -> "proof" -> "open"
+        self.hello = {}  # type: Dict[str, Any]
+        self.nonce = ""
+        self.stream = None  # type: Optional[RelayStream]
+        self.since = time.monotonic()
+        self.closing = False
+
+
+class Relay:
+    """Serves resumable streams to the kernel's endpoints, on one thread (selectors)."""
+
+    def __init__(
+        self, spec: Dict[str, Any], transport: str, endpoints: Dict[str, Any], runtime_dir: str
+    ) -> None:
+        import selectors
+
+        self.token = str(spec["attach_token"])
+        self.connection = spec["connection"]  # type: Dict[str, Any]
+        self.transport, self.endpoints = transport, endpoints
+        self.bound = max(MIN_OUTAGE_BUFFER, int(spec.get("outage_buffer") or DEFAULT_OUTAGE_BUFFER))
+        self.linger = float(spec.get("stream_linger") or 120)
+        self.streams = {}  # type: Dict[str, RelayStream]
+        self.links = set()  # type: Set[RelayLink]
+        self.selector = selectors.DefaultSelector()
+        self.read_event, self.write_event = selectors.EVENT_READ, selectors.EVENT_WRITE
+        if transport == "ipc":
+            self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            path = os.path.join(runtime_dir, "relay")
+            old_umask = os.umask(0o177)
+            try:
+                self.server.bind(path)
+            finally:
+                os.umask(old_umask)
+            self.address = path  # type: Any
+        else:
+            self.server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            self.server.bind(("127.0.0.1", 0))
+            self.address = self.server.getsockname()[1]
+        self.server.listen(64)
+        self.server.setblocking(False)
+        self.selector.register(self.server, self.read_event, self)
+        self.running = True
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        """Stop within a second; every socket of the relay is closed then."""
+        self.running = False
+
+    # -- the loop ----------------------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            self.serve()
+        finally:
+            for stream in list(self.streams.values()):
+                self.end_stream(stream)
+            for link in list(self.links):
+                self.drop_link(link)
+            self.selector.close()
+            self.server.close()
+
+    def serve(self) -> None:
+        while self.running:
+            for key, mask in self.selector.select(timeout=1.0):
+                owner = key.data
+                try:
+                    if owner is self:
+                        self.accept()
+                    elif isinstance(owner, RelayLink):
+                        if mask & self.write_event:
+                            self.link_writable(owner)
+                        if mask & self.read_event and owner in self.links:
+                            self.link_readable(owner)
+                    else:
+                        if mask & self.write_event:
+                            self.kernel_writable(owner)
+                        if mask & self.read_event and owner.sid in self.streams:
+                            self.kernel_readable(owner)
+                except Exception as exc:  # one stream's fault must not end the others
+                    log("relay: %s: %s" % (type(exc).__name__, exc))
+                    if isinstance(owner, RelayLink):
+                        self.drop_link(owner)
+                    elif isinstance(owner, RelayStream):
+                        self.end_stream(owner)
+            self.expire(time.monotonic())
+
+    def watch(self, sock: socket.socket, owner: Any, read: bool, write: bool) -> None:
+        if sock.fileno() < 0:  # closed on the way here
+            return
+        events = (self.read_event if read else 0) | (self.write_event if write else 0)
+        try:
+            current = self.selector.get_key(sock).events
+        except (KeyError, ValueError):
+            current = None
+        if not events:
+            if current is not None:
+                self.selector.unregister(sock)
+        elif current is None:
+            self.selector.register(sock, events, owner)
+        elif current != events:
+            self.selector.modify(sock, events, owner)
+
+    def accept(self) -> None:
+        try:
+            sock, _ = self.server.accept()
+        except OSError:
+            return
+        sock.setblocking(False)
+        if sock.family == socket.AF_INET:  # small frames must not wait for an ACK (Nagle)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        link = RelayLink(sock)
+        self.links.add(link)
+        self.watch(sock, link, True, False)
+
+    def expire(self, now: float) -> None:
+        for link in list(self.links):
+            if link.phase != "open" and now - link.since > HANDSHAKE_TIMEOUT:
+                self.drop_link(link)
+        for stream in list(self.streams.values()):
+            if stream.link is None and now - stream.left_at > self.linger:
+                log(
+                    "relay: %s stream %s not resumed within %gs; closed"
+                    % (stream.channel, stream.sid, self.linger)
+                )
+                self.end_stream(stream)
+
+    # -- channels ----------------------------------------------------------------------
+
+    def link_readable(self, link: RelayLink) -> None:
+        try:
+            data = link.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.drop_link(link)
+            return
+        link.inbuf += data
+        while link in self.links and link.phase != "open":
+            end = link.inbuf.find(b"\n")
+            if end < 0:
+                if len(link.inbuf) > HANDSHAKE_LINE_MAX:
+                    self.drop_link(link)
+                return
+            line = bytes(link.inbuf[:end])
+            del link.inbuf[: end + 1]
+            self.handshake(link, json.loads(line.decode()))
+        if link in self.links and link.stream is not None:
+            self.read_frames(link, link.stream)
+
+    def handshake(self, link: RelayLink, message: Dict[str, Any]) -> None:
+        if link.phase == "hello":
+            link.hello = message
+            link.nonce = os.urandom(16).hex()
+            proof = prove(self.token, "relay", str(message["hello"]), link.nonce)
+            self.send_line(link, {"nonce": link.nonce, "proof": proof})
+            link.phase = "proof"
+            return
+        import hmac
+
+        hello = link.hello
+        expected = prove(self.token, "client", link.nonce, str(hello["hello"]))
+        if not hmac.compare_digest(str(message.get("proof")), expected):
+            log("relay: refused a connection that could not prove it knows the token")
+            self.drop_link(link)
+            return
+        sid, channel = str(hello["stream"]), str(hello["channel"])
+        if hello.get("resume"):
+            stream = self.streams.get(sid)
+            if stream is None or stream.channel != channel:
+                link.closing = True
+                self.send_line(link, {"error": "no such stream here (ended or expired)"})
+                return
+            if stream.link is not None:
+                self.drop_link(stream.link)
+            self.send_line(
+                link,
+                {
+                    "received": stream.received,
+                    "dropped_messages": stream.dropped_messages,
+                    "dropped_bytes": stream.dropped_bytes,
+                },
+            )
+            stream.told = stream.received
+            self.acknowledge(stream, int(hello.get("received") or 0))
+        else:
+            if sid in self.streams or channel not in self.endpoints:
+                self.drop_link(link)
+                return
+            stream = RelayStream(sid, channel, self.connect_kernel(channel))
+            self.streams[sid] = stream
+            self.watch(stream.kernel, stream, True, False)
+        link.phase = "open"
+        link.stream = stream
+        stream.link = link
+        stream.framed = 0
+        self.flush(stream)
+
+    def connect_kernel(self, channel: str) -> socket.socket:
+        endpoint = self.endpoints[channel]
+        if self.transport == "ipc":
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(endpoint)
+        else:
+            sock = socket.create_connection(("127.0.0.1", endpoint), timeout=5)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setblocking(False)
+        return sock
+
+    def send_line(self, link: RelayLink, message: Dict[str, Any]) -> None:
+        link.outbuf += (json.dumps(message) + "\n").encode()
+        self.link_writable(link)
+
+    def read_frames(self, link: RelayLink, stream: RelayStream) -> None:
+        buffer = link.inbuf
+        while len(buffer) >= FRAME_HEADER.size:
+            kind, ack, size = FRAME_HEADER.unpack_from(buffer)
+            end = FRAME_HEADER.size + size
+            if len(buffer) < end:
+                break
+            payload = bytes(buffer[FRAME_HEADER.size : end])
+            del buffer[:end]
+            self.acknowledge(stream, ack)
+            if kind == FRAME_DATA:
+                stream.to_kernel += payload
+                stream.received += size
+                if stream.received - stream.told >= ACK_EVERY:
+                    self.frame(link, stream, FRAME_ACK, b"")
+            elif kind == FRAME_CLOSE:
+                self.end_stream(stream)
+                return
+        if stream.to_kernel:
+            self.kernel_writable(stream)
+        # The kernel lags: leave the rest in the channel (SSH's window pushes back).
+        self.watch(link.sock, link, len(stream.to_kernel) < TO_KERNEL_HIGH, bool(link.outbuf))
+
+    def acknowledge(self, stream: RelayStream, received: int) -> None:
+        confirmed = received - stream.acked
+        if 0 < confirmed <= len(stream.unacked):
+            del stream.unacked[:confirmed]
+            stream.acked = received
+            stream.framed = max(0, stream.framed - confirmed)
+            if stream.reading_paused and len(stream.unacked) < self.bound:
+                stream.reading_paused = False
+                self.watch(stream.kernel, stream, True, bool(stream.to_kernel))
+            self.notice_dropped(stream)
+
+    def frame(self, link: RelayLink, stream: RelayStream, kind: bytes, payload: bytes) -> None:
+        link.outbuf += FRAME_HEADER.pack(kind, stream.received, len(payload))
+        link.outbuf += payload
+        stream.told = stream.received
+
+    def flush(self, stream: RelayStream) -> None:
+        """Frame what the link has not carried yet, as far as it takes it in."""
+        link = stream.link
+        if link is None or link.phase != "open":
+            return
+        while stream.framed < len(stream.unacked) and len(link.outbuf) < LINK_OUTPUT_HIGH:
+            chunk = bytes(stream.unacked[stream.framed : stream.framed + FRAME_PAYLOAD_MAX])
+            self.frame(link, stream, FRAME_DATA, chunk)
+            stream.framed += len(chunk)
+        if stream.kernel_eof and stream.framed == len(stream.unacked) and not stream.close_sent:
+            self.frame(link, stream, FRAME_CLOSE, b"")
+            stream.close_sent = True
+        self.link_writable(link)
+
+    def link_writable(self, link: RelayLink) -> None:
+        if link not in self.links:
+            return
+        if link.outbuf:
+            try:
+                sent = link.sock.send(link.outbuf)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                self.drop_link(link)
+                return
+            del link.outbuf[:sent]
+        stream = link.stream
+        more = stream is not None and (
+            stream.framed < len(stream.unacked) or (stream.kernel_eof and not stream.close_sent)
+        )
+        ours = stream is not None and stream.link is link
+        if more and ours and stream is not None and len(link.outbuf) < LINK_OUTPUT_HIGH:
+            self.flush(stream)
+            return
+        if link.closing and not link.outbuf:
+            self.drop_link(link)
+            return
+        reading = stream is None or len(stream.to_kernel) < TO_KERNEL_HIGH
+        self.watch(link.sock, link, reading, bool(link.outbuf))
+        if stream is not None and stream.close_sent and not link.outbuf:
+            self.end_stream(stream)
+
+    def drop_link(self, link: RelayLink) -> None:
+        if link not in self.links:
+            return
+        self.links.discard(link)
+        self.watch(link.sock, link, False, False)
+        link.sock.close()
+        stream = link.stream
+        if stream is not None and stream.link is link:
+            stream.link = None
+            stream.framed = 0
+            stream.left_at = time.monotonic()
+
+    # -- the kernel's side -------------------------------------------------------------
+
+    def kernel_readable(self, stream: RelayStream) -> None:
+        try:
+            data = stream.kernel.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            stream.kernel_eof = True
+            self.watch(stream.kernel, stream, False, False)
+            self.flush(stream)
+            if stream.link is None and not stream.unacked:
+                self.end_stream(stream)
+            return
+        self.take_from_kernel(stream, data)
+        if len(stream.unacked) >= self.bound and not self.can_drop(stream):
+            # The kernel's socket keeps what no one reads, to its high-water mark.
+            stream.reading_paused = True
+            self.watch(stream.kernel, stream, False, bool(stream.to_kernel))
+        self.flush(stream)
+
+    def can_drop(self, stream: RelayStream) -> bool:
+        return stream.cutter is not None and not stream.cutter.opaque
+
+    def take_from_kernel(self, stream: RelayStream, data: bytes) -> None:
+        """Past the bound, output messages (stream, display data) are dropped whole;
+        every other message (status, replies' results, errors, comms) is kept."""
+        cutter = stream.cutter
+        if cutter is None or cutter.opaque:
+            stream.unacked += data
+            return
+        for segment, starts, _, ends in cutter.feed(data):
+            if starts and len(stream.unacked) >= self.bound:
+                stream.deciding = True
+            if stream.deciding:
+                stream.undecided += segment
+                kind = message_type(cutter.frames)
+                if kind is None and not ends:
+                    continue
+                stream.deciding = False
+                stream.dropping = kind in DROPPABLE_MESSAGES
+                segment, stream.undecided = bytes(stream.undecided), bytearray()
+                starts = not stream.dropping
+            if starts and stream.dropped_messages and not stream.dropping:
+                # before the next message kept (an `idle`, say), while it still counts
+                self.add_notice(stream)
+            if stream.dropping:
+                stream.dropped_bytes += len(segment)
+                if ends:
+                    stream.dropped_messages += 1
+                    stream.dropping = False
+                    stream.parent = parent_of(cutter.frames)
+                continue
+            stream.unacked += segment
+            if ends:
+                self.notice_dropped(stream)
+
+    def notice_dropped(self, stream: RelayStream) -> None:
+        """Once there is room again, between two messages: tell the client's user."""
+        cutter = stream.cutter
+        if not stream.dropped_messages or cutter is None or not cutter.between_messages:
+            return
+        if len(stream.unacked) < self.bound:
+            self.add_notice(stream)
+            self.flush(stream)
+
+    def add_notice(self, stream: RelayStream) -> None:
+        text = (
+            "\n[ssh-provisioner] %d output message(s), %d bytes, were dropped while the "
+            "link to this kernel's host was down (more than outage_buffer = %d bytes "
+            "waited for the client).\n"
+        ) % (stream.dropped_messages, stream.dropped_bytes, self.bound)
+        log(text.strip())
+        stream.unacked += stream_notice(self.connection, stream.parent, text)
+        stream.dropped_messages = stream.dropped_bytes = 0
+
+    def kernel_writable(self, stream: RelayStream) -> None:
+        if self.streams.get(stream.sid) is not stream:
+            return
+        if stream.to_kernel:
+            try:
+                sent = stream.kernel.send(stream.to_kernel)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                self.end_stream(stream)
+                return
+            del stream.to_kernel[:sent]
+        reading = not stream.kernel_eof and not stream.reading_paused
+        self.watch(stream.kernel, stream, reading, bool(stream.to_kernel))
+        link = stream.link
+        if link is not None and link.phase == "open" and len(stream.to_kernel) < TO_KERNEL_HIGH:
+            self.watch(link.sock, link, True, bool(link.outbuf))
+
+    def end_stream(self, stream: RelayStream) -> None:
+        if self.streams.get(stream.sid) is not stream:
+            return
+        del self.streams[stream.sid]
+        self.watch(stream.kernel, stream, False, False)
+        stream.kernel.close()
+        if stream.link is not None:
+            link, stream.link = stream.link, None
+            link.closing = True
+            self.link_writable(link)
 
 
 def name_is_signal(name: Any) -> bool:

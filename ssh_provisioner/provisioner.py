@@ -41,6 +41,7 @@ from .errors import (
 )
 from .hosts import HostEntry
 from .kbdint import AUTH_COOLDOWN, KBDINT, parse_rules
+from .launcher import DEFAULT_OUTAGE_BUFFER, MIN_OUTAGE_BUFFER
 from .placement import PlacementRequest
 from .policies import HostPolicy, Placement, load_policy
 from .pool import Lease, check_connect_options
@@ -178,6 +179,16 @@ class SSHProvisioner(KernelProvisionerBase):
         help="Seconds the provisioner keeps trying to reconnect and reattach to a kernel "
         "whose SSH connection was lost (it reports the kernel alive meanwhile); after "
         "that the kernel counts as dead. 0 disables reattaching.",
+    )
+    outage_buffer = Int(
+        DEFAULT_OUTAGE_BUFFER,
+        min=MIN_OUTAGE_BUFFER,
+        config=True,
+        help="Bytes of output the host keeps for each client connection while it cannot "
+        "reach the client (a lost connection being reattached), delivered when it is "
+        "back (at least 4 MiB: it also covers what is on its way). Past it, whole IOPub "
+        "messages are dropped, and the client's output says how many; replies are "
+        "never dropped (the kernel waits instead).",
     )
     keepalive_interval = Float(
         15.0,
@@ -700,6 +711,9 @@ class SSHProvisioner(KernelProvisionerBase):
             "orphan_timeout": self.orphan_timeout,
             "liveness_timeout": self._liveness(entry)[1],
             "attach_token": secrets.token_hex(16),
+            "outage_buffer": self.outage_buffer,
+            # Streams nobody resumes (the provisioner gave up, or went) end after this.
+            "stream_linger": self.reconnect_timeout + self.connect_timeout,
             "ready_timeout": self.launch_timeout,
             "connection": connection,
         }

@@ -66,6 +66,7 @@ class Handshake:
     home: str
     hostname: str
     control: str = ""  # the launcher's reattach socket
+    relay: int | str = ""  # the launcher's relay: a port on the host's loopback, or a path
 
     @classmethod
     def from_event(cls, event: dict[str, Any]) -> Handshake:
@@ -83,6 +84,7 @@ class Handshake:
             home=str(event["home"]),
             hostname=str(event["hostname"]),
             control=str(event.get("control") or ""),
+            relay=relay if isinstance(relay := event.get("relay") or "", str) else int(relay),
         )
 
 

@@ -155,11 +155,21 @@ class KernelSession:
     def _running(self, lease: Lease, kernel: RemoteKernel) -> None:
         self._lease, self._kernel = lease, kernel
         self.handshake = kernel.ready
-        self._ports.attach(Target(lease.connection, kernel.endpoints))
+        self._ports.attach(self._target(lease, kernel))
         self.state = State.RUNNING
         if self.settings.reconnect_timeout > 0:
             kernel.reconnect = self._reconnect
         kernel.keep_alive(self.settings.ping_interval)
+
+    def _target(self, lease: Lease, kernel: RemoteKernel) -> Target:
+        ready = kernel.ready
+        return Target(
+            connection=lease.connection,
+            relay=ready.relay,
+            token=kernel.attach_token or "",
+            launcher=f"{ready.launcher_pid}:{ready.runtime_dir}",
+            label=f"kernel {self.settings.kernel_id} on {self.settings.host_name}",
+        )
 
     # -- RUNNING -> UNREACHABLE -> REATTACHING -> RUNNING | ABANDONED -------------------
 
@@ -172,7 +182,7 @@ class KernelSession:
             return False
         settings = self.settings
         self.state = State.UNREACHABLE
-        self._ports.detach()
+        self._ports.suspend()
         if self._lease is not None:
             self._lease.release()
             self._lease = None
@@ -203,7 +213,7 @@ class KernelSession:
                     lease.release()
                     return False
                 self._lease = lease
-                self._ports.attach(Target(lease.connection, kernel.endpoints))
+                self._ports.attach(self._target(lease, kernel))
                 self.state = State.RUNNING
                 log.warning(
                     "kernel %s on %s: reattached after %.1fs",

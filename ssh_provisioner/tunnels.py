@@ -20,30 +20,50 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
+import hmac
+import json
 import logging
+import secrets
 from dataclasses import dataclass
 from typing import Any, cast
 
 import asyncssh
 
 from .errors import TunnelError
-from .launcher import CHANNELS
+from .launcher import (
+    ACK_EVERY,
+    CHANNELS,
+    FRAME_ACK,
+    FRAME_CLOSE,
+    FRAME_DATA,
+    FRAME_HEADER,
+    FRAME_PAYLOAD_MAX,
+    HANDSHAKE_LINE_MAX,
+    prove,
+)
 
 log = logging.getLogger(__name__)
 
 LOCAL_ADDRESS = "127.0.0.1"
 IOPUB_FIRST_BOUND = 1.5  # seconds other channels wait for IOPub's clients at most
 MAX_HELD_PER_PORT = 32  # older held connections are closed (their clients reconnect)
-HELD_BUFFER_LIMIT = 64 * 1024  # what a held connection's client may send before it waits
+RESUMES_ALONE_MAX = 3
+CLIENT_BUFFER_LIMIT = 1024 * 1024  # what a client may send unconfirmed before it waits
 Endpoint = int | str  # a TCP port on the host's loopback, or a Unix socket path
 
 
 @dataclass(frozen=True, eq=False)
 class Target:
-    """Where the kernel's channels are now: its endpoints, over one SSH connection."""
+    """Where the kernel's channels are now: its launcher's relay, over one SSH
+    connection.  ``launcher`` names the launcher (streams resume only on the one that
+    holds them); ``token`` is what both ends prove they know; ``label`` is for logs."""
 
     connection: asyncssh.SSHClientConnection
-    endpoints: dict[str, Endpoint]
+    relay: Endpoint
+    token: str
+    launcher: str
+    label: str
 
 
 class FirstMessageWatch:
@@ -93,25 +113,25 @@ class _ChannelSide:
 
     def __init__(self, link: _Link) -> None:
         self._link = link
+        self.channel: Any = None
 
     def connection_made(self, chan: Any) -> None:
-        self._link.connected(chan)
+        self.channel = chan
 
     def data_received(self, data: bytes, datatype: int | None) -> None:
-        self._link.write_local(data)
+        self._link.from_relay(self, data)
 
     def eof_received(self) -> bool:
-        self._link.remote_eof()
-        return True
+        return False  # the channel closes; the stream is resumed or ends (CLOSE frame)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._link.close()
+        self._link.channel_lost(self)
 
     def pause_writing(self) -> None:
-        self._link.pause_local()
+        self._link.pause_client(self)
 
     def resume_writing(self) -> None:
-        self._link.resume_local()
+        self._link.resume_client(self)
 
 
 class _TCPChannelSide(_ChannelSide, asyncssh.SSHTCPSession[bytes]):
@@ -122,145 +142,314 @@ class _UnixChannelSide(_ChannelSide, asyncssh.SSHUNIXSession[bytes]):
     pass
 
 
+class LinkState(enum.Enum):
+    HELD = "held"  # accepted, waiting for a kernel to relay to
+    OPENING = "opening"  # a channel to the relay is opening, or proving itself
+    OPEN = "open"
+    SUSPENDED = "suspended"  # the channel was lost; the relay keeps the stream
+    CLOSED = "closed"
+
+
 class _Link(asyncio.Protocol):
-    """One accepted local connection: held, then relayed to one SSH channel."""
+    """One accepted client connection, relayed as a resumable stream (see the launcher's
+    relay): what the client sent stays here until the relay confirms it, so a channel
+    lost with its SSH connection is replaced by a new one without a byte lost."""
 
     def __init__(self, ports: KernelPorts, channel: str) -> None:
         self._ports = ports
         self.channel = channel
+        self.sid = secrets.token_hex(12)
+        self.state = LinkState.HELD
         self._transport: asyncio.Transport | None = None
-        self._remote: asyncssh.SSHTCPChannel[bytes] | asyncssh.SSHUNIXChannel[bytes] | None = None
+        self._side: _ChannelSide | None = None  # the current channel
+        self._target: Target | None = None
         self._watch = FirstMessageWatch() if channel == "iopub" else None
-        self._pending = bytearray()  # read before the channel is open
-        self._local_eof = False
-        self._eofs = 0
-        self.closed = False
+        self._out = bytearray()  # client -> kernel bytes the relay has not confirmed
+        self._out_acked = 0
+        self._out_framed = 0  # bytes of _out framed on the current channel
+        self._received = 0  # kernel -> client bytes passed on
+        self._told = 0  # _received as the relay last heard it
+        self._inbuf = bytearray()
+        self._phase = ""  # of the current channel: "proof" -> ("resumed") -> "open"
+        self._nonce = ""
+        self._client_paused = False
+        self._created = False  # the relay may hold the stream
+        self._open_failed = False  # the last channel to the relay did not open
+        self.resumes_alone = 0  # resumes since the last attach, without a new connection
+        self._resume = False  # the current channel resumes the stream
 
-    # -- local side (asyncio.Protocol) ---------------------------------------------------
+    @property
+    def resumable(self) -> bool:
+        """The relay may hold this stream: we proved ourselves to it once, so it may
+        have created the stream and passed on what we sent."""
+        return self._created and self.state is not LinkState.CLOSED
+
+    # -- the client's side (asyncio.Protocol) --------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)
-        # Python < 3.12 starts reading after connection_made even when paused in it
-        # (hence _pending); from 3.12 a held connection is not read at all.
-        self._transport.pause_reading()
         self._ports.accepted(self)
 
     def data_received(self, data: bytes) -> None:
-        if self._remote is not None:
-            self._remote.write(data)
-            return
-        self._pending += data
-        if len(self._pending) >= HELD_BUFFER_LIMIT and self._transport is not None:
-            self._transport.pause_reading()
+        self._out += data
+        if self.state is LinkState.OPEN:
+            self._send_data()
+        if len(self._out) >= CLIENT_BUFFER_LIMIT:
+            self._pause_reading()
 
     def eof_received(self) -> bool:
-        self._local_eof = True
-        if self._remote is not None:
-            self._remote.write_eof()
-        self._count_eof()
-        return True
+        self.close()  # ZMQ peers close both ways; the relay then closes the kernel's side
+        return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.close()
 
     def pause_writing(self) -> None:
-        if self._remote is not None:
-            self._remote.pause_reading()
+        if self._side is not None and self._side.channel is not None:
+            self._side.channel.pause_reading()
 
     def resume_writing(self) -> None:
-        if self._remote is not None:
-            self._remote.resume_reading()
+        if self._side is not None and self._side.channel is not None:
+            self._side.channel.resume_reading()
 
-    # -- called by the channel side ------------------------------------------------------
+    def _pause_reading(self) -> None:
+        if not self._client_paused and self._transport is not None:
+            self._client_paused = True
+            self._transport.pause_reading()
 
-    def write_local(self, data: bytes) -> None:
+    def _resume_reading(self) -> None:
+        if self._client_paused and self._transport is not None and not self._transport.is_closing():
+            self._client_paused = False
+            self._transport.resume_reading()
+
+    # -- the relay's side ----------------------------------------------------------------
+
+    def pause_client(self, side: _ChannelSide) -> None:
+        if side is self._side:
+            self._pause_reading()
+
+    def resume_client(self, side: _ChannelSide) -> None:
+        open_ = side is self._side and self.state is LinkState.OPEN
+        if open_ and len(self._out) < CLIENT_BUFFER_LIMIT:
+            self._resume_reading()
+
+    async def relay(self, target: Target, resume: bool = False) -> None:
+        """Open a channel to the relay and create (or resume) this stream there."""
+        self._target, self._resume = target, resume
+        self.state = LinkState.OPENING
+        side: _ChannelSide
+        try:
+            if isinstance(target.relay, str):
+                _, unix_side = await target.connection.create_unix_connection(
+                    lambda: _UnixChannelSide(self), target.relay
+                )
+                side = cast(_ChannelSide, unix_side)
+            else:
+                _, tcp_side = await target.connection.create_connection(
+                    lambda: _TCPChannelSide(self), LOCAL_ADDRESS, target.relay
+                )
+                side = cast(_ChannelSide, tcp_side)
+        except (asyncssh.Error, OSError) as exc:
+            log.debug("%s: cannot reach the relay of %s: %s", self.channel, target.label, exc)
+            self._open_failed = True
+            self._lost()
+            return
+        except BaseException:
+            if self.state is LinkState.OPENING:  # (suspend() has dealt with it otherwise)
+                self.close()
+            raise
+        if self.state is not LinkState.OPENING or self._target is not target:
+            side.channel.close()  # closed or suspended while the channel opened
+            return
+        self._side, self._inbuf, self._phase = side, bytearray(), "proof"
+        self._nonce = secrets.token_hex(16)
+        hello = {
+            "hello": self._nonce,
+            "stream": self.sid,
+            "channel": self.channel,
+            "resume": resume,
+            "received": self._received,
+        }
+        side.channel.write(json.dumps(hello).encode() + b"\n")
+
+    def from_relay(self, side: _ChannelSide, data: bytes) -> None:
+        if side is not self._side or self.state is LinkState.CLOSED:
+            return
+        self._inbuf += data
+        while self._phase != "open":
+            end = self._inbuf.find(b"\n")
+            if end < 0:
+                if len(self._inbuf) > HANDSHAKE_LINE_MAX:
+                    self._refuse("an overlong handshake line")
+                return
+            line = bytes(self._inbuf[:end])
+            del self._inbuf[: end + 1]
+            try:
+                message = json.loads(line)
+            except ValueError:
+                self._refuse("a handshake line that is not JSON")
+                return
+            if not self._handshake(side, message):
+                return
+        self._read_frames()
+
+    def _handshake(self, side: _ChannelSide, message: dict[str, Any]) -> bool:
+        target = self._target
+        if target is None:
+            return False
+        if self._phase == "proof":
+            expected = prove(target.token, "relay", self._nonce, str(message.get("nonce")))
+            if not hmac.compare_digest(str(message.get("proof")), expected):
+                self._refuse("a relay that cannot prove it knows the kernel's token")
+                return False
+            proof = prove(target.token, "client", str(message["nonce"]), self._nonce)
+            side.channel.write(json.dumps({"proof": proof}).encode() + b"\n")
+            self._created = True
+            if self._resume:
+                self._phase = "resumed"  # the relay says next how far it got
+            else:
+                self._opened()
+            return True
+        # "resumed": the relay says how far it got
+        if "error" in message:
+            log.info("%s: %s stream not resumed: %s", target.label, self.channel, message["error"])
+            self.close()
+            return False
+        self._confirm(int(message["received"]))
+        if message.get("dropped_messages"):
+            log.warning(
+                "%s: %d IOPub message(s) (%d bytes) were dropped while unreachable: more "
+                "than outage_buffer waited for the client",
+                target.label, message["dropped_messages"], message.get("dropped_bytes", 0),
+            )  # fmt: skip
+        self._opened()
+        return True
+
+    @property
+    def may_resume_alone(self) -> bool:
+        """Resume on the same connection after losing the channel alone: a few times,
+        never after a channel failed to open (that waits for the next connection)."""
+        return not self._open_failed and self.resumes_alone < RESUMES_ALONE_MAX
+
+    def _opened(self) -> None:
+        self._open_failed = False
+        self._phase = "open"
+        self.state = LinkState.OPEN
+        self._out_framed = 0
+        self._send_data()
+        if len(self._out) < CLIENT_BUFFER_LIMIT:
+            self._resume_reading()
+
+    def _refuse(self, why: str) -> None:
+        label = self._target.label if self._target is not None else "the kernel"
+        log.error("%s: closed the %s connection: %s", label, self.channel, why)
+        self.close()
+
+    def _read_frames(self) -> None:
+        buffer = self._inbuf
+        header = FRAME_HEADER.size
+        while len(buffer) >= header:
+            kind, ack, size = FRAME_HEADER.unpack_from(buffer)
+            if len(buffer) < header + size:
+                return
+            payload = bytes(buffer[header : header + size])
+            del buffer[: header + size]
+            self._confirm(ack)
+            if kind == FRAME_DATA:
+                self._to_client(payload)
+            elif kind == FRAME_CLOSE:
+                self.close()  # the kernel closed its side
+                return
+        if self._received - self._told >= ACK_EVERY:
+            self._write_frame(FRAME_ACK, b"")
+
+    def _to_client(self, data: bytes) -> None:
+        self._received += len(data)
         if self._watch is not None and self._watch.feed(data):
             self._watch = None
             self._ports.subscribed(self)
         if self._transport is not None and not self._transport.is_closing():
             self._transport.write(data)
 
-    def remote_eof(self) -> None:
-        if self._transport is not None and self._transport.can_write_eof():
-            with contextlib.suppress(OSError):
-                self._transport.write_eof()
-        self._count_eof()
+    def _confirm(self, received: int) -> None:
+        confirmed = received - self._out_acked
+        if 0 < confirmed <= len(self._out):
+            del self._out[:confirmed]
+            self._out_acked = received
+            self._out_framed = max(0, self._out_framed - confirmed)
+            if self.state is LinkState.OPEN and len(self._out) < CLIENT_BUFFER_LIMIT:
+                self._resume_reading()
 
-    def pause_local(self) -> None:
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.pause_reading()
+    def _write_frame(self, kind: bytes, payload: bytes) -> None:
+        if self._side is not None:
+            frame = FRAME_HEADER.pack(kind, self._received, len(payload))
+            self._side.channel.write(frame + payload)
+            self._told = self._received
 
-    def resume_local(self) -> None:
-        # never before the channel is there: what is read then would be lost
-        if self._remote is None or self._transport is None or self._transport.is_closing():
+    def _send_data(self) -> None:
+        while self._out_framed < len(self._out):
+            chunk = bytes(self._out[self._out_framed : self._out_framed + FRAME_PAYLOAD_MAX])
+            self._write_frame(FRAME_DATA, chunk)
+            self._out_framed += len(chunk)
+
+    def channel_lost(self, side: _ChannelSide) -> None:
+        if side is self._side:
+            self._lost()
+
+    def _lost(self) -> None:
+        """The channel is gone (or never came): the stream waits for the kernel's next
+        connection, or ends with its client's connection."""
+        if self.state is LinkState.CLOSED:
             return
-        self._transport.resume_reading()
+        self._side = None
+        if self.resumable:
+            self.state = LinkState.SUSPENDED
+            self._ports.suspended(self)
+        else:  # no stream there yet: held again, for the kernel's next connection
+            self.state = LinkState.HELD
+            self._ports.hold(self)
 
-    def connected(
-        self, remote: asyncssh.SSHTCPChannel[bytes] | asyncssh.SSHUNIXChannel[bytes]
-    ) -> None:
-        self._remote = remote
-        if self.closed:
-            remote.close()
+    def suspend(self) -> None:
+        """The kernel's connection is lost: keep the stream for a new channel (or, if
+        the relay never had it, hold the connection again)."""
+        if self.state is LinkState.CLOSED:
             return
-        if self._pending:
-            remote.write(bytes(self._pending))
-            self._pending.clear()
-        if self._local_eof:
-            remote.write_eof()
-
-    # -- life ----------------------------------------------------------------------------
-
-    async def relay(self, target: Target) -> None:
-        """Open the SSH channel to the kernel's endpoint and start relaying."""
-        endpoint = target.endpoints[self.channel]
-        try:
-            if isinstance(endpoint, str):
-                await target.connection.create_unix_connection(
-                    lambda: _UnixChannelSide(self), endpoint
-                )
-            else:
-                await target.connection.create_connection(
-                    lambda: _TCPChannelSide(self), LOCAL_ADDRESS, endpoint
-                )
-        except (asyncssh.Error, OSError) as exc:
-            log.debug("%s: cannot reach the kernel's endpoint %r: %s", self.channel, endpoint, exc)
-            self.close()  # the client reconnects, and is held or relayed again
-            return
-        except BaseException:
-            self.close()
-            raise
-        self.resume_local()
-
-    def _count_eof(self) -> None:
-        self._eofs += 1
-        if self._eofs >= 2:
-            self.close()
+        side, self._side = self._side, None
+        self.state = LinkState.SUSPENDED if self.resumable else LinkState.HELD
+        if side is not None and side.channel is not None:
+            side.channel.close()
 
     def close(self) -> None:
-        if self.closed:
+        if self.state is LinkState.CLOSED:
             return
-        self.closed = True
+        side, self._side = self._side, None
+        if side is not None and side.channel is not None:
+            if self._phase == "open":  # the relay closes the kernel's side
+                with contextlib.suppress(OSError, asyncssh.Error):
+                    side.channel.write(FRAME_HEADER.pack(FRAME_CLOSE, self._received, 0))
+            side.channel.close()
+        self.state = LinkState.CLOSED
         if self._transport is not None:
             self._transport.close()
-        if self._remote is not None:
-            self._remote.close()
         self._ports.forget(self)
 
 
 class KernelPorts:
     """The kernel's local ports and the links accepted on them.
 
-    ``attach(target)`` points them at a kernel, ``detach()`` takes the kernel away
-    (relayed links close, their clients reconnect and are held), ``aclose()`` unbinds.
-    Runs on the engine's loop."""
+    ``attach(target)`` points them at a kernel.  ``suspend()`` says its connection was
+    lost: links keep their streams and resume when the same launcher is attached again.
+    ``detach()`` takes the kernel away for good (restart, shutdown): links close, their
+    clients reconnect and are held.  ``aclose()`` unbinds.  Runs on the engine's loop."""
 
     def __init__(self) -> None:
         self._servers: dict[str, asyncio.Server] = {}
         self._held: dict[str, list[_Link]] = {channel: [] for channel in CHANNELS}
         self._relayed: set[_Link] = set()
+        self._suspended: set[_Link] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._target: Target | None = None
+        self._launcher = ""  # the launcher that holds the suspended links' streams
         self._gate_open = False
         self._gate_timer: asyncio.TimerHandle | None = None
         self._iopub_expected = 0
@@ -301,9 +490,18 @@ class KernelPorts:
         }
 
     def attach(self, target: Target) -> None:
-        """Relay to ``target`` from now on: IOPub first, the rest once the kernel has
-        sent IOPub's clients a message (so it knows them as subscribers)."""
-        self._target = target
+        """Relay to ``target`` from now on.  Suspended links resume on the launcher that
+        holds their streams.  New links: IOPub first, the rest once the kernel has sent
+        IOPub's clients a message (so it knows them as subscribers)."""
+        suspended, self._suspended = self._suspended, set()
+        if target.launcher != self._launcher:
+            for link in suspended:
+                link.close()
+            suspended = set()
+        self._target, self._launcher = target, target.launcher
+        for link in suspended:
+            link.resumes_alone = 0
+            self._relay(link, target, resume=True)
         self._iopub_subscribed = 0
         if self._iopub_expected:
             self._gate_open = False
@@ -316,19 +514,33 @@ class KernelPorts:
             if channel == "iopub" or self._gate_open:
                 self._relay_held(channel)
 
-    def detach(self) -> None:
-        """The kernel is out of reach: close relayed links; new ones are held."""
+    def suspend(self) -> None:
+        """The kernel's connection is lost: its links keep their streams (the relay on
+        the host keeps its side), and new links are held."""
         self._target = None
-        self._gate_open = False
-        if self._gate_timer is not None:
-            self._gate_timer.cancel()
-            self._gate_timer = None
-        relayed = list(self._relayed)
-        iopub_clients = sum(1 for link in relayed if link.channel == "iopub")
-        # A blip while still waiting for IOPub's clients keeps waiting for all of them.
+        self._close_gate()
+        for task in self._tasks:
+            task.cancel()
+        for link in list(self._relayed):
+            link.suspend()
+            self._relayed.discard(link)
+            if link.state is LinkState.SUSPENDED:
+                self._suspended.add(link)
+            elif link.state is LinkState.HELD:
+                self.hold(link)
+
+    def detach(self) -> None:
+        """The kernel is gone for good: close its links; new ones are held."""
+        self._target = None
+        self._close_gate()
+        links = [*self._relayed, *self._suspended]
+        iopub_clients = sum(1 for link in links if link.channel == "iopub")
+        # A kernel gone while still waiting for IOPub's clients keeps waiting for all of them.
         self._iopub_expected = max(self._iopub_expected, iopub_clients)
-        for link in relayed:
+        for link in links:
             link.close()
+        self._suspended.clear()
+        self._launcher = ""
         for task in self._tasks:
             task.cancel()
 
@@ -355,22 +567,44 @@ class KernelPorts:
         elif self._target is not None and (link.channel == "iopub" or self._gate_open):
             self._relay(link, self._target)
         else:
-            held = self._held[link.channel]
-            held.append(link)
-            if len(held) > MAX_HELD_PER_PORT:
-                held[0].close()
+            self.hold(link)
+
+    def hold(self, link: _Link) -> None:
+        self._relayed.discard(link)
+        held = self._held[link.channel]
+        held.append(link)
+        if len(held) > MAX_HELD_PER_PORT:
+            held[0].close()
 
     def subscribed(self, link: _Link) -> None:
         self._iopub_subscribed += 1
         if not self._gate_open and self._iopub_subscribed >= self._iopub_expected:
             self._open_gate()
 
+    def suspended(self, link: _Link) -> None:
+        """A link lost its channel on its own (not with the connection): it resumes on
+        the current target once; a stream the relay no longer has then ends."""
+        self._relayed.discard(link)
+        target = self._target
+        if target is not None and not target.connection.is_closed() and link.may_resume_alone:
+            link.resumes_alone += 1
+            self._relay(link, target, resume=True)
+        else:
+            self._suspended.add(link)
+
     def forget(self, link: _Link) -> None:
         self._relayed.discard(link)
+        self._suspended.discard(link)
         with contextlib.suppress(ValueError):
             self._held[link.channel].remove(link)
 
     # -- internals -----------------------------------------------------------------------
+
+    def _close_gate(self) -> None:
+        self._gate_open = False
+        if self._gate_timer is not None:
+            self._gate_timer.cancel()
+            self._gate_timer = None
 
     def _open_gate(self) -> None:
         if self._gate_timer is not None:
@@ -394,8 +628,8 @@ class KernelPorts:
             if self._target is not None:
                 self._relay(link, self._target)
 
-    def _relay(self, link: _Link, target: Target) -> None:
+    def _relay(self, link: _Link, target: Target, resume: bool = False) -> None:
         self._relayed.add(link)
-        task = asyncio.ensure_future(link.relay(target))
+        task = asyncio.ensure_future(link.relay(target, resume))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

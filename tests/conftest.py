@@ -17,6 +17,7 @@ from jupyter_client.kernelspec import KernelSpecManager
 
 from ssh_provisioner.engine import shutdown_engine
 
+from .netns import Link, namespace_host
 from .sshd import (
     SSHDaemon,
     SSHDUnavailable,
@@ -293,3 +294,25 @@ async def no_leaks() -> AsyncIterator[None]:
         raise AssertionError(
             f"left behind: {remote_leftovers()} (before: {before}); new listeners: {listeners}"
         ) from None
+
+
+@pytest.fixture
+def host_behind_a_link(
+    tmp_path: Path, client_key: tuple[Path, str]
+) -> Iterator[tuple[Link, dict[str, Any]]]:
+    """A host in its own network namespace, whose link we can cut, and a config for it
+    whose keepalives (every second) notice a cut quickly."""
+    with namespace_host() as link:
+        daemon = start_sshd(
+            tmp_path / "ns-host", link.address, client_key[1] + "\n", netns=link.namespace
+        )
+        config = {
+            "hosts": [daemon.destination("root")],
+            "connect_options": connect_options(daemon, client_key[0]),
+            "remote_python": sys.executable,
+            "keepalive_interval": 1.0,
+        }
+        try:
+            yield link, config
+        finally:
+            daemon.stop()

@@ -26,7 +26,7 @@ from ssh_provisioner.session import State
 
 from ..conftest import KernelSpecFactory, connect_options
 from ..helpers import cmdlines_containing, execute, listening_ports, process_alive, wait_until
-from ..netns import Link, namespace_host
+from ..netns import Link
 from ..sshd import SSHDaemon, start_sshd
 from .test_lifecycle import running_kernel
 
@@ -47,28 +47,6 @@ def flaky_host(tmp_path: Path, client_key: tuple[Path, str]) -> Iterator[SSHDaem
     daemon = start_sshd(tmp_path / "flaky", "127.0.0.9", client_key[1] + "\n")
     yield daemon
     daemon.stop()
-
-
-@pytest.fixture
-def host_behind_a_link(
-    tmp_path: Path, client_key: tuple[Path, str]
-) -> Iterator[tuple[Link, dict[str, Any]]]:
-    """A host in its own network namespace, whose link we can cut, and a config for it
-    whose keepalives (every second) notice a cut quickly."""
-    with namespace_host() as link:
-        daemon = start_sshd(
-            tmp_path / "ns-host", link.address, client_key[1] + "\n", netns=link.namespace
-        )
-        config = {
-            "hosts": [daemon.destination("root")],
-            "connect_options": connect_options(daemon, client_key[0]),
-            "remote_python": sys.executable,
-            "keepalive_interval": 1.0,
-        }
-        try:
-            yield link, config
-        finally:
-            daemon.stop()
 
 
 @pytest.fixture

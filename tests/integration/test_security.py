@@ -160,6 +160,45 @@ async def test_tcp_endpoints_listen_on_loopback_only(
                 assert address == "0100007F"
 
 
+INTRUDER = """
+import json, socket, struct, sys
+results = []
+for channel, resume in (("iopub", False), ("shell", True)):  # a new stream; a guessed one
+    s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=10)
+    hello = {"hello": "n", "stream": "s", "channel": channel, "resume": resume, "received": 0}
+    s.sendall(json.dumps(hello).encode() + b"\\n")
+    s.makefile("rb").readline()  # the relay's nonce and proof
+    subscribe = b"\\x00\\x01\\x01"  # what a SUB socket would send
+    try:
+        s.sendall(json.dumps({"proof": "0" * 64}).encode() + b"\\n"
+                  + struct.pack(">cQI", b"D", 0, len(subscribe)) + subscribe)
+        # accepted, the kernel's ZMTP greeting (or a resume answer) would come back
+        results.append("closed" if s.recv(65536) == b"" else "answered")
+    except OSError:
+        results.append("closed")
+print(" ".join(results))
+"""
+
+
+async def test_a_host_user_at_the_relay_reaches_nothing(
+    make_kernelspec: KernelSpecFactory, host_config: dict[str, Any], test_user: str
+) -> None:
+    """With tcp, any user on the host can connect to the launcher's relay port on
+    127.0.0.1: without the token the relay closes the connection before it reaches
+    the kernel (no ZMTP greeting, no output)."""
+    async with running_kernel(make_kernelspec, host_config) as (km, kc):
+        info = await km.provisioner.get_provisioner_info()
+        relay = info["handshake"]["relay"]
+        assert isinstance(relay, int)
+        probe = subprocess.run(
+            ["runuser", "-u", test_user, "--", sys.executable, "-c", INTRUDER, str(relay)],
+            capture_output=True, text=True, check=False, timeout=60,
+        )  # fmt: skip
+        assert probe.stdout.split() == ["closed", "closed"], probe.stdout + probe.stderr
+        out, _ = await execute(kc, "print('still mine')")
+        assert out.strip() == "still mine"
+
+
 @pytest.mark.parametrize(
     ("script", "error", "words"),
     [

@@ -1,0 +1,171 @@
+"""Nothing is lost across a blip: output and replies the kernel produces while its host
+is unreachable are kept by the relay on the host, and delivered in order once the link
+is back, to a plain client and to nbclient alike (no nudges)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import nbformat
+import pytest
+from jupyter_client.asynchronous import AsyncKernelClient
+from jupyter_client.manager import AsyncKernelManager
+from nbclient import NotebookClient
+
+from ..conftest import KernelSpecFactory
+from ..helpers import execute, wait_until
+from ..netns import Link
+from .test_lifecycle import running_kernel
+
+pytestmark = [pytest.mark.sshd, pytest.mark.usefixtures("no_leaks")]
+
+LINES = 200
+# 200 numbered lines over about 10 s: a cut after the first lines lasts past the end of
+# the cell, so most of its output, its `idle` and its reply are all sent during the cut.
+COUNTING_CELL = (
+    f"import time\nfor i in range({LINES}):\n    print(i, flush=True)\n    time.sleep(0.05)\n"
+)
+OUTAGE = 12.0  # seconds the link is down, from the cut
+
+
+def resilient(config: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {
+        **config,
+        "connect_timeout": 2.0,
+        "orphan_timeout": 60.0,
+        "reconnect_timeout": 60.0,
+        **extra,
+    }
+
+
+async def cut_for(link: Link, km: AsyncKernelManager, seconds: float) -> None:
+    """Cut the link (no FIN, no RST), wait for keepalives to notice, restore it
+    ``seconds`` after the cut."""
+    lease = km.provisioner._session._lease
+    link.down()
+    cut = time.monotonic()
+    await wait_until(lambda: lease.connection.is_closed(), 15, "keepalives to notice the cut")
+    assert await km.provisioner.poll() is None  # unreachable, not dead
+    await asyncio.sleep(max(0.0, cut + seconds - time.monotonic()))  # the outage itself
+    link.up()
+
+
+async def first_line(kc: AsyncKernelClient, msg_id: str) -> list[dict[str, Any]]:
+    """IOPub messages of ``msg_id`` up to its first printed line."""
+    seen = []
+    while True:
+        message = await kc.get_iopub_msg(timeout=15)
+        if message["parent_header"].get("msg_id") != msg_id:
+            continue
+        seen.append(message)
+        if message["msg_type"] == "stream":
+            return seen
+
+
+async def test_output_and_reply_sent_during_a_cut_all_arrive_in_order(
+    make_kernelspec: KernelSpecFactory, host_behind_a_link: tuple[Link, dict[str, Any]]
+) -> None:
+    link, config = host_behind_a_link
+    async with running_kernel(make_kernelspec, resilient(config)) as (km, kc):
+        msg_id = kc.execute(COUNTING_CELL)
+        messages = await first_line(kc, msg_id)
+        await cut_for(link, km, OUTAGE)
+        deadline = time.monotonic() + 60
+        while not (
+            messages[-1]["msg_type"] == "status"
+            and messages[-1]["content"]["execution_state"] == "idle"
+        ):
+            message = await kc.get_iopub_msg(timeout=max(0.1, deadline - time.monotonic()))
+            if message["parent_header"].get("msg_id") == msg_id:
+                messages.append(message)
+        printed = "".join(m["content"]["text"] for m in messages if m["msg_type"] == "stream")
+        assert printed.split() == [str(i) for i in range(LINES)]  # all of them, in order
+        assert [m["msg_type"] for m in messages][:2] == ["status", "execute_input"]
+        reply = await kc.get_shell_msg(timeout=10)
+        assert reply["parent_header"]["msg_id"] == msg_id
+        assert reply["content"]["status"] == "ok"
+        out, _ = await execute(kc, "print('after', i)")
+        assert out.strip() == f"after {LINES - 1}"
+
+
+async def test_nbclient_gets_the_whole_cell_across_a_cut(
+    make_kernelspec: KernelSpecFactory, host_behind_a_link: tuple[Link, dict[str, Any]]
+) -> None:
+    link, config = host_behind_a_link
+    ksm, name = make_kernelspec(resilient(config))
+    km = AsyncKernelManager(kernel_name=name, kernel_spec_manager=ksm)
+    notebook = nbformat.v4.new_notebook()
+    notebook.cells = [
+        nbformat.v4.new_code_cell("print('first cell')"),
+        nbformat.v4.new_code_cell(COUNTING_CELL),
+        nbformat.v4.new_code_cell("print('last cell', i)"),
+    ]
+    client = NotebookClient(notebook, km=km, timeout=120, kernel_name=name)
+    run = asyncio.ensure_future(client.async_execute())
+    try:
+        await wait_until(
+            lambda: bool(notebook.cells[1].get("outputs")), 60, "the counting cell's output"
+        )
+        await cut_for(link, km, OUTAGE)
+        await asyncio.wait_for(run, 90)
+    finally:
+        if not run.done():
+            run.cancel()
+            await asyncio.gather(run, return_exceptions=True)
+        if client.kc is not None:  # nbclient leaves a manager it did not make to us
+            client.kc.stop_channels()
+        if km.has_kernel:
+            await km.shutdown_kernel()
+    counted = "".join(output.get("text", "") for output in notebook.cells[1].outputs)
+    assert counted.split() == [str(i) for i in range(LINES)]
+    assert notebook.cells[2].outputs[0]["text"] == f"last cell {LINES - 1}\n"
+
+
+FLOOD_LINES = 2000
+FLOOD_CELL = (
+    "import time\n"
+    f"for i in range({FLOOD_LINES}):\n"
+    "    print(str(i).rjust(8, '.') * 1024, flush=True)\n"  # 8 KiB a line, 16 MiB in all
+    "    time.sleep(0.004)\n"
+    "print('done', flush=True)\n"
+)
+
+
+async def test_past_the_outage_buffer_the_user_is_told_what_was_dropped(
+    make_kernelspec: KernelSpecFactory, host_behind_a_link: tuple[Link, dict[str, Any]]
+) -> None:
+    """With the smallest outage buffer (4 MiB), a cell printing 16 MiB during a cut
+    loses lines; its output says how many, in the cell that lost them, and the kernel
+    goes on."""
+    link, config = host_behind_a_link
+    settings = resilient(config, outage_buffer=4 * 1024 * 1024)
+    async with running_kernel(make_kernelspec, settings) as (km, kc):
+        msg_id = kc.execute(FLOOD_CELL)
+        messages = await first_line(kc, msg_id)
+        await cut_for(link, km, OUTAGE)
+        deadline = time.monotonic() + 60
+        while not (
+            messages[-1]["msg_type"] == "status"
+            and messages[-1]["content"]["execution_state"] == "idle"
+        ):
+            message = await kc.get_iopub_msg(timeout=max(0.1, deadline - time.monotonic()))
+            if message["parent_header"].get("msg_id") == msg_id:
+                messages.append(message)
+        texts = [m["content"]["text"] for m in messages if m["msg_type"] == "stream"]
+        notices = [t for t in texts if "[ssh-provisioner]" in t]
+        assert len(notices) == 1, texts[-5:]
+        assert "were dropped while the link to this kernel's host was down" in notices[0]
+        lines = [line for t in texts if t not in notices for line in t.split()]
+        numbers = [int(line.rsplit(".", 1)[-1]) for line in lines if line != "done"]
+        assert numbers == sorted(numbers)  # what arrived is in order, with a gap
+        assert numbers[:1] == [0]
+        assert len(numbers) < FLOOD_LINES
+        # The newest output is what is dropped (as a ZMQ socket past its high-water
+        # mark would): the notice comes in the cell, before its `idle`.
+        assert messages[-1]["msg_type"] == "status"
+        reply = await kc.get_shell_msg(timeout=10)
+        assert reply["content"]["status"] == "ok"
+        out, _ = await execute(kc, "print('still here')")
+        assert out.strip() == "still here"

@@ -1,0 +1,273 @@
+"""The launcher's relay, on real sockets in this process: the handshake proves both
+ends, a stream resumes on a new connection without a byte lost or repeated, and the
+ZMTP cutting that lets it drop whole output messages (with a signed notice)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from jupyter_client.session import Session
+
+from ssh_provisioner.launcher import (
+    FRAME_CLOSE,
+    FRAME_DATA,
+    FRAME_HEADER,
+    MessageCutter,
+    Relay,
+    message_type,
+    prove,
+    stream_notice,
+    zmtp_frames,
+)
+
+TOKEN = "0123456789abcdef0123456789abcdef"  # noqa: S105  (a test token)
+KEY = "a-session-key"
+GREETING = b"\xff" + b"\x00" * 8 + b"\x7f" + b"\x03\x01" + b"NULL".ljust(20, b"\x00") + b"\x00" * 32
+
+
+def command(name: bytes, body: bytes = b"") -> bytes:
+    payload = bytes([len(name)]) + name + body
+    return bytes([0x04, len(payload)]) + payload
+
+
+def jupyter_message(msg_type: str, text: str = "") -> list[bytes]:
+    header = json.dumps({"msg_type": msg_type, "msg_id": "m"}).encode()
+    parent = json.dumps({"msg_id": "the-cell"}).encode()
+    return [b"topic", b"<IDS|MSG>", b"sig", header, parent, b"{}", text.encode()]
+
+
+# -- ZMTP cutting ------------------------------------------------------------------------
+
+
+def test_the_cutter_finds_each_message_in_any_pieces() -> None:
+    first, second = jupyter_message("stream", "x" * 300), jupyter_message("status")
+    stream = GREETING + command(b"READY") + zmtp_frames(first) + zmtp_frames(second)
+    cutter = MessageCutter()
+    segments = [s for i in range(len(stream)) for s in cutter.feed(stream[i : i + 1])]
+    assert b"".join(s[0] for s in segments) == stream
+    offsets, position = [], 0
+    for data, starts, _, ends in segments:
+        if starts:
+            offsets.append(("start", position))
+        position += len(data)
+        if ends:
+            offsets.append(("end", position))
+    handshake = len(GREETING) + len(command(b"READY"))
+    middle = handshake + len(zmtp_frames(first))
+    assert offsets == [
+        ("start", handshake),
+        ("end", middle),
+        ("start", middle),
+        ("end", len(stream)),
+    ]
+    assert message_type(cutter.frames) == "status"
+    assert cutter.between_messages
+
+
+def test_curve_makes_the_stream_opaque() -> None:
+    cutter = MessageCutter()
+    cutter.feed(GREETING + command(b"READY"))
+    cutter.feed(command(b"MESSAGE", b"\x00" * 40) + b"anything at all")
+    assert cutter.opaque
+    assert not cutter.between_messages
+
+
+def test_the_notice_is_a_message_jupyter_client_verifies() -> None:
+    parent = json.dumps({"msg_id": "the-cell", "msg_type": "execute_request"}).encode()
+    notice = stream_notice({"key": KEY, "signature_scheme": "hmac-sha256"}, parent, "dropped")
+    cutter = MessageCutter()
+    cutter.feed(GREETING + command(b"READY") + notice)
+    frames = cutter.frames
+    session = Session(key=KEY.encode())
+    _, parts = session.feed_identities(frames)
+    message = session.deserialize(parts)  # raises on a bad signature
+    assert message["msg_type"] == "stream"
+    assert message["parent_header"]["msg_id"] == "the-cell"
+    assert message["content"] == {"name": "stderr", "text": "dropped"}
+
+
+# -- the relay on real sockets -----------------------------------------------------------
+
+
+class FakeKernel:
+    """A Unix listener that records what each connection sends and can send back."""
+
+    def __init__(self, path: str) -> None:
+        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.server.bind(path)
+        self.server.listen(4)
+        self.server.settimeout(5)
+
+    def accept(self) -> socket.socket:
+        conn, _ = self.server.accept()
+        OPEN_SOCKETS.append(conn)
+        conn.settimeout(5)
+        return conn
+
+
+@pytest.fixture
+def relay(tmp_path: Path) -> Iterator[tuple[Relay, FakeKernel]]:
+    kernel = FakeKernel(str(tmp_path / "shell"))
+    endpoints = {"shell": str(tmp_path / "shell")}
+    spec = {"attach_token": TOKEN, "connection": {"key": KEY}, "stream_linger": 30}
+    runtime = tmp_path / "runtime"
+    runtime.mkdir(mode=0o700)
+    relay = Relay(spec, "ipc", endpoints, str(runtime))
+    yield relay, kernel
+    relay.close()
+    relay.thread.join(5)
+    assert not relay.thread.is_alive()
+    kernel.server.close()
+
+
+OPEN_SOCKETS: list[socket.socket] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_sockets() -> Iterator[None]:
+    yield
+    while OPEN_SOCKETS:
+        OPEN_SOCKETS.pop().close()
+
+
+class Client:
+    """The provisioner's side of one channel, spoken by hand."""
+
+    def __init__(self, relay: Relay) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        OPEN_SOCKETS.append(self.sock)
+        self.sock.settimeout(5)
+        self.sock.connect(relay.address)
+        self.buffer = b""
+
+    def line(self) -> dict[str, Any]:
+        while b"\n" not in self.buffer:
+            data = self.sock.recv(65536)
+            if not data:
+                raise ConnectionError("closed")
+            self.buffer += data
+        line, _, self.buffer = self.buffer.partition(b"\n")
+        return dict(json.loads(line))
+
+    def send_line(self, message: dict[str, Any]) -> None:
+        self.sock.sendall(json.dumps(message).encode() + b"\n")
+
+    def open(self, sid: str, resume: bool = False, received: int = 0, token: str = TOKEN) -> None:
+        nonce = os.urandom(8).hex()
+        self.send_line(
+            {
+                "hello": nonce,
+                "stream": sid,
+                "channel": "shell",
+                "resume": resume,
+                "received": received,
+            }
+        )
+        reply = self.line()
+        assert reply["proof"] == prove(TOKEN, "relay", nonce, reply["nonce"])  # the relay knows it
+        self.send_line({"proof": prove(token, "client", reply["nonce"], nonce)})
+
+    def frame(self, kind: bytes, received: int, payload: bytes = b"") -> None:
+        self.sock.sendall(FRAME_HEADER.pack(kind, received, len(payload)) + payload)
+
+    def fill(self, size: int) -> None:
+        while len(self.buffer) < size:
+            data = self.sock.recv(65536)
+            if not data:
+                raise ConnectionError("closed")
+            self.buffer += data
+
+    def read_frame(self) -> tuple[bytes, int, bytes]:
+        self.fill(FRAME_HEADER.size)
+        kind, ack, size = FRAME_HEADER.unpack_from(self.buffer)
+        self.fill(FRAME_HEADER.size + size)
+        payload = self.buffer[FRAME_HEADER.size : FRAME_HEADER.size + size]
+        self.buffer = self.buffer[FRAME_HEADER.size + size :]
+        return kind, ack, payload
+
+    def closed(self) -> bool:
+        try:
+            return self.sock.recv(1) == b""
+        except OSError:
+            return True
+
+
+def recv_exactly(conn: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = conn.recv(size - len(data))
+        assert chunk, "closed early"
+        data += chunk
+    return data
+
+
+def test_a_client_without_the_token_reaches_no_kernel(relay: tuple[Relay, FakeKernel]) -> None:
+    server, kernel = relay
+    client = Client(server)
+    client.open("s1", token="not-the-token")  # noqa: S106
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # refused already
+        client.frame(FRAME_DATA, 0, b"password = 'x'")
+    assert client.closed()
+    kernel.server.settimeout(0.5)
+    with pytest.raises(socket.timeout):
+        kernel.accept()  # no connection was made to the kernel for it
+
+
+def test_a_stream_resumes_on_a_new_connection_without_loss_or_repeats(
+    relay: tuple[Relay, FakeKernel],
+) -> None:
+    server, kernel = relay
+    client = Client(server)
+    client.open("s1")
+    client.frame(FRAME_DATA, 0, b"request-1")
+    conn = kernel.accept()
+    assert recv_exactly(conn, 9) == b"request-1"
+    conn.sendall(b"reply-1")
+    kind, ack, payload = client.read_frame()
+    assert (kind, ack, payload) == (FRAME_DATA, 9, b"reply-1")
+    client.sock.close()  # the SSH connection is lost
+
+    conn.sendall(b"output-while-down")  # the kernel keeps sending: the relay keeps it
+    resumed = Client(server)
+    resumed.open("s1", resume=True, received=7)
+    assert resumed.line() == {"received": 9, "dropped_messages": 0, "dropped_bytes": 0}
+    kind, ack, payload = resumed.read_frame()
+    assert (kind, payload) == (FRAME_DATA, b"output-while-down")  # not reply-1 again
+    resumed.frame(FRAME_DATA, 24, b"request-2")
+    assert recv_exactly(conn, 9) == b"request-2"
+    resumed.frame(FRAME_CLOSE, 24)
+    conn.settimeout(5)
+    assert conn.recv(1) == b""  # the client left: the relay closed the kernel's side
+    assert resumed.closed()
+
+
+def test_a_resume_of_an_unknown_stream_is_refused(relay: tuple[Relay, FakeKernel]) -> None:
+    server, _ = relay
+    client = Client(server)
+    client.open("never-opened", resume=True)
+    assert "error" in client.line()
+    assert client.closed()
+
+
+def test_the_kernel_closing_ends_the_stream(relay: tuple[Relay, FakeKernel]) -> None:
+    server, kernel = relay
+    client = Client(server)
+    client.open("s1")
+    client.frame(FRAME_DATA, 0, b"x")
+    conn = kernel.accept()
+    assert recv_exactly(conn, 1) == b"x"  # (unread data would make the close a reset)
+    conn.sendall(b"last words")
+    conn.close()
+    assert client.read_frame() == (FRAME_DATA, 1, b"last words")
+    assert client.read_frame()[0] == FRAME_CLOSE
+    done = threading.Event()
+    threading.Thread(target=lambda: (client.closed(), done.set()), daemon=True).start()
+    assert done.wait(5)
