@@ -20,6 +20,7 @@ from ssh_provisioner.throwaway import free_port
 
 from ..conftest import remote_leftovers
 from ..helpers import SLEEPING_CELL, process_alive, wait_until
+from ..netns import Link
 from .jupyter_server import Channels, Server, start_server
 
 pytestmark = [pytest.mark.sshd, pytest.mark.usefixtures("no_leaks")]
@@ -193,6 +194,44 @@ async def test_websocket_reconnect_replays_buffered_output(server: Server) -> No
     finally:
         channels.close()
     await server.request("DELETE", f"/api/kernels/{kernel['id']}")
+
+
+async def test_a_cut_link_loses_no_output_on_the_websocket(
+    tmp_path: Path, host_behind_a_link: tuple[Link, dict[str, Any]]
+) -> None:
+    """The link to the host is cut for 12 s after a cell's first line: the browser's
+    websocket gets every line the cell printed meanwhile, its reply and its idle."""
+    from ..integration.test_lossless import COUNTING_CELL, LINES, OUTAGE, resilient
+
+    link, config = host_behind_a_link
+    path = tmp_path / "share" / "jupyter"
+    write_kernelspec(path, "behind-a-link", resilient(config))
+    server = start_server(tmp_path, path)
+    try:
+        kernel = await server.request("POST", "/api/kernels", {"name": "behind-a-link"})
+        channels = await server.channels(kernel["id"])
+        try:
+            await channels.collect(channels.execute("pass"))
+            msg_id = channels.execute(COUNTING_CELL)
+            while not (
+                (m := await channels.receive())["msg_type"] == "stream"
+                and m["parent_header"].get("msg_id") == msg_id
+            ):
+                pass
+            link.down()
+            await asyncio.sleep(OUTAGE)  # the provisioner notices in ~4 s (keepalives)
+            link.up()
+            messages = [m, *await channels.collect(msg_id, timeout=60)]
+        finally:
+            channels.close()
+        printed = "".join(m["content"]["text"] for m in messages if m["msg_type"] == "stream")
+        assert printed.split() == [str(i) for i in range(LINES)]
+        reply = next(m for m in messages if m["msg_type"] == "execute_reply")
+        assert reply["content"]["status"] == "ok"
+        assert "SSH connection lost" in server.log()  # it was a real outage
+        await server.request("DELETE", f"/api/kernels/{kernel['id']}")
+    finally:
+        server.stop()
 
 
 async def start_busy_cell(server: Server, kernel_id: str, seconds: float) -> int:
