@@ -724,6 +724,13 @@ DEFAULT_OUTAGE_BUFFER = 32 * 1024 * 1024
 # 2 MiB with asyncssh) and not yet acknowledged: a smaller one would drop output of a
 # client that keeps up.
 MIN_OUTAGE_BUFFER = 4 * 1024 * 1024
+# While the client keeps up, the relay reads the kernel only this far ahead of what the
+# client confirmed: past it the kernel's own socket waits (and drops by its high-water
+# mark), exactly as without a relay.  A client that confirms nothing for STALL_AFTER
+# seconds meanwhile is taken for a cut link not noticed yet: the relay reads on, into
+# the outage buffer.
+IN_FLIGHT_MAX = 2 * 1024 * 1024
+STALL_AFTER = 2.0
 
 
 class MessageCutter:
@@ -889,6 +896,8 @@ class RelayStream:
         self.link = None  # type: Optional[RelayLink]
         self.left_at = 0.0
         self.kernel_eof = self.close_sent = self.reading_paused = False
+        self.stalled = False  # the client confirmed nothing for STALL_AFTER while ahead
+        self.progress_at = time.monotonic()  # the last confirmation, or the last pause
         self.cutter = MessageCutter() if channel == "iopub" else None
         self.deciding = False  # within a message that may be dropped: which type is it?
         self.undecided = bytearray()  # its start, until the type is known
@@ -1024,6 +1033,10 @@ class Relay:
             if link.phase != "open" and now - link.since > HANDSHAKE_TIMEOUT:
                 self.drop_link(link)
         for stream in list(self.streams.values()):
+            quiet = now - stream.progress_at > STALL_AFTER
+            if stream.link is not None and stream.reading_paused and quiet and not stream.stalled:
+                stream.stalled = True
+                self.read_if_room(stream)
             if stream.link is None and now - stream.left_at > self.linger:
                 log(
                     "relay: %s stream %s not resumed within %gs; closed"
@@ -1148,9 +1161,8 @@ class Relay:
             del stream.unacked[:confirmed]
             stream.acked = received
             stream.framed = max(0, stream.framed - confirmed)
-            if stream.reading_paused and len(stream.unacked) < self.bound:
-                stream.reading_paused = False
-                self.watch(stream.kernel, stream, True, bool(stream.to_kernel))
+            stream.progress_at, stream.stalled = time.monotonic(), False
+            self.read_if_room(stream)
             self.notice_dropped(stream)
 
     def frame(self, link: RelayLink, stream: RelayStream, kind: bytes, payload: bytes) -> None:
@@ -1211,6 +1223,7 @@ class Relay:
             stream.link = None
             stream.framed = 0
             stream.left_at = time.monotonic()
+            self.read_if_room(stream)
 
     # -- the kernel's side -------------------------------------------------------------
 
@@ -1229,14 +1242,29 @@ class Relay:
                 self.end_stream(stream)
             return
         self.take_from_kernel(stream, data)
-        if len(stream.unacked) >= self.bound and not self.can_drop(stream):
+        if not self.room(stream):
             # The kernel's socket keeps what no one reads, to its high-water mark.
             stream.reading_paused = True
+            stream.progress_at = time.monotonic()
             self.watch(stream.kernel, stream, False, bool(stream.to_kernel))
         self.flush(stream)
 
+    def in_outage(self, stream: RelayStream) -> bool:
+        return stream.link is None or stream.stalled
+
     def can_drop(self, stream: RelayStream) -> bool:
         return stream.cutter is not None and not stream.cutter.opaque
+
+    def room(self, stream: RelayStream) -> bool:
+        """May the relay read more of the kernel's output for this stream?"""
+        if not self.in_outage(stream):
+            return len(stream.unacked) < IN_FLIGHT_MAX
+        return self.can_drop(stream) or len(stream.unacked) < self.bound
+
+    def read_if_room(self, stream: RelayStream) -> None:
+        if stream.reading_paused and not stream.kernel_eof and self.room(stream):
+            stream.reading_paused = False
+            self.watch(stream.kernel, stream, True, bool(stream.to_kernel))
 
     def take_from_kernel(self, stream: RelayStream, data: bytes) -> None:
         """Past the bound, output messages (stream, display data) are dropped whole;
@@ -1246,7 +1274,7 @@ class Relay:
             stream.unacked += data
             return
         for segment, starts, _, ends in cutter.feed(data):
-            if starts and len(stream.unacked) >= self.bound:
+            if starts and len(stream.unacked) >= self.bound and self.in_outage(stream):
                 stream.deciding = True
             if stream.deciding:
                 stream.undecided += segment
