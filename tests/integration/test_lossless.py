@@ -5,7 +5,9 @@ is back, to a plain client and to nbclient alike (no nudges)."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 import nbformat
@@ -17,16 +19,26 @@ from nbclient import NotebookClient
 from ..conftest import KernelSpecFactory
 from ..helpers import execute, wait_until
 from ..netns import Link
+from .test_clients import VENV_BIN, cli_env
 from .test_lifecycle import running_kernel
 
 pytestmark = [pytest.mark.sshd, pytest.mark.usefixtures("no_leaks")]
 
 LINES = 200
-# 200 numbered lines over about 10 s: a cut after the first lines lasts past the end of
+
+
+def counting_cell(interval: float) -> str:
+    return (
+        "import time\n"
+        f"for i in range({LINES}):\n"
+        "    print(i, flush=True)\n"
+        f"    time.sleep({interval})\n"
+    )
+
+
+# 200 numbered lines over about 10 s: a cut after the first line lasts past the end of
 # the cell, so most of its output, its `idle` and its reply are all sent during the cut.
-COUNTING_CELL = (
-    f"import time\nfor i in range({LINES}):\n    print(i, flush=True)\n    time.sleep(0.05)\n"
-)
+COUNTING_CELL = counting_cell(0.05)
 OUTAGE = 12.0  # seconds the link is down, from the cut
 
 
@@ -64,14 +76,29 @@ async def first_line(kc: AsyncKernelClient, msg_id: str) -> list[dict[str, Any]]
             return seen
 
 
+@pytest.mark.parametrize(
+    ("interval", "cut_after_line", "outage"),
+    [
+        (0.1, 50, 10.0),  # a line every 100 ms for 20 s, the link down 10 s in the middle
+        (0.05, 0, OUTAGE),  # the cell, its idle and its reply all end during the cut
+    ],
+)
 async def test_output_and_reply_sent_during_a_cut_all_arrive_in_order(
-    make_kernelspec: KernelSpecFactory, host_behind_a_link: tuple[Link, dict[str, Any]]
+    make_kernelspec: KernelSpecFactory,
+    host_behind_a_link: tuple[Link, dict[str, Any]],
+    interval: float,
+    cut_after_line: int,
+    outage: float,
 ) -> None:
     link, config = host_behind_a_link
     async with running_kernel(make_kernelspec, resilient(config)) as (km, kc):
-        msg_id = kc.execute(COUNTING_CELL)
+        msg_id = kc.execute(counting_cell(interval))
         messages = await first_line(kc, msg_id)
-        await cut_for(link, km, OUTAGE)
+        while str(cut_after_line) not in messages[-1]["content"].get("text", "").split():
+            message = await kc.get_iopub_msg(timeout=15)
+            if message["parent_header"].get("msg_id") == msg_id:
+                messages.append(message)
+        await cut_for(link, km, outage)
         deadline = time.monotonic() + 60
         while not (
             messages[-1]["msg_type"] == "status"
@@ -121,6 +148,49 @@ async def test_nbclient_gets_the_whole_cell_across_a_cut(
     counted = "".join(output.get("text", "") for output in notebook.cells[1].outputs)
     assert counted.split() == [str(i) for i in range(LINES)]
     assert notebook.cells[2].outputs[0]["text"] == f"last cell {LINES - 1}\n"
+
+
+def test_papermill_completes_across_a_cut(
+    make_kernelspec: KernelSpecFactory,
+    host_behind_a_link: tuple[Link, dict[str, Any]],
+    tmp_path: Path,
+) -> None:
+    """papermill, as a process, runs a notebook whose cell is cut off mid-way: it
+    completes, and its output notebook has every line."""
+    link, config = host_behind_a_link
+    ksm, name = make_kernelspec(resilient(config))
+    notebook = nbformat.v4.new_notebook()
+    notebook.metadata["kernelspec"] = {"name": name, "display_name": name, "language": "python"}
+    notebook.cells = [
+        nbformat.v4.new_code_cell(COUNTING_CELL),
+        nbformat.v4.new_code_cell("print('last cell', i)"),
+    ]
+    source, target = tmp_path / "in.ipynb", tmp_path / "out.ipynb"
+    nbformat.write(notebook, source)
+    argv = [f"{VENV_BIN}/papermill", str(source), str(target), "-k", name, "--log-output"]
+    process = subprocess.Popen(
+        argv, env=cli_env(ksm), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        assert process.stdout is not None
+        log = ""
+        deadline = time.monotonic() + 60
+        while not any(line.strip() == "0" for line in log.splitlines()):
+            assert time.monotonic() < deadline, log
+            log += process.stdout.readline()  # papermill logs the cell's output as it comes
+        link.down()
+        time.sleep(OUTAGE)  # the provisioner runs in papermill; this test only waits
+        link.up()
+        rest, _ = process.communicate(timeout=120)
+        assert process.returncode == 0, log + rest
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    result = nbformat.read(target, as_version=4)
+    counted = "".join(output.get("text", "") for output in result.cells[0].outputs)
+    assert counted.split() == [str(i) for i in range(LINES)]
+    assert result.cells[1].outputs[0]["text"] == f"last cell {LINES - 1}\n"
 
 
 FLOOD_LINES = 2000
