@@ -905,6 +905,11 @@ class RelayStream:
         self.dropped_messages = self.dropped_bytes = 0
         self.parent = b"{}"
 
+    @property
+    def to_frame(self) -> bool:
+        """Has the stream more for its link: data not framed yet, or its CLOSE?"""
+        return self.framed < len(self.unacked) or (self.kernel_eof and not self.close_sent)
+
 
 class RelayLink:
     """One SSH channel's connection to the relay."""
@@ -919,6 +924,29 @@ class RelayLink:
         self.stream = None  # type: Optional[RelayStream]
         self.since = time.monotonic()
         self.closing = False
+
+
+def receive(sock: socket.socket) -> Optional[bytes]:
+    """What a non-blocking socket has: None if nothing yet, b"" once closed or failed."""
+    try:
+        return sock.recv(65536)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError:
+        return b""
+
+
+def send_from(sock: socket.socket, buffer: bytearray) -> bool:
+    """Send what a non-blocking socket takes of ``buffer`` now, and remove it from
+    ``buffer``; False if the socket failed."""
+    try:
+        sent = sock.send(buffer)
+    except (BlockingIOError, InterruptedError):
+        return True
+    except OSError:
+        return False
+    del buffer[:sent]
+    return True
 
 
 class Relay:
@@ -1047,12 +1075,9 @@ class Relay:
     # -- channels ----------------------------------------------------------------------
 
     def link_readable(self, link: RelayLink) -> None:
-        try:
-            data = link.sock.recv(65536)
-        except (BlockingIOError, InterruptedError):
+        data = receive(link.sock)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:
             self.drop_link(link)
             return
@@ -1187,22 +1212,13 @@ class Relay:
     def link_writable(self, link: RelayLink) -> None:
         if link not in self.links:
             return
-        if link.outbuf:
-            try:
-                sent = link.sock.send(link.outbuf)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError:
-                self.drop_link(link)
-                return
-            del link.outbuf[:sent]
+        if link.outbuf and not send_from(link.sock, link.outbuf):
+            self.drop_link(link)
+            return
         stream = link.stream
-        more = stream is not None and (
-            stream.framed < len(stream.unacked) or (stream.kernel_eof and not stream.close_sent)
-        )
-        ours = stream is not None and stream.link is link
-        if more and ours and stream is not None and len(link.outbuf) < LINK_OUTPUT_HIGH:
-            self.flush(stream)
+        room = len(link.outbuf) < LINK_OUTPUT_HIGH
+        if stream is not None and stream.link is link and stream.to_frame and room:
+            self.flush(stream)  # frames more, and is back here
             return
         if link.closing and not link.outbuf:
             self.drop_link(link)
@@ -1228,12 +1244,9 @@ class Relay:
     # -- the kernel's side -------------------------------------------------------------
 
     def kernel_readable(self, stream: RelayStream) -> None:
-        try:
-            data = stream.kernel.recv(65536)
-        except (BlockingIOError, InterruptedError):
+        data = receive(stream.kernel)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:
             stream.kernel_eof = True
             self.watch(stream.kernel, stream, False, False)
@@ -1321,15 +1334,9 @@ class Relay:
     def kernel_writable(self, stream: RelayStream) -> None:
         if self.streams.get(stream.sid) is not stream:
             return
-        if stream.to_kernel:
-            try:
-                sent = stream.kernel.send(stream.to_kernel)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError:
-                self.end_stream(stream)
-                return
-            del stream.to_kernel[:sent]
+        if stream.to_kernel and not send_from(stream.kernel, stream.to_kernel):
+            self.end_stream(stream)
+            return
         reading = not stream.kernel_eof and not stream.reading_paused
         self.watch(stream.kernel, stream, reading, bool(stream.to_kernel))
         link = stream.link

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,16 +65,30 @@ async def cut_for(link: Link, km: AsyncKernelManager, seconds: float) -> None:
     link.up()
 
 
-async def first_line(kc: AsyncKernelClient, msg_id: str) -> list[dict[str, Any]]:
-    """IOPub messages of ``msg_id`` up to its first printed line."""
-    seen = []
-    while True:
-        message = await kc.get_iopub_msg(timeout=15)
-        if message["parent_header"].get("msg_id") != msg_id:
-            continue
-        seen.append(message)
-        if message["msg_type"] == "stream":
-            return seen
+Message = dict[str, Any]
+
+
+async def follow(
+    kc: AsyncKernelClient, msg_id: str, messages: list[Message], until: Callable[[Message], bool]
+) -> None:
+    """Add ``msg_id``'s IOPub messages to ``messages`` until one is ``until``."""
+    deadline = time.monotonic() + 60
+    while not (messages and until(messages[-1])):
+        message = await kc.get_iopub_msg(timeout=max(0.1, deadline - time.monotonic()))
+        if message["parent_header"].get("msg_id") == msg_id:
+            messages.append(message)
+
+
+def printed_line(line: int) -> Callable[[Message], bool]:
+    return lambda m: m["msg_type"] == "stream" and str(line) in m["content"]["text"].split()
+
+
+def printing(message: Message) -> bool:
+    return bool(message["msg_type"] == "stream")
+
+
+def idle(message: Message) -> bool:
+    return message["msg_type"] == "status" and message["content"]["execution_state"] == "idle"
 
 
 @pytest.mark.parametrize(
@@ -93,20 +108,10 @@ async def test_output_and_reply_sent_during_a_cut_all_arrive_in_order(
     link, config = host_behind_a_link
     async with running_kernel(make_kernelspec, resilient(config)) as (km, kc):
         msg_id = kc.execute(counting_cell(interval))
-        messages = await first_line(kc, msg_id)
-        while str(cut_after_line) not in messages[-1]["content"].get("text", "").split():
-            message = await kc.get_iopub_msg(timeout=15)
-            if message["parent_header"].get("msg_id") == msg_id:
-                messages.append(message)
+        messages: list[Message] = []
+        await follow(kc, msg_id, messages, printed_line(cut_after_line))
         await cut_for(link, km, outage)
-        deadline = time.monotonic() + 60
-        while not (
-            messages[-1]["msg_type"] == "status"
-            and messages[-1]["content"]["execution_state"] == "idle"
-        ):
-            message = await kc.get_iopub_msg(timeout=max(0.1, deadline - time.monotonic()))
-            if message["parent_header"].get("msg_id") == msg_id:
-                messages.append(message)
+        await follow(kc, msg_id, messages, idle)
         printed = "".join(m["content"]["text"] for m in messages if m["msg_type"] == "stream")
         assert printed.split() == [str(i) for i in range(LINES)]  # all of them, in order
         assert [m["msg_type"] for m in messages][:2] == ["status", "execute_input"]
@@ -213,16 +218,10 @@ async def test_past_the_outage_buffer_the_user_is_told_what_was_dropped(
     settings = resilient(config, outage_buffer=4 * 1024 * 1024)
     async with running_kernel(make_kernelspec, settings) as (km, kc):
         msg_id = kc.execute(FLOOD_CELL)
-        messages = await first_line(kc, msg_id)
+        messages: list[Message] = []
+        await follow(kc, msg_id, messages, printing)
         await cut_for(link, km, OUTAGE)
-        deadline = time.monotonic() + 60
-        while not (
-            messages[-1]["msg_type"] == "status"
-            and messages[-1]["content"]["execution_state"] == "idle"
-        ):
-            message = await kc.get_iopub_msg(timeout=max(0.1, deadline - time.monotonic()))
-            if message["parent_header"].get("msg_id") == msg_id:
-                messages.append(message)
+        await follow(kc, msg_id, messages, idle)
         texts = [m["content"]["text"] for m in messages if m["msg_type"] == "stream"]
         notices = [t for t in texts if "[ssh-provisioner]" in t]
         assert len(notices) == 1, texts[-5:]
