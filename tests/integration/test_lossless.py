@@ -21,6 +21,7 @@ from ..conftest import KernelSpecFactory
 from ..helpers import execute, wait_until
 from ..netns import Link
 from .test_clients import VENV_BIN, cli_env
+from .test_host_pythons import host_python
 from .test_lifecycle import running_kernel
 
 pytestmark = [pytest.mark.sshd, pytest.mark.usefixtures("no_leaks")]
@@ -238,3 +239,26 @@ async def test_past_the_outage_buffer_the_user_is_told_what_was_dropped(
         assert reply["content"]["status"] == "ok"
         out, _ = await execute(kc, "print('still here')")
         assert out.strip() == "still here"
+
+
+async def test_the_relay_on_the_oldest_host_python(
+    make_kernelspec: KernelSpecFactory, host_behind_a_link: tuple[Link, dict[str, Any]]
+) -> None:
+    """The relay runs in the launcher, on the host's Python: on 3.6, with ipc (its
+    socket in the runtime dir), a cut loses nothing either."""
+    link, config = host_behind_a_link
+    python, site = host_python("3.6")
+    settings = resilient(config, remote_python=python, remote_transport="ipc")
+    async with running_kernel(make_kernelspec, settings, env={"PYTHONPATH": str(site)}) as (
+        km,
+        kc,
+    ):
+        out, _ = await execute(kc, "import sys; print(sys.version_info[:2])")
+        assert out.strip() == "(3, 6)"
+        msg_id = kc.execute(COUNTING_CELL)
+        messages: list[Message] = []
+        await follow(kc, msg_id, messages, printing)
+        await cut_for(link, km, OUTAGE)
+        await follow(kc, msg_id, messages, idle)
+        lines = "".join(m["content"]["text"] for m in messages if m["msg_type"] == "stream")
+        assert lines.split() == [str(i) for i in range(LINES)]
