@@ -509,10 +509,6 @@ class RemoteKernel:
         return self._attach_token
 
     @property
-    def endpoints(self) -> dict[str, int | str]:
-        return self.ready.endpoints
-
-    @property
     def stderr_tail(self) -> str:
         return "\n".join(self._stderr_tail)
 
