@@ -11,6 +11,7 @@ with warnings.catch_warnings():
 from .engine import shutdown_engine
 from .errors import (
     AuthenticationError,
+    ControlMasterError,
     HostKeyError,
     HostSelectionError,
     KernelUnreachable,
@@ -29,6 +30,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AuthenticationError",
+    "ControlMasterError",
     "Host",
     "HostKeyError",
     "HostSelectionError",

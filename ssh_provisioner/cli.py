@@ -12,6 +12,8 @@ from typing import Any, NoReturn
 from .errors import ProvisionerConfigError, SSHProvisionerError
 from .hosts import HostEntry
 from .kbdint import KBDINT, parse_rules
+from .master import MODES as MASTER_MODES
+from .master import USE_CONTROL_MASTER
 from .sshconfig import ALLOW_UNCHECKED
 
 EXAMPLES = """examples:
@@ -112,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
         "ANSWER, or with the stdout of COMMAND (a TOTP generator); repeat",
     )
     install.add_argument(
+        "--control-master",
+        choices=MASTER_MODES,
+        help="reuse the user's running OpenSSH master for the hosts (auto: when one runs, "
+        "the default; always: never log in ourselves; never)",
+    )
+    install.add_argument(
         "--curve",
         action="store_true",
         help="declare CurveZMQ support (the hosts' kernel must have it: ipykernel >= 7.3 does); "
@@ -171,6 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="K=V",
         help="asyncssh.connect option; repeat",
+    )
+    check.add_argument(
+        "--control-master",
+        choices=MASTER_MODES,
+        help="use_control_master for this check (default: the kernelspec's, else auto)",
     )
     check.add_argument("--timeout", type=float, default=10.0, help="seconds per step")
     check.add_argument("--json", action="store_true", help="machine-readable output")
@@ -234,6 +247,8 @@ def _install(args: argparse.Namespace) -> int:
         config["connect_options"] = dict(args.connect_option)
     if args.kbdint:
         config["kbdint"] = [rule.as_config() for rule in parse_rules(args.kbdint)]
+    if args.control_master:
+        config["use_control_master"] = args.control_master
     spec = build_kernelspec(
         hosts=args.hosts,
         display_name=args.display_name or f"{args.language.capitalize()} ({', '.join(args.hosts)})",
@@ -289,6 +304,8 @@ def _doctor_options(config: dict[str, Any]) -> dict[str, Any]:
         options[ALLOW_UNCHECKED] = True
     if config.get("kbdint"):
         options[KBDINT] = list(config["kbdint"])
+    if config.get("use_control_master"):
+        options[USE_CONTROL_MASTER] = config["use_control_master"]
     return options
 
 
@@ -313,6 +330,8 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if not hosts:
         parser.error("name a kernelspec or give --host")
     options.update(dict(args.connect_option))
+    if args.control_master:
+        options[USE_CONTROL_MASTER] = args.control_master
     reports = asyncio.run(
         _run_checks(
             hosts,
@@ -350,6 +369,8 @@ async def _run_checks(
         entry_options = {**options, **entry.override("connect_options", {})}
         if entry.override("kbdint", None):
             entry_options[KBDINT] = list(entry.override("kbdint", []))
+        if entry.override("use_control_master", None):
+            entry_options[USE_CONTROL_MASTER] = entry.override("use_control_master", "auto")
         report = await check_host(
             entry,
             connect_options=entry_options,

@@ -12,14 +12,23 @@ from typing import Any
 
 import asyncssh
 
-from .errors import AuthenticationError, HostKeyError, SSHConnectError, SSHProvisionerError
-from .hosts import HostEntry
+from .errors import (
+    AuthenticationError,
+    ControlMasterError,
+    HostKeyError,
+    SSHConnectError,
+    SSHProvisionerError,
+)
+from .hosts import Host, HostEntry
+from .link import CommandResult, SSHLink
+from .master import locate, mode_of
+from .mux import MasterNotOurs, MuxLink
 from .policies import LeastLoad, MostFreeGpuMemory, parse_gpus, parse_load
 from .pool import connect
 from .remote import run_probe
 from .sshconfig import ALLOW_UNCHECKED, check_host_key_checking, read_host_config, unchecked
 
-CHECKS = ("dns", "tcp", "host key", "auth", "python", "kernel", "load", "gpus", "rtt")
+CHECKS = ("master", "dns", "tcp", "host key", "auth", "python", "kernel", "load", "gpus", "rtt")
 OLDEST_PYTHON = (3, 6)  # the oldest the launcher runs on (tested on 3.6 to 3.13)
 OK, FAIL, WARN, SKIP, INFO = "ok", "FAIL", "warn", "skip", "info"
 PYTHON_VERSION = "import sys; print('%d.%d.%d' % sys.version_info[:3])"
@@ -70,6 +79,43 @@ async def check_host(
     checks = report.checks
     host = entry.host
     port = host.port or 22
+    checks["master"], through_master = await _check_master(host, connect_options)
+    if checks["master"].status == FAIL:
+        return _skip_rest(report)
+    if through_master:  # the master reaches the host its own way (ProxyJump, say)
+        checks["dns"] = checks["tcp"] = Check(SKIP, "through the OpenSSH master")
+    else:
+        await _check_network(checks, host, port, timeout)
+    if checks["tcp"].status == FAIL:
+        return _skip_rest(report)
+    return await _check_login(report, entry, connect_options, python, kernel_argv, timeout)
+
+
+async def _check_master(host: Host, options: dict[str, Any]) -> tuple[Check, bool]:
+    """Is there a running OpenSSH master for the host, and will it be used?"""
+    mode = mode_of(options)
+    if mode == "never":
+        return Check(INFO, "not used (use_control_master: never)"), False
+    try:
+        place = await locate(host, options)
+    except ControlMasterError as exc:
+        return Check(FAIL if mode == "always" else WARN, str(exc)), False
+    if place.control_path is None:
+        status = FAIL if mode == "always" else INFO
+        return Check(status, "none: the ssh config gives the host no ControlPath"), False
+    try:
+        link = await MuxLink.open(place.control_path, place.user)
+    except MasterNotOurs as exc:
+        return Check(FAIL if mode == "always" else WARN, str(exc)), False
+    except (OSError, TimeoutError):
+        status = FAIL if mode == "always" else INFO
+        return Check(status, f"no master running; open one with `{place.open_command}`"), False
+    link.close()
+    await link.wait_closed()
+    return Check(OK, f"uses the OpenSSH master at {place.control_path}"), True
+
+
+async def _check_network(checks: dict[str, Check], host: Host, port: int, timeout: float) -> None:
     loop = asyncio.get_running_loop()
     address: str | None = None
     try:
@@ -97,8 +143,19 @@ async def check_host(
             checks["tcp"] = Check(FAIL, f"port {port}: {exc.strerror or exc}")
         except TimeoutError:
             checks["tcp"] = Check(FAIL, f"port {port}: timed out")
-    if checks.get("tcp", Check(OK)).status == FAIL:
-        return _skip_rest(report)
+    checks.setdefault("tcp", Check(SKIP, "not resolved here"))
+
+
+async def _check_login(
+    report: HostReport,
+    entry: HostEntry,
+    connect_options: dict[str, Any],
+    python: str,
+    kernel_argv: list[str] | None,
+    timeout: float,
+) -> HostReport:
+    checks = report.checks
+    host = entry.host
     key_check = Check(OK, "known and matching")
     with contextlib.suppress(SSHProvisionerError):  # connect() reports it, below
         config = await asyncio.to_thread(read_host_config, host, connect_options)
@@ -126,7 +183,7 @@ async def check_host(
         return _skip_rest(report)
     try:
         checks["host key"] = key_check
-        checks["auth"] = Check(OK, f"as {connection.get_extra_info('username')}")
+        checks["auth"] = Check(OK, f"as {connection.username} ({connection.description})")
         version = await _run(connection, [python, "-c", PYTHON_VERSION], timeout)
         if version.exit_status != 0:
             checks["python"] = Check(FAIL, f"{python}: {_why(version)}")
@@ -164,7 +221,7 @@ def is_ipykernel(argv: list[str] | None) -> bool:
 
 
 async def _check_kernel(
-    connection: asyncssh.SSHClientConnection,
+    connection: SSHLink,
     python: str,
     argv: list[str] | None,
     timeout: float,
@@ -194,13 +251,11 @@ def _skip_rest(report: HostReport) -> HostReport:
     return report
 
 
-async def _run(
-    connection: asyncssh.SSHClientConnection, argv: list[str], timeout: float
-) -> asyncssh.SSHCompletedProcess:
+async def _run(connection: SSHLink, argv: list[str], timeout: float) -> CommandResult:
     return await asyncio.wait_for(connection.run("exec " + shlex.join(argv)), timeout)
 
 
-def _why(result: asyncssh.SSHCompletedProcess) -> str:
+def _why(result: CommandResult) -> str:
     lines = str(result.stderr or "").strip().splitlines()
     return lines[-1] if lines else f"exit status {result.exit_status}"
 

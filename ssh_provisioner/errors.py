@@ -34,6 +34,11 @@ class AuthenticationError(SSHConnectError):
     """The host refused every credential offered."""
 
 
+class ControlMasterError(AuthenticationError):
+    """The host is to be reached through the user's OpenSSH master (use_control_master
+    'always'), and none answers: the message says the command that opens one."""
+
+
 class HostKeyError(SSHConnectError):
     """The host's key is unknown or differs from the one on record."""
 

@@ -79,6 +79,7 @@ HOST_OVERRIDES: dict[str, tuple[type, ...]] = {
     "remote_env": (dict,),
     "connect_options": (dict,),
     "kbdint": (list,),
+    "use_control_master": (str,),
 }
 TRANSPORTS = ("tcp", "ipc")
 

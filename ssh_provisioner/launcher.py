@@ -240,6 +240,7 @@ class Supervisor:
         self.pgid = 0
         self.stdin_closed = threading.Event()
         self.generation = 0
+        self.release_session = do_nothing  # type: Callable[[], None]  # see detach()
         self.ready_event = {}  # type: Dict[str, Any]
         self.control_path = ""
         self.kernel_groups = set()  # type: Set[int]
@@ -463,6 +464,7 @@ class Supervisor:
             self.stream_relay = Relay(self.spec, self.transport, endpoints, self.runtime_dir)
             self.ready_event["relay"] = self.stream_relay.address
             self.listen_for_reattach()
+            self.stream_relay.control_path = self.control_path
             return dict(self.ready_event, control=self.control_path)
         raise AssertionError("unreachable")
 
@@ -537,6 +539,7 @@ class Supervisor:
         threading.Thread(
             target=self.read_client, args=(reader, self.generation), daemon=True
         ).start()
+        self.release_session()
 
     def wait_kernel(self) -> None:
         assert self.process is not None
@@ -711,6 +714,7 @@ class OrphanClock:
 # the payload.  Every frame acknowledges what its sender has received; a receiver that
 # sends nothing back acknowledges on its own every ACK_EVERY bytes.
 
+LAUNCHER_CHANNEL = "launcher"  # not a kernel channel: the launcher's control socket
 FRAME_HEADER = struct.Struct(">cQI")
 FRAME_DATA, FRAME_ACK, FRAME_CLOSE = b"D", b"A", b"C"
 FRAME_PAYLOAD_MAX = 65536
@@ -966,7 +970,9 @@ class Relay:
         self.links = set()  # type: Set[RelayLink]
         self.selector = selectors.DefaultSelector()
         self.read_event, self.write_event = selectors.EVENT_READ, selectors.EVENT_WRITE
-        if transport == "ipc":
+        self.control_path = ""  # the launcher's, for LAUNCHER_CHANNEL
+        # A client through an OpenSSH master before 9.4 has no way to a Unix socket.
+        if (spec.get("relay_transport") or transport) == "ipc":
             self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             path = os.path.join(runtime_dir, "relay")
             old_umask = os.umask(0o177)
@@ -1111,6 +1117,9 @@ class Relay:
             self.drop_link(link)
             return
         sid, channel = str(hello["stream"]), str(hello["channel"])
+        if channel == LAUNCHER_CHANNEL:
+            self.hand_to_launcher(link)
+            return
         if hello.get("resume"):
             stream = self.streams.get(sid)
             if stream is None or stream.channel != channel:
@@ -1141,6 +1150,19 @@ class Relay:
         stream.link = link
         stream.framed = 0
         self.flush(stream)
+
+    def hand_to_launcher(self, link: RelayLink) -> None:
+        """From now on this channel carries raw bytes to and from the launcher's control
+        socket, which runs its own challenge-response: the supervision channel of a
+        client that holds no session (an OpenSSH master's sessions count against the
+        server's MaxSessions, and it has no Unix-socket forwarding before 9.4)."""
+        self.links.discard(link)
+        self.watch(link.sock, link, False, False)
+        if not self.control_path:
+            link.sock.close()
+            return
+        args = (link.sock, self.control_path, bytes(link.outbuf), bytes(link.inbuf))
+        threading.Thread(target=bridge, args=args, daemon=True).start()
 
     def connect_kernel(self, channel: str) -> socket.socket:
         endpoint = self.endpoints[channel]
@@ -1378,6 +1400,36 @@ def prove(token: str, role: str, *nonces: str) -> str:
     return hmac.new(token.encode(), message, hashlib.sha256).hexdigest()
 
 
+def bridge(client: socket.socket, control_path: str, unsent: bytes, pending: bytes) -> None:
+    """Relay ``client`` to the control socket at ``control_path`` until either ends."""
+    client.setblocking(True)
+    control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        client.sendall(unsent)
+        control.connect(control_path)
+        control.sendall(pending)
+    except OSError:
+        client.close()
+        control.close()
+        return
+
+    def pump(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            for data in iter(lambda: source.recv(65536), b""):
+                sink.sendall(data)
+        except OSError:
+            pass
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+    upstream = threading.Thread(target=pump, args=(client, control), daemon=True)
+    upstream.start()
+    pump(control, client)
+    upstream.join()
+    client.close()
+    control.close()
+
+
 def attach(request: Dict[str, Any]) -> int:
     """Relay this SSH channel to a running launcher's control socket (reattach).  The
     relay knows no secret: the two ends authenticate each other through it."""
@@ -1400,6 +1452,33 @@ def attach(request: Dict[str, Any]) -> int:
     return 0
 
 
+def do_nothing() -> None:
+    pass
+
+
+def detach() -> Callable[[], None]:
+    """Go on in a child process; this one, the SSH session's own, waits until the child
+    calls the returned function (a client supervises it over LAUNCHER_CHANNEL now) or
+    ends, and exits: then the session ends once the client closes its channel, and no
+    longer counts against the server's MaxSessions.  (It must not exit sooner: sshd
+    closes a session's stdin when its process exits.)"""
+    read_end, write_end = os.pipe()
+    if os.fork() > 0:
+        os.close(write_end)
+        with contextlib.suppress(OSError):
+            os.read(read_end, 1)  # returns once the child closed its end, or died
+        os._exit(0)
+    os.close(read_end)
+    released = []  # type: List[bool]
+
+    def release() -> None:
+        if not released:
+            released.append(True)
+            os.close(write_end)
+
+    return release
+
+
 def read_spec_line(wait: Optional[float]) -> str:
     """The spec, or "" if none came within ``wait`` seconds (a spare nobody used) or
     stdin closed.  A thread reads it: stdin may already hold it in its buffer."""
@@ -1419,6 +1498,8 @@ def main() -> int:
     if "attach" in spec:
         return attach(spec["attach"])
     supervisor = Supervisor(spec)
+    if spec.get("detach"):
+        supervisor.release_session = detach()
     # Interrupts sent to the launcher (an SSH `signal` request, for instance) go to the
     # kernel; Python resets handled signals to SIG_DFL in the child, which is exactly
     # what a kernel needs (a non-interactive shell's background jobs ignore SIGINT).

@@ -9,6 +9,10 @@ the next lease gets a second connection to the same destination.
 
 A connection can also hold *spare processes*: a launcher exec'd ahead of time, past
 the login shell and Python start-up, waiting for its spec.  They die with it.
+
+A "connection" is an ``SSHLink``: our own asyncssh connection, or the user's OpenSSH
+master for the host (``use_control_master``; see master.py), which the pool treats
+alike: leased, idle-closed (we let go of the master, it stays up), replaced when lost.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ from .errors import (
 )
 from .hosts import Host
 from .kbdint import AUTH_COOLDOWN, KBDINT, PromptAnswering, PromptRule, parse_rules
+from .link import AsyncsshLink, RemoteProcess, SSHLink
+from .master import USE_CONTROL_MASTER, master_hint, mode_of, open_master
 from .sshconfig import (
     ALLOW_UNCHECKED,
     HostConfig,
@@ -77,10 +83,10 @@ PREFERRED_CIPHERS = (
 
 @dataclass
 class _Entry:
-    connection: asyncssh.SSHClientConnection
+    connection: SSHLink
     leases: int = 0
     idle_close: asyncio.TimerHandle | None = None
-    spares: dict[str, SpareProcess] = field(default_factory=dict)
+    spares: dict[str, RemoteProcess] = field(default_factory=dict)
     # Leases it held when the server last refused a session (sshd's MaxSessions): it
     # takes no more until one of them ends.  None: no refusal seen.
     lease_capacity: int | None = None
@@ -98,8 +104,7 @@ class _Entry:
         self.connection.close()
 
 
-SpareProcess = asyncssh.SSHClientProcess[bytes]
-SpareFactory = Callable[[asyncssh.SSHClientConnection], Awaitable[SpareProcess]]
+SpareFactory = Callable[[SSHLink], Awaitable[RemoteProcess]]
 
 
 @dataclass
@@ -110,7 +115,7 @@ class Lease:
 
     pool: ConnectionPool
     key: str
-    connection: asyncssh.SSHClientConnection
+    connection: SSHLink
     idle_timeout: float
     released: bool = field(default=False)
 
@@ -127,7 +132,7 @@ class Lease:
             entry.lease_capacity = entry.leases - (0 if self.released else 1)
             log.info("SSH connection %s is at its session limit; the next opens another", self.key)
 
-    def take_spare(self, name: str) -> SpareProcess | None:
+    def take_spare(self, name: str) -> RemoteProcess | None:
         """A live spare process made by ``prepare_spare``, or None."""
         entry = self.pool._entry(self.key, self.connection)
         if entry is None:
@@ -274,12 +279,10 @@ class ConnectionPool:
             self._errand_tasks.add(task)
             task.add_done_callback(self._errand_tasks.discard)
 
-    def _entry(self, key: str, connection: asyncssh.SSHClientConnection) -> _Entry | None:
+    def _entry(self, key: str, connection: SSHLink) -> _Entry | None:
         return next((e for e in self._entries.get(key, ()) if e.connection is connection), None)
 
-    def _release(
-        self, key: str, connection: asyncssh.SSHClientConnection, idle_timeout: float
-    ) -> None:
+    def _release(self, key: str, connection: SSHLink, idle_timeout: float) -> None:
         entry = self._entry(key, connection)
         if entry is None:
             return
@@ -293,11 +296,13 @@ class ConnectionPool:
             entry.idle_close = loop.call_later(idle_timeout, self._drop, key, connection)
 
     def _prepare_spare(
-        self, key: str, connection: asyncssh.SSHClientConnection, name: str, factory: SpareFactory
+        self, key: str, connection: SSHLink, name: str, factory: SpareFactory
     ) -> None:
         entry = self._entry(key, connection)
         if entry is None or entry.full or name in entry.spares or (key, name) in self._preparing:
             return
+        if not connection.holds_sessions:
+            return  # a master's sessions are scarce: a spare would hold one
 
         async def prepare() -> None:
             try:
@@ -315,7 +320,7 @@ class ConnectionPool:
 
         self._preparing[(key, name)] = asyncio.get_running_loop().create_task(prepare())
 
-    def _drop(self, key: str, connection: asyncssh.SSHClientConnection) -> None:
+    def _drop(self, key: str, connection: SSHLink) -> None:
         entry = self._entry(key, connection)
         if entry is not None and entry.leases == 0:
             entries = self._entries[key]
@@ -354,20 +359,56 @@ class ConnectionPool:
             await asyncio.gather(*self._closing, return_exceptions=True)
 
 
-async def connect(
-    host: Host, options: dict[str, Any], *, connect_timeout: float
-) -> asyncssh.SSHClientConnection:
-    """Open a connection, translating every failure into our exception tree.
+async def connect(host: Host, options: dict[str, Any], *, connect_timeout: float) -> SSHLink:
+    """Open a link to ``host``: through the user's running OpenSSH master if there is
+    one (``use_control_master``), else a connection of our own.  Every failure is
+    translated into our exception tree."""
+    mode = mode_of(options)
+    config = await asyncio.to_thread(read_host_config, host, _public(options))
+    check_host_key_checking(
+        host, _public(options), config, allow_unchecked=bool(options.get(ALLOW_UNCHECKED))
+    )  # the master's connection was made with the same config: refused alike
+    master = await open_master(host, _public(options) | {USE_CONTROL_MASTER: mode})
+    if master is not None:
+        log.info("SSH to %s: through %s", host, master.description)
+        return master
+    try:
+        connection = await _connect(host, options, connect_timeout=connect_timeout, config=config)
+        return AsyncsshLink(connection)
+    except AuthenticationError as exc:
+        hint = "" if mode == "never" else await master_hint(host, _public(options))
+        if not hint:
+            raise
+        raise type(exc)(f"{exc}{hint}", host=str(host)) from exc
 
-    The user's ssh config is read first (in a thread): a line that switches host-key
-    checking off is refused, and ProxyJump hops are opened here with the same options."""
+
+PRIVATE_OPTIONS = (ALLOW_UNCHECKED, KBDINT, AUTH_COOLDOWN, JUMP_DEPTH, USE_CONTROL_MASTER)
+
+
+def _public(options: dict[str, Any]) -> dict[str, Any]:
+    """The options asyncssh knows (ours are private: kbdint rules, modes, ...)."""
+    return {name: value for name, value in options.items() if name not in PRIVATE_OPTIONS}
+
+
+async def _connect(
+    host: Host,
+    options: dict[str, Any],
+    *,
+    connect_timeout: float,
+    config: HostConfig | None = None,
+) -> asyncssh.SSHClientConnection:
+    """Open a connection of our own.
+
+    The user's ssh config is read first (in a thread), unless ``config`` is what it
+    says: a line that switches host-key checking off is refused, and ProxyJump hops are
+    opened here with the same options."""
     allow_unchecked = bool(options.get(ALLOW_UNCHECKED, False))
-    private = (ALLOW_UNCHECKED, KBDINT, AUTH_COOLDOWN, JUMP_DEPTH)
     depth = int(options.get(JUMP_DEPTH, 0))
     kbdint = options.get(KBDINT)
     rules = parse_rules(kbdint)
-    options = {name: value for name, value in options.items() if name not in private}
-    config = await asyncio.to_thread(read_host_config, host, options)
+    options = _public(options)
+    if config is None:
+        config = await asyncio.to_thread(read_host_config, host, options)
     requested = options
     options = check_host_key_checking(host, options, config, allow_unchecked=allow_unchecked)
     hop: asyncssh.SSHClientConnection | None = None
@@ -419,10 +460,10 @@ async def _open_jump_hosts(
     for hop in hops:
         try:
             if previous is None:
-                connection = await connect(hop, hop_options, connect_timeout=connect_timeout)
+                connection = await _connect(hop, hop_options, connect_timeout=connect_timeout)
             else:
                 via = {**hop_options, "tunnel": previous}
-                connection = await connect(hop, via, connect_timeout=connect_timeout)
+                connection = await _connect(hop, via, connect_timeout=connect_timeout)
                 connection.set_tunnel(previous)
         except SSHConnectError as exc:
             if previous is not None:

@@ -42,6 +42,8 @@ from .errors import (
 from .hosts import HostEntry
 from .kbdint import AUTH_COOLDOWN, KBDINT, parse_rules
 from .launcher import DEFAULT_OUTAGE_BUFFER, MIN_OUTAGE_BUFFER
+from .master import MODES as MASTER_MODES
+from .master import USE_CONTROL_MASTER, mode_of
 from .placement import PlacementRequest
 from .policies import HostPolicy, Placement, load_policy
 from .pool import Lease, check_connect_options
@@ -77,7 +79,8 @@ class SSHProvisioner(KernelProvisionerBase):
         help="Where kernels may run. Each entry is an SSH destination, [user@]host[:port] "
         "or a ~/.ssh/config Host alias, or a dict with 'host' and per-host settings: "
         "max_kernels, labels, remote_python, remote_cwd, remote_env, remote_transport, "
-        "connect_options, kbdint (these win over the provisioner-wide values).",
+        "connect_options, kbdint, use_control_master (these win over the provisioner-wide "
+        "values).",
     )
     policy = Unicode(
         "least-kernels",
@@ -125,6 +128,15 @@ class SSHProvisioner(KernelProvisionerBase):
         "TEXT} or {'prompt': REGEX, 'command': ARGV} (its stdout is the answer: a TOTP "
         "generator, a password manager), or 'REGEX=TEXT' / 'REGEX=!COMMAND'. Answers "
         "never appear in logs or errors; a refused one is not retried for host_cooldown.",
+    )
+    use_control_master = CaselessStrEnum(
+        list(MASTER_MODES),
+        default_value="auto",
+        config=True,
+        help="Reuse the user's own OpenSSH master for a host (opened by hand with `ssh -fN "
+        "HOST`, typing the second factor once), found at the host's ControlPath as `ssh -G` "
+        "reports it: 'auto' uses it when one runs, 'always' never logs in itself (no master "
+        "is an error naming the command to open one), 'never' always connects itself.",
     )
     connect_options = Dict(
         config=True,
@@ -238,6 +250,7 @@ class SSHProvisioner(KernelProvisionerBase):
             parse_rules(self.kbdint)
             for entry in self._entries:
                 parse_rules(entry.override("kbdint", []))
+                mode_of({USE_CONTROL_MASTER: entry.override("use_control_master", None)})
             check_connect_options(self.connect_options, allow_unchecked=allow)
             for entry in self._entries:
                 check_connect_options(entry.override("connect_options", {}), allow_unchecked=allow)
@@ -652,6 +665,7 @@ class SSHProvisioner(KernelProvisionerBase):
         options.setdefault("keepalive_count_max", self.keepalive_count_max)
         if self.allow_unchecked_host_keys:
             options[ALLOW_UNCHECKED] = True
+        options[USE_CONTROL_MASTER] = entry.override("use_control_master", self.use_control_master)
         rules = entry.override("kbdint", self.kbdint)
         if rules:
             options[KBDINT] = list(rules)

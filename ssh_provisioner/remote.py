@@ -34,7 +34,8 @@ from .errors import (
     session_open_error,
 )
 from .hosts import Host
-from .launcher import BOOTSTRAP, CHANNELS, RUNTIME_DIR_PREFIX, prove
+from .launcher import BOOTSTRAP, CHANNELS, LAUNCHER_CHANNEL, RUNTIME_DIR_PREFIX, prove
+from .link import ByteReader, RemoteProcess, SSHLink, StreamChannel
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ CLOSE_GRACE = 5.0
 SPARE_WAIT = 600.0
 COMMAND_NOT_FOUND = 127
 CONNECTION_LOST_STATUS = 255  # what ssh(1) reports when the link, not the command, failed
+LOOPBACK = "127.0.0.1"
 
 
 class KernelGone(SSHProvisionerError):
@@ -101,24 +103,18 @@ def launcher_command(python: str) -> str:
     return "exec " + shlex.join([python, "-I", "-S", "-c", BOOTSTRAP, f"{SPARE_WAIT:g}"])
 
 
-async def start_launcher(
-    connection: asyncssh.SSHClientConnection, python: str
-) -> asyncssh.SSHClientProcess[bytes]:
+async def start_launcher(connection: SSHLink, python: str) -> RemoteProcess:
     """Exec the launcher and send it its source; it then waits for a spec on stdin.
 
     Also used ahead of time, to keep a spare launcher past the login shell's and
     Python's start-up (a login shell that runs conda or pyenv init costs 100+ ms).
     """
-    process = await connection.create_process(
-        launcher_command(python), encoding=None, stdin=asyncssh.PIPE
-    )
+    process = await connection.start_process(launcher_command(python))
     process.stdin.write(json.dumps(launcher_source()).encode() + b"\n")
     return process
 
 
-async def run_probe(
-    connection: asyncssh.SSHClientConnection, host: Host, command: str, timeout: float
-) -> str | None:
+async def run_probe(connection: SSHLink, host: Host, command: str, timeout: float) -> str | None:
     """Output of ``command`` on the host, or None if it failed.  Raises only
     SessionLimitError: the connection is at its MaxSessions, another may do."""
     try:
@@ -134,15 +130,170 @@ async def run_probe(
     return str(result.stdout or "")
 
 
-async def _attach_channel(
-    connection: asyncssh.SSHClientConnection,
+class _SupervisionStream:
+    """The launcher's control socket reached through its relay (LAUNCHER_CHANNEL), for a
+    link whose sessions are scarce: a RemoteProcess with no process of its own (the
+    launcher's "exit" event tells how the kernel ended), and the stream session that
+    feeds it."""
+
+    def __init__(self) -> None:
+        self._stdout = asyncio.StreamReader()
+        self._stderr = asyncio.StreamReader()
+        self._stderr.feed_eof()  # the kernel's output stays with the launcher
+        self._channel: StreamChannel | None = None
+        self._closing = False
+        self._closed = asyncio.Event()
+
+    # as the stream's session
+    def connection_made(self, chan: StreamChannel) -> None:
+        self._channel = chan
+
+    def session_started(self) -> None:
+        pass
+
+    def data_received(self, data: bytes, datatype: int | None) -> None:
+        if not self._stdout.at_eof():
+            self._stdout.feed_data(data)
+
+    def eof_received(self) -> bool:
+        self._stdout.feed_eof()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stdout.feed_eof()
+        self._closed.set()
+
+    def pause_writing(self) -> None:
+        pass  # a few control lines: nothing to hold back
+
+    def resume_writing(self) -> None:
+        pass
+
+    # as the launcher's process
+    @property
+    def stdin(self) -> _SupervisionStream:
+        return self
+
+    def write(self, data: bytes) -> None:
+        if self._channel is None or self.is_closing():
+            raise BrokenPipeError("the launcher's supervision stream is closed")
+        self._channel.write(data)
+
+    def write_eof(self) -> None:
+        if self._channel is not None and not self.is_closing():
+            self._channel.write_eof()
+
+    @property
+    def stdout(self) -> ByteReader:
+        return self._stdout
+
+    @property
+    def stderr(self) -> ByteReader:
+        return self._stderr
+
+    @property
+    def exit_status(self) -> int | None:
+        return None
+
+    @property
+    def exit_signal(self) -> tuple[str, bool, str, str] | None:
+        return None
+
+    def is_closing(self) -> bool:
+        return self._closing or self._closed.is_set()
+
+    def close(self) -> None:
+        self._closing = True
+        if self._channel is not None:
+            self._channel.close()
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+
+async def _open_control_channel(
+    connection: SSHLink,
     host: Host,
     python: str,
     handshake: Handshake,
     token: str,
     kernel_id: str,
     timeout: float,
-) -> tuple[asyncssh.SSHClientProcess[bytes], _LineReader]:
+    nonce: str,
+) -> tuple[RemoteProcess, _LineReader]:
+    """A channel to the launcher's control socket, its hello (``nonce``) sent.
+
+    Over a link that holds sessions, a session running the launcher in attach mode
+    relays it.  Otherwise (an OpenSSH master: its sessions count against the server's
+    MaxSessions) a stream to the launcher's relay does, after the relay has proved
+    that it knows the token, and this side too."""
+    if connection.holds_sessions:
+        try:
+            process = await start_launcher(connection, python)
+        except (asyncssh.Error, OSError) as exc:
+            raise session_open_error(str(host), f"reattaching kernel {kernel_id}", exc) from exc
+        process.stdin.write(
+            json.dumps({"attach": {"control": handshake.control, "hello": nonce}}).encode() + b"\n"
+        )
+        return process, _LineReader(process.stdout)
+    if not isinstance(handshake.relay, int):
+        raise KernelGone(
+            f"kernel {kernel_id} on {host} cannot be reached through {connection.description} "
+            f"(its launcher relays on a Unix socket)",
+            host=str(host),
+        )
+    try:
+        stream = await connection.open_tcp(_SupervisionStream, LOOPBACK, handshake.relay)
+    except (asyncssh.Error, OSError) as exc:
+        raise SSHConnectError(
+            f"SSH to {host}: cannot reach the launcher of kernel {kernel_id} through "
+            f"{connection.description}: {exc}",
+            host=str(host),
+        ) from exc
+    reader = _LineReader(stream.stdout)
+    try:
+        relay_nonce = secrets.token_hex(16)
+        hello = {
+            "hello": relay_nonce,
+            "stream": secrets.token_hex(12),
+            "channel": LAUNCHER_CHANNEL,
+            "resume": False,
+            "received": 0,
+        }
+        stream.write(json.dumps(hello).encode() + b"\n")
+        line = await asyncio.wait_for(reader.readline(), timeout)
+        try:
+            answer = json.loads(line or b"{}")
+            theirs = str(answer["nonce"])
+            trusted = hmac.compare_digest(
+                str(answer["proof"]), prove(token, "relay", relay_nonce, theirs)
+            )
+        except (ValueError, KeyError, TypeError):
+            trusted = False
+        if not trusted:
+            raise KernelGone(
+                f"kernel {kernel_id} on {host}: the relay at port {handshake.relay} is not "
+                f"its launcher's (it could not prove it knows the token)",
+                host=str(host),
+            )
+        proof = {"proof": prove(token, "client", theirs, relay_nonce)}
+        stream.write(json.dumps(proof).encode() + b"\n")
+        stream.write(json.dumps({"hello": nonce}).encode() + b"\n")
+    except BaseException:
+        stream.close()
+        raise
+    return stream, reader
+
+
+async def _attach_channel(
+    connection: SSHLink,
+    host: Host,
+    python: str,
+    handshake: Handshake,
+    token: str,
+    kernel_id: str,
+    timeout: float,
+) -> tuple[RemoteProcess, _LineReader]:
     """A new channel relayed to the launcher's control socket, past its "attached" event.
 
     The launcher proves it knows the token first (an HMAC over both sides' nonces); only
@@ -152,12 +303,9 @@ async def _attach_channel(
     if not handshake.control or not token:
         raise KernelGone(f"kernel {kernel_id} on {host} cannot be reattached", host=str(host))
     nonce = secrets.token_hex(16)
-    request = {"attach": {"control": handshake.control, "hello": nonce}}
-    try:
-        process = await start_launcher(connection, python)
-    except (asyncssh.Error, OSError) as exc:
-        raise session_open_error(str(host), f"reattaching kernel {kernel_id}", exc) from exc
-    reader = _LineReader(process.stdout)
+    process, reader = await _open_control_channel(
+        connection, host, python, handshake, token, kernel_id, timeout, nonce
+    )
 
     async def next_event() -> dict[str, Any]:
         line = await asyncio.wait_for(reader.readline(), timeout)
@@ -170,7 +318,6 @@ async def _attach_channel(
         return event
 
     try:
-        process.stdin.write(json.dumps(request).encode() + b"\n")
         challenge = await next_event()
         if "challenge" not in challenge:
             raise KernelGone(
@@ -214,7 +361,7 @@ async def _attach_channel(
 class _LineReader:
     """Bounded line reader: a hostile peer cannot make us buffer without limit."""
 
-    def __init__(self, stream: asyncssh.SSHReader[bytes]) -> None:
+    def __init__(self, stream: ByteReader) -> None:
         self._stream = stream
         self._buffer = bytearray()
 
@@ -240,8 +387,8 @@ class RemoteKernel:
     def __init__(
         self,
         host: Host,
-        connection: asyncssh.SSHClientConnection,
-        process: asyncssh.SSHClientProcess[bytes],
+        connection: SSHLink,
+        process: RemoteProcess,
         kernel_id: str,
     ) -> None:
         self.host = host
@@ -263,16 +410,23 @@ class RemoteKernel:
     @classmethod
     async def start(
         cls,
-        connection: asyncssh.SSHClientConnection,
+        connection: SSHLink,
         host: Host,
         *,
         python: str,
         spec: dict[str, Any],
         kernel_id: str,
         timeout: float,
-        spare: asyncssh.SSHClientProcess[bytes] | None = None,
+        spare: RemoteProcess | None = None,
     ) -> RemoteKernel:
-        """Exec the launcher (or use a ``spare`` one), send it the spec, await its handshake."""
+        """Exec the launcher (or use a ``spare`` one), send it the spec, await its handshake.
+
+        Over a link whose sessions are scarce (an OpenSSH master) the launcher detaches
+        from its session, which ends once the kernel is supervised over its relay."""
+        if not connection.unix_forwarding:
+            spec = {**spec, "relay_transport": "tcp"}
+        if not connection.holds_sessions:
+            spec = {**spec, "detach": True}
         try:
             process = spare or await start_launcher(connection, python)
         except (asyncssh.Error, OSError) as exc:
@@ -305,8 +459,28 @@ class RemoteKernel:
             await kernel.abort()
             raise
         kernel.handshake = event
+        if not connection.holds_sessions:
+            await kernel._leave_session(python, timeout)
         kernel._tasks.append(asyncio.create_task(kernel._pump_events()))
         return kernel
+
+    async def _leave_session(self, python: str, timeout: float) -> None:
+        """Supervise the kernel over its relay, and close the session it started in."""
+        session = self._process
+        try:
+            self._process, self._stdout = await _attach_channel(
+                self.connection,
+                self.host,
+                python,
+                self.ready,
+                self._attach_token or "",
+                self.kernel_id,
+                timeout,
+            )
+        except BaseException:
+            await self.aclose()  # over the session: the kernel must not outlive this
+            raise
+        session.close()
 
     async def _read_handshake(self, python: str) -> Handshake:
         host = self.host
@@ -315,7 +489,7 @@ class RemoteKernel:
         except ValueError as exc:
             raise LaunchError(f"launcher on {host} sent {exc}", host=str(host)) from exc
         if line is None:
-            if self.connection.is_closed():
+            if not await self.connection.check_alive():
                 raise SSHConnectError(
                     f"SSH to {host}: the connection was lost before the kernel's handshake",
                     host=str(host),
@@ -358,7 +532,7 @@ class RemoteKernel:
     @classmethod
     async def attach(
         cls,
-        connection: asyncssh.SSHClientConnection,
+        connection: SSHLink,
         host: Host,
         *,
         python: str,
@@ -403,7 +577,7 @@ class RemoteKernel:
             if self._process.exit_signal is not None and not self.connection.is_closed():
                 status = await self._reap_after_launcher_death()
                 break
-            lost = status is None and self.connection.is_closed()
+            lost = status is None and not await self.connection.check_alive()
             if lost and self.reconnect is not None and await self.reconnect(self):
                 continue  # reattached: read the launcher's events on the new channel
             break
@@ -430,9 +604,7 @@ class RemoteKernel:
             )
         return None
 
-    async def resume(
-        self, connection: asyncssh.SSHClientConnection, python: str, timeout: float
-    ) -> None:
+    async def resume(self, connection: SSHLink, python: str, timeout: float) -> None:
         """Reattach to the launcher over ``connection`` (after the old one was lost).
 
         Raises KernelGone if the launcher is not there any more (the kernel ended or was

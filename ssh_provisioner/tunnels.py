@@ -42,6 +42,7 @@ from .launcher import (
     HANDSHAKE_LINE_MAX,
     prove,
 )
+from .link import SSHLink
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ class Target:
     connection.  ``launcher`` names the launcher (streams resume only on the one that
     holds them); ``token`` is what both ends prove they know; ``label`` is for logs."""
 
-    connection: asyncssh.SSHClientConnection
+    connection: SSHLink
     relay: Endpoint
     token: str
     launcher: str
@@ -108,8 +109,8 @@ class FirstMessageWatch:
         return False
 
 
-class _ChannelSide:
-    """The SSH channel's end of a link (shared by the TCP and Unix session classes)."""
+class _ChannelSide(asyncssh.SSHTCPSession[bytes]):
+    """The SSH channel's end of a link (a TCP or Unix stream's session)."""
 
     def __init__(self, link: _Link) -> None:
         self._link = link
@@ -132,14 +133,6 @@ class _ChannelSide:
 
     def resume_writing(self) -> None:
         self._link.resume_client(self)
-
-
-class _TCPChannelSide(_ChannelSide, asyncssh.SSHTCPSession[bytes]):
-    pass
-
-
-class _UnixChannelSide(_ChannelSide, asyncssh.SSHUNIXSession[bytes]):
-    pass
 
 
 class LinkState(enum.Enum):
@@ -240,15 +233,11 @@ class _Link(asyncio.Protocol):
         side: _ChannelSide
         try:
             if isinstance(target.relay, str):
-                _, unix_side = await target.connection.create_unix_connection(
-                    lambda: _UnixChannelSide(self), target.relay
-                )
-                side = cast(_ChannelSide, unix_side)
+                side = await target.connection.open_unix(lambda: _ChannelSide(self), target.relay)
             else:
-                _, tcp_side = await target.connection.create_connection(
-                    lambda: _TCPChannelSide(self), LOCAL_ADDRESS, target.relay
+                side = await target.connection.open_tcp(
+                    lambda: _ChannelSide(self), LOCAL_ADDRESS, target.relay
                 )
-                side = cast(_ChannelSide, tcp_side)
         except (asyncssh.Error, OSError) as exc:
             log.debug("%s: cannot reach the relay of %s: %s", self.channel, target.label, exc)
             self._open_failed = True

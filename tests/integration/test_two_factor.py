@@ -5,10 +5,7 @@ The provisioner answers the prompt by its kbdint rules, once per pooled connecti
 from __future__ import annotations
 
 import logging
-import secrets
-import shutil
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,76 +15,15 @@ from ssh_provisioner import AuthenticationError
 
 from ..conftest import KernelSpecFactory, connect_options
 from ..helpers import execute, start_failing
-from ..sshd import SSHDaemon, start_sshd
+from ..second_factor import ACCEPTED, PROMPT, SecondFactor, second_factor_host
+from ..sshd import SSHDaemon
 from .test_lifecycle import running_kernel
 
 pytestmark = [pytest.mark.sshd, pytest.mark.usefixtures("no_leaks")]
 
-PROMPT = "One-time password"
-ACCEPTED = "Accepted keyboard-interactive/pam for root"
+__all__ = ["second_factor_host"]  # a fixture, used by name
+
 REFUSED = "Failed keyboard-interactive/pam for root"
-
-
-def pam_oath_module() -> str:
-    for pattern in ("/usr/lib/*/security/pam_oath.so", "/lib/*/security/pam_oath.so"):
-        found = sorted(Path("/").glob(pattern.lstrip("/")))
-        if found:
-            return str(found[0])
-    pytest.fail("libpam-oath is missing: .ci/setup installs it")
-
-
-class SecondFactor:
-    """An HOTP token: the server's users file, and a code generator for the client
-    (a script that prints the next code; codes it gave are kept to look for in logs)."""
-
-    def __init__(self, directory: Path) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        self.directory = directory
-        seed = secrets.token_hex(20)
-        (directory / "seed").write_text(seed)
-        (directory / "seed").chmod(0o600)
-        self.users = directory / "users.oath"
-        self.users.write_text(f"HOTP root - {seed}\n")
-        self.users.chmod(0o600)
-        (directory / "counter").write_text("0")
-        self.codes = directory / "codes"
-        self.generator = directory / "next-code"
-        self.generator.write_text(
-            "#!/bin/sh\nset -e\ncd " + str(directory) + "\n"
-            "n=$(cat counter); echo $((n + 1)) > counter\n"
-            'code=$(oathtool --hotp -c "$n" - < seed)\n'
-            'echo "$code" >> codes\necho "$code"\n'
-        )
-        self.generator.chmod(0o700)
-        self.pam = directory / "pam-sshd"
-        self.pam.write_text(
-            f"auth requisite {pam_oath_module()} usersfile={self.users} window=20 digits=6\n"
-            "account required pam_permit.so\nsession required pam_permit.so\n"
-        )
-
-    def codes_given(self) -> list[str]:
-        return self.codes.read_text().split() if self.codes.exists() else []
-
-
-@pytest.fixture
-def second_factor_host(
-    tmp_path: Path, client_key: tuple[Path, str]
-) -> Iterator[tuple[SSHDaemon, SecondFactor]]:
-    if shutil.which("oathtool") is None:
-        pytest.fail("oathtool is missing: .ci/setup installs it")
-    factor = SecondFactor(tmp_path / "factor")
-    daemon = start_sshd(
-        tmp_path / "mfa-host", "127.0.0.12", client_key[1] + "\n",
-        bind_mounts={"/etc/pam.d/sshd": factor.pam},
-        extra_config=[
-            "UsePAM yes", "KbdInteractiveAuthentication yes", "PermitRootLogin yes",
-            "AuthenticationMethods publickey,keyboard-interactive",
-        ],
-    )  # fmt: skip
-    try:
-        yield daemon, factor
-    finally:
-        daemon.stop()
 
 
 def mfa_config(daemon: SSHDaemon, key: Path, **extra: Any) -> dict[str, Any]:

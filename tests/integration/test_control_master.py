@@ -1,0 +1,245 @@
+"""Kernels through the user's own OpenSSH master, on a host that demands a real second
+factor (PAM OATH) on every login: the master logs in once, by hand; the provisioner
+never logs in at all.  The sshd's log counts the logins."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+
+from ssh_provisioner import AuthenticationError, ControlMasterError
+from ssh_provisioner.hosts import HostEntry
+from ssh_provisioner.policies import HostPolicy, Placement, PlacementView
+
+from ..conftest import KernelSpecFactory
+from ..helpers import execute, interrupt_a_running_cell, process_alive, start_failing, wait_until
+from ..netns import Link, namespace_host
+from ..second_factor import ACCEPTED, MFA_SSHD_CONFIG, Master, SecondFactor, second_factor_host
+from ..sshd import SSHDaemon, start_sshd
+from .test_lifecycle import kernel_pid, running_kernel
+from .test_lossless import LINES, Message, counting_cell, follow, idle, printed_line
+
+pytestmark = [pytest.mark.sshd, pytest.mark.usefixtures("no_leaks")]
+__all__ = ["second_factor_host"]  # a fixture, used by name
+
+ALIAS = "login-node"
+
+
+@pytest.fixture
+def master(
+    tmp_path: Path,
+    second_factor_host: tuple[SSHDaemon, SecondFactor],
+    client_key: tuple[Path, str],
+) -> Iterator[Master]:
+    daemon, factor = second_factor_host
+    master = Master(tmp_path / "user", daemon, client_key[0], factor, ALIAS)
+    try:
+        yield master
+    finally:
+        master.close()
+
+
+def master_config(master: Master, mode: str = "always", **extra: Any) -> dict[str, Any]:
+    """The kernelspec a user writes: the Host alias, and the user's ssh config."""
+    return {
+        "hosts": [ALIAS],
+        "connect_options": {"config": [str(master.config)], "agent_path": ""},
+        "remote_python": sys.executable,
+        "use_control_master": mode,
+        **extra,
+    }
+
+
+def logins(daemon: SSHDaemon) -> int:
+    return daemon.log().count(ACCEPTED)
+
+
+async def test_a_kernel_lives_its_whole_life_through_the_master_with_no_new_login(
+    make_kernelspec: KernelSpecFactory,
+    second_factor_host: tuple[SSHDaemon, SecondFactor],
+    master: Master,
+) -> None:
+    daemon, _ = second_factor_host
+    master.open()
+    assert logins(daemon) == 1
+    async with running_kernel(make_kernelspec, master_config(master)) as (km, kc):
+        out, reply = await execute(kc, "import os; print(os.environ['SSH_CONNECTION'].split()[2])")
+        assert reply["status"] == "ok"
+        assert out.strip() == daemon.address
+        await interrupt_a_running_cell(km, kc)
+        old_pid = await kernel_pid(kc)
+        await km.restart_kernel()
+        await kc.wait_for_ready(timeout=30)
+        assert await kernel_pid(kc) != old_pid
+        assert not process_alive(old_pid)
+        new_pid = await kernel_pid(kc)
+        await km.shutdown_kernel()
+        assert not process_alive(new_pid)
+    assert logins(daemon) == 1
+
+
+async def test_twelve_kernels_share_the_master_past_the_servers_max_sessions(
+    make_kernelspec: KernelSpecFactory,
+    second_factor_host: tuple[SSHDaemon, SecondFactor],
+    master: Master,
+) -> None:
+    """sshd's MaxSessions is 10 here, OpenSSH's default: a kernel holds a session only
+    while it starts, so twelve run at once on one master."""
+    daemon, _ = second_factor_host
+    master.open()
+    config = master_config(master)
+
+    async def one(index: int) -> None:
+        async with running_kernel(make_kernelspec, config) as (_, kc):
+            pids.append(await kernel_pid(kc))
+            await all_up.wait()
+            out, _ = await execute(kc, f"print({index} * 3)")
+            assert out.strip() == str(index * 3)
+
+    pids: list[int] = []
+    all_up = asyncio.Event()
+    tasks = [asyncio.create_task(one(i)) for i in range(12)]
+    try:
+        await wait_until(lambda: len(pids) == 12 or any(t.done() for t in tasks), 120, "12 up")
+        assert len(pids) == 12
+        assert all(process_alive(pid) for pid in pids)
+        all_up.set()
+        await asyncio.gather(*tasks)
+    finally:
+        all_up.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    assert logins(daemon) == 1
+
+
+class ProbeRecorder(HostPolicy):
+    """Places by a probe that says where it ran: the probe's output is recorded."""
+
+    name = "probe-recorder"
+    probe_command = "echo probed $SSH_CONNECTION"
+    seen: ClassVar[list[str | None]] = []
+
+    def rank(self, candidates: Sequence[HostEntry], view: PlacementView) -> list[Placement]:
+        self.seen.extend(view.probe(entry) for entry in candidates)
+        return [Placement(entry) for entry in candidates]
+
+
+async def test_a_policy_probe_goes_through_the_master(
+    make_kernelspec: KernelSpecFactory,
+    second_factor_host: tuple[SSHDaemon, SecondFactor],
+    master: Master,
+) -> None:
+    daemon, _ = second_factor_host
+    master.open()
+    ProbeRecorder.seen.clear()
+    policy = f"{__name__}:ProbeRecorder"
+    async with running_kernel(make_kernelspec, master_config(master, policy=policy)) as (_, kc):
+        out, _ = await execute(kc, "print('placed')")
+        assert out.strip() == "placed"
+    assert ProbeRecorder.seen, "the policy ran no probe"
+    assert all("probed 127.0.0.1" in (output or "") for output in ProbeRecorder.seen)
+    assert logins(daemon) == 1
+
+
+async def test_always_without_a_master_names_the_command_that_opens_one(
+    make_kernelspec: KernelSpecFactory,
+    second_factor_host: tuple[SSHDaemon, SecondFactor],
+    master: Master,
+) -> None:
+    daemon, _ = second_factor_host
+    message = await start_failing(make_kernelspec, master_config(master), ControlMasterError)
+    assert f"ssh -F {master.config} -fN {ALIAS}" in message
+    assert master.control_path() in message
+    assert logins(daemon) == 0
+    assert "Failed" not in daemon.log()  # it did not even try to log in
+
+
+async def test_auto_without_a_master_tries_its_own_login_and_says_how_to_open_one(
+    make_kernelspec: KernelSpecFactory,
+    second_factor_host: tuple[SSHDaemon, SecondFactor],
+    master: Master,
+) -> None:
+    daemon, _ = second_factor_host
+    message = await start_failing(
+        make_kernelspec, master_config(master, "auto"), AuthenticationError
+    )
+    assert "One-time password" in message  # its own login met the second factor
+    assert f"ssh -F {master.config} -fN {ALIAS}" in message
+    assert logins(daemon) == 0
+
+
+async def test_a_dead_master_leaves_the_kernel_unreachable_until_a_new_one_opens(
+    make_kernelspec: KernelSpecFactory,
+    second_factor_host: tuple[SSHDaemon, SecondFactor],
+    master: Master,
+) -> None:
+    daemon, _ = second_factor_host
+    master.open()
+    config = master_config(master, reconnect_timeout=60.0)
+    async with running_kernel(make_kernelspec, config) as (km, kc):
+        pid = await kernel_pid(kc)
+        master.kill()
+        session = km.provisioner._session  # type: ignore[attr-defined]
+        await wait_until(lambda: session.state.value == "unreachable", 10, "unreachable")
+        assert await km.provisioner.poll() is None  # not dead: unreachable
+        master.open()
+        await wait_until(lambda: session.state.value == "running", 30, "the reattach")
+        assert await kernel_pid(kc) == pid
+        out, _ = await execute(kc, "print('back')")
+        assert out.strip() == "back"
+    assert logins(daemon) == 2  # one per master: the provisioner never logged in
+
+
+@pytest.fixture
+def master_behind_a_link(
+    tmp_path: Path, client_key: tuple[Path, str]
+) -> Iterator[tuple[Link, SSHDaemon, Master]]:
+    """The login node in its own network namespace, whose link we can cut; the user's
+    master notices a dead link after 3 s (ServerAliveInterval 1, as many users set)."""
+    factor = SecondFactor(tmp_path / "factor")
+    with namespace_host() as link:
+        daemon = start_sshd(
+            tmp_path / "ns-login", link.address, client_key[1] + "\n",
+            netns=link.namespace, bind_mounts={"/etc/pam.d/sshd": factor.pam},
+            extra_config=MFA_SSHD_CONFIG, max_sessions=10,
+        )  # fmt: skip
+        keepalive = ("ServerAliveInterval 1", "ServerAliveCountMax 2")
+        master = Master(tmp_path / "user", daemon, client_key[0], factor, ALIAS, keepalive)
+        try:
+            yield link, daemon, master
+        finally:
+            master.close()
+            daemon.stop()
+
+
+async def test_a_cut_that_ends_the_master_loses_nothing_once_a_new_master_opens(
+    make_kernelspec: KernelSpecFactory, master_behind_a_link: tuple[Link, SSHDaemon, Master]
+) -> None:
+    link, daemon, master = master_behind_a_link
+    master.open()
+    config = master_config(master, reconnect_timeout=60.0, orphan_timeout=60.0)
+    async with running_kernel(make_kernelspec, config) as (km, kc):
+        session = km.provisioner._session  # type: ignore[attr-defined]
+        msg_id = kc.execute(counting_cell(0.1))
+        messages: list[Message] = []
+        await follow(kc, msg_id, messages, printed_line(50))
+        link.down()
+        cut = time.monotonic()
+        await wait_until(lambda: master.pid() is None, 15, "the master to give up on the link")
+        await wait_until(lambda: session.state.value != "running", 10, "the loss noticed")
+        assert await km.provisioner.poll() is None  # unreachable, not dead
+        await asyncio.sleep(max(0.0, cut + 10.0 - time.monotonic()))  # a 10 s outage
+        link.up()
+        master.open()  # the user types the code once more
+        await follow(kc, msg_id, messages, idle)
+        printed = "".join(m["content"]["text"] for m in messages if m["msg_type"] == "stream")
+        assert printed.split() == [str(i) for i in range(LINES)]  # all of them, in order
+        reply = await kc.get_shell_msg(timeout=10)
+        assert reply["parent_header"]["msg_id"] == msg_id
+        assert session.state.value == "running"
+    assert logins(daemon) == 2  # one per master: the provisioner never logged in
