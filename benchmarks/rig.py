@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
+import shutil
+import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -59,6 +61,28 @@ def loopback_hosts(count: int, login: str) -> Iterator[Rig]:
             "agent_path": "",
         }
         yield Rig(directory, hosts, login, options)
+
+
+@contextmanager
+def openssh_master(rig: Rig, host: SSHDaemon, alias: str) -> Iterator[Path]:
+    """The user's own OpenSSH master for ``host`` (``ssh -fN ALIAS``), reachable as
+    ``alias`` through the ssh config file yielded; stopped afterwards."""
+    config = rig.directory / "ssh_config"
+    control_dir = Path(tempfile.mkdtemp(prefix="sshp-bench-cm-"))  # a short socket path
+    config.write_text(
+        f"Host {alias}\n  HostName {host.address}\n  Port {host.port}\n  User {rig.login}\n"
+        f"  IdentityFile {rig.connect_options['client_keys'][0]}\n  IdentitiesOnly yes\n"
+        f"  UserKnownHostsFile {rig.connect_options['known_hosts']}\n"
+        "  StrictHostKeyChecking yes\n  BatchMode yes\n  ControlMaster auto\n"
+        f"  ControlPath {control_dir}/%C\n  ControlPersist no\n"
+    )
+    ssh = ["ssh", "-F", str(config)]
+    subprocess.run([*ssh, "-fN", alias], check=True, stdin=subprocess.DEVNULL, timeout=30)
+    try:
+        yield config
+    finally:
+        subprocess.run([*ssh, "-O", "exit", alias], capture_output=True, check=False, timeout=30)
+        shutil.rmtree(control_dir, ignore_errors=True)
 
 
 def write_kernelspecs(kernels_dir: Path, configs: dict[str, dict[str, Any] | None]) -> None:

@@ -42,6 +42,7 @@ GPU_PROBE = str(MostFreeGpuMemory.probe_command)
 class Check:
     status: str
     detail: str = ""
+    noted: bool = False  # shown under the table even when all is well
 
 
 @dataclass
@@ -109,10 +110,11 @@ async def _check_master(host: Host, options: dict[str, Any]) -> tuple[Check, boo
         return Check(FAIL if mode == "always" else WARN, str(exc)), False
     except (OSError, TimeoutError):
         status = FAIL if mode == "always" else INFO
-        return Check(status, f"no master running; open one with `{place.open_command}`"), False
+        detail = f"no master running; open one with `{place.open_command}`"
+        return Check(status, detail, noted=True), False
     link.close()
     await link.wait_closed()
-    return Check(OK, f"uses the OpenSSH master at {place.control_path}"), True
+    return Check(OK, f"uses the OpenSSH master at {place.control_path}", noted=True), True
 
 
 async def _check_network(checks: dict[str, Check], host: Host, port: int, timeout: float) -> None:
@@ -274,13 +276,26 @@ def render_table(reports: list[HostReport]) -> str:
         for name, c in r.checks.items()
         if c.status in (FAIL, WARN) and c.detail
     ]
+    notes = [  # how each host is reached, where an OpenSSH master is in play
+        f"  {r.host}: master: {c.detail}"
+        for r in reports
+        if (c := r.checks.get("master")) is not None and c.status in (OK, INFO) and c.noted
+    ]
     failed = [r.host for r in reports if not r.ok]
     verdict = (
         f"All {len(reports)} host(s) can run kernels."
         if not failed
         else f"{len(failed)} of {len(reports)} host(s) cannot run kernels: {', '.join(failed)}"
     )
-    return "\n".join([*lines, *(["", "problems:", *problems] if problems else []), "", verdict])
+    return "\n".join(
+        [
+            *lines,
+            *(["", "notes:", *notes] if notes else []),
+            *(["", "problems:", *problems] if problems else []),
+            "",
+            verdict,
+        ]
+    )
 
 
 def _cell(check: Check) -> str:

@@ -57,6 +57,7 @@ ALIVE_CHECK_TIMEOUT = 2.0
 # server's MaxSessions counts the master's sessions, and ours last only while a kernel
 # starts or a command runs (see SSHLink.holds_sessions).
 SESSION_SLOT_WAIT = 60.0
+EXIT_STATUS_WAIT = 2.0
 
 T = TypeVar("T")
 
@@ -271,7 +272,9 @@ class MuxProcess:
         self._ends = ends
         self._exit_status: int | None = None
         self._exit_signal: tuple[str, bool, str, str] | None = None
+        self._exited = asyncio.Event()
         self._closing = False
+        self._closer: asyncio.Task[None] | None = None
         self._follow = asyncio.get_running_loop().create_task(self._follow_master())
 
     @property
@@ -300,6 +303,7 @@ class MuxProcess:
                 if message.u32() == MUX_S_EXIT_MESSAGE:
                     message.u32()  # the master's session id
                     self._exit_status = message.u32()
+                    self._exited.set()
             if self._exit_status is None and not self._closing:
                 # The channel closed with no exit status: the command died of a signal
                 # (the master passes on no exit-signal), or the master itself is gone.
@@ -317,10 +321,33 @@ class MuxProcess:
         return self._closing or self._follow.done()
 
     def close(self) -> None:
-        """End the session: the master closes its channel once our ends are gone."""
+        """End the session: the master closes its channel once our ends are gone.
+
+        Not before its command's exit status has come, if it is about to (a detached
+        launcher's session, a command that has finished): then sshd has reaped the
+        command, and frees the session as soon as the channel closes.  A session whose
+        command lives on is closed after ``EXIT_STATUS_WAIT``.  It counts as ours (see
+        ``MuxLink.start_process``) until the master has closed the channel."""
         if self._closing:
             return
         self._closing = True
+        self._closer = asyncio.get_running_loop().create_task(self._close())
+
+    async def _close(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._exited.wait(), EXIT_STATUS_WAIT)
+        for end in self._ends:
+            end.close()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._follow), EXIT_STATUS_WAIT)
+        except TimeoutError:
+            self._follow.cancel()
+
+    def abort(self) -> None:
+        """Close at once (the master is gone, or we let go of it)."""
+        self._closing = True
+        if self._closer is not None:
+            self._closer.cancel()
         self._follow.cancel()
         for end in self._ends:
             end.close()
@@ -457,7 +484,7 @@ class MuxLink(SSHLink):
         if asyncio.current_task() is not self._watch:
             self._watch.cancel()
         for process in list(self._sessions):
-            process.close()
+            process.abort()
         for stream in list(self._streams):
             stream.close()
 
@@ -584,7 +611,7 @@ class MuxLink(SSHLink):
         self._closed = True
         self._watch.cancel()
         for process in list(self._sessions):
-            process.close()
+            process.abort()
         for stream in list(self._streams):
             stream.close()
 

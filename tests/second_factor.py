@@ -104,6 +104,7 @@ class Master:
         factor: SecondFactor,
         alias: str,
         extra: tuple[str, ...] = (),
+        control_path: str | None = None,
     ) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.alias = alias
@@ -121,7 +122,7 @@ class Master:
             f"  UserKnownHostsFile {daemon.known_hosts}\n"
             "  StrictHostKeyChecking yes\n"
             "  ControlMaster auto\n"
-            f"  ControlPath {self.control_dir}/%C\n"
+            f"  ControlPath {control_path or f'{self.control_dir}/%C'}\n"
             "  ControlPersist no\n" + "".join(f"  {line}\n" for line in extra)
         )
         self.pids: list[int] = []

@@ -5,13 +5,21 @@ never logs in at all.  The sshd's log counts the logins."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import pwd
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import AsyncKernelManager
 
 from ssh_provisioner import AuthenticationError, ControlMasterError
 from ssh_provisioner.hosts import HostEntry
@@ -22,6 +30,7 @@ from ..helpers import execute, interrupt_a_running_cell, process_alive, start_fa
 from ..netns import Link, namespace_host
 from ..second_factor import ACCEPTED, MFA_SSHD_CONFIG, Master, SecondFactor, second_factor_host
 from ..sshd import SSHDaemon, start_sshd
+from .test_cli import cli
 from .test_lifecycle import kernel_pid, running_kernel
 from .test_lossless import LINES, Message, counting_cell, follow, idle, printed_line
 
@@ -243,3 +252,121 @@ async def test_a_cut_that_ends_the_master_loses_nothing_once_a_new_master_opens(
         assert reply["parent_header"]["msg_id"] == msg_id
         assert session.state.value == "running"
     assert logins(daemon) == 2  # one per master: the provisioner never logged in
+
+
+# Another user's process at the victim's ControlPath, before any master: it answers the
+# mux hello and alive checks as a master would, and keeps whatever it is sent.
+FAKE_MASTER = """
+import os, socket, struct, sys
+path, loot = sys.argv[1], sys.argv[2]
+server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+server.bind(path)
+os.chmod(path, 0o777)
+server.listen(8)
+print("listening", flush=True)
+while True:
+    conn, _ = server.accept()
+    conn.settimeout(2)
+    try:
+        conn.sendall(struct.pack(">III", 8, 1, 4))  # MUX_MSG_HELLO, version 4
+        while True:
+            data = conn.recv(65536)
+            if not data:
+                break
+            with open(loot, "ab") as out:
+                out.write(data)
+    except OSError:
+        pass
+    conn.close()
+"""
+
+
+@contextlib.contextmanager
+def impostor_at(path: str, user: str, loot: Path) -> Iterator[None]:
+    """``FAKE_MASTER`` listening at ``path`` as ``user``, until the block ends."""
+    impostor = subprocess.Popen(
+        ["runuser", "-u", user, "--", sys.executable, "-c", FAKE_MASTER, path, str(loot)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert impostor.stdout is not None
+        assert impostor.stdout.readline().strip() == "listening"
+        yield
+    finally:
+        impostor.kill()
+        impostor.wait()
+        impostor.stdout.close()
+
+
+@pytest.mark.parametrize(
+    ("mode", "error"), [("always", ControlMasterError), ("auto", AuthenticationError)]
+)
+async def test_a_control_path_taken_by_another_user_gets_nothing(
+    make_kernelspec: KernelSpecFactory,
+    second_factor_host: tuple[SSHDaemon, SecondFactor],
+    client_key: tuple[Path, str],
+    test_user: str,
+    tmp_path: Path,
+    mode: str,
+    error: type[Exception],
+) -> None:
+    """A ControlPath in a shared directory (/tmp) can be taken by another user once no
+    master is there.  Whatever answers must be our own process: the socket's peer
+    (SO_PEERCRED) is checked before the hello, so the impostor gets not one byte, and
+    never the launcher's stdin (the session key)."""
+    daemon, factor = second_factor_host
+    shared = Path(tempfile.mkdtemp(prefix="sshp-shared-"))
+    shared.chmod(0o1777)  # like /tmp
+    master = Master(
+        tmp_path / "user", daemon, client_key[0], factor, ALIAS, control_path=f"{shared}/%C"
+    )
+    loot = shared / "loot"
+    try:
+        with impostor_at(master.control_path(), test_user, loot):
+            message = await start_failing(make_kernelspec, master_config(master, mode), error)
+        if mode == "always":
+            assert f"served by uid {pwd.getpwnam(test_user).pw_uid}" in message
+        assert not loot.exists()  # not a byte
+        assert logins(daemon) == 0
+    finally:
+        master.close()
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+async def test_the_cli_checks_for_a_master_and_installs_a_kernelspec_that_needs_one(
+    second_factor_host: tuple[SSHDaemon, SecondFactor], master: Master, tmp_path: Path
+) -> None:
+    daemon, _ = second_factor_host
+    common = ["--connect-option", f"config={json.dumps([str(master.config)])}"]
+    common += ["--python", sys.executable]
+    no_master = cli("check", "--host", ALIAS, *common, "--json")
+    assert no_master.returncode == 1
+    checks = json.loads(no_master.stdout)[0]["checks"]
+    opening = f"ssh -F {master.config} -fN {ALIAS}"
+    assert checks["master"]["detail"] == f"no master running; open one with `{opening}`"
+    assert checks["auth"]["status"] == "FAIL"  # its own login met the second factor
+    master.open()
+    checked = cli("check", "--host", ALIAS, *common)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert f"uses the OpenSSH master at {master.control_path()}" in checked.stdout
+    env = {"JUPYTER_PATH": str(tmp_path / "share" / "jupyter")}
+    installed = cli(
+        "install", "login-py", "--host", ALIAS, "--control-master", "always",
+        "--prefix", str(tmp_path), *common, env=env,
+    )  # fmt: skip
+    assert installed.returncode == 0, installed.stderr
+    spec = json.loads((tmp_path / "share/jupyter/kernels/login-py/kernel.json").read_text())
+    assert spec["metadata"]["kernel_provisioner"]["config"]["use_control_master"] == "always"
+    ksm = KernelSpecManager(kernel_dirs=[str(tmp_path / "share/jupyter/kernels")])
+    km = AsyncKernelManager(kernel_name="login-py", kernel_spec_manager=ksm)
+    await km.start_kernel()
+    kc = km.client()
+    kc.start_channels()
+    try:
+        await kc.wait_for_ready(timeout=30)
+        out, _ = await execute(kc, "print('on the login node')")
+        assert out.strip() == "on the login node"
+    finally:
+        kc.stop_channels()
+        await km.shutdown_kernel()
+    assert logins(daemon) == 1
