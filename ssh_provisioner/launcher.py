@@ -1459,9 +1459,9 @@ def do_nothing() -> None:
 def detach() -> Callable[[], None]:
     """Go on in a child process; this one, the SSH session's own, waits until the child
     calls the returned function (a client supervises it over LAUNCHER_CHANNEL now) or
-    ends, and exits: then the session ends once the client closes its channel, and no
-    longer counts against the server's MaxSessions.  (It must not exit sooner: sshd
-    closes a session's stdin when its process exits.)"""
+    ends, and exits.  The child then holds none of the session's pipes either, so the
+    session ends, and no longer counts against the server's MaxSessions.  (The parent
+    must not exit sooner: sshd closes a session's stdin when its process exits.)"""
     read_end, write_end = os.pipe()
     if os.fork() > 0:
         os.close(write_end)
@@ -1474,6 +1474,12 @@ def detach() -> Callable[[], None]:
     def release() -> None:
         if not released:
             released.append(True)
+            # Let go of the session's pipes too: sshd ends a session once its process
+            # has exited and its output is at EOF, whatever the client does.
+            devnull = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(devnull, fd)
+            os.close(devnull)
             os.close(write_end)
 
     return release

@@ -108,8 +108,14 @@ class SSHLink(abc.ABC):
     def username(self) -> str: ...
 
     @abc.abstractmethod
-    async def start_process(self, command: str) -> RemoteProcess:
-        """Run ``command`` (a shell command line) with binary pipes."""
+    async def start_process(self, command: str, *, spare: bool = False) -> RemoteProcess:
+        """Run ``command`` (a shell command line) with binary pipes.  A ``spare`` waits
+        in reserve (a launcher before its spec): a link short of sessions may end it
+        for a start that needs its session, until ``claim`` takes it into use."""
+
+    def claim(self, process: RemoteProcess) -> None:
+        """A spare from ``start_process`` is in use now: it is not to be ended."""
+        del process  # only a link short of sessions keeps a list of its spares
 
     @abc.abstractmethod
     async def run(self, command: str) -> CommandResult:
@@ -153,7 +159,7 @@ class AsyncsshLink(SSHLink):
     def username(self) -> str:
         return str(self.connection.get_extra_info("username"))
 
-    async def start_process(self, command: str) -> RemoteProcess:
+    async def start_process(self, command: str, *, spare: bool = False) -> RemoteProcess:
         return await self.connection.create_process(command, encoding=None, stdin=asyncssh.PIPE)
 
     async def run(self, command: str) -> CommandResult:

@@ -58,6 +58,7 @@ ALIVE_CHECK_TIMEOUT = 2.0
 # starts or a command runs (see SSHLink.holds_sessions).
 SESSION_SLOT_WAIT = 60.0
 EXIT_STATUS_WAIT = 2.0
+CHANNEL_CLOSE_WAIT = 30.0  # under load too: a session counts as ours until then
 
 T = TypeVar("T")
 
@@ -334,12 +335,13 @@ class MuxProcess:
         self._closer = asyncio.get_running_loop().create_task(self._close())
 
     async def _close(self) -> None:
+        self.stdin.write_eof()  # a command that reads its stdin ends now (a spare launcher)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._exited.wait(), EXIT_STATUS_WAIT)
         for end in self._ends:
             end.close()
-        try:
-            await asyncio.wait_for(asyncio.shield(self._follow), EXIT_STATUS_WAIT)
+        try:  # the master closes the control connection once sshd closed the channel
+            await asyncio.wait_for(asyncio.shield(self._follow), CHANNEL_CLOSE_WAIT)
         except TimeoutError:
             self._follow.cancel()
 
@@ -422,6 +424,7 @@ class MuxLink(SSHLink):
         self._watcher = watcher
         self._closed = False
         self._sessions: set[MuxProcess] = set()
+        self._spares: set[MuxProcess] = set()
         self._streams: set[_MuxStream] = set()
         self._session_freed = asyncio.Event()  # replaced each time one is set
         self._watch = asyncio.get_running_loop().create_task(self._watch_master())
@@ -490,19 +493,36 @@ class MuxLink(SSHLink):
 
     # -- sessions -----------------------------------------------------------------------
 
-    async def start_process(self, command: str) -> RemoteProcess:
+    async def start_process(self, command: str, *, spare: bool = False) -> RemoteProcess:
+        """A session through the master.  When the server refuses one (its MaxSessions
+        counts all of the master's sessions), a spare of ours yields its session, or
+        one of ours that is about to end is waited for."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + SESSION_SLOT_WAIT
         while True:
             freed = self._session_freed
             try:
-                return await self._open_session(command)
+                process = await self._open_session(command)
             except asyncssh.ChannelOpenError:
-                if not self._sessions or loop.time() >= deadline:
+                if spare or loop.time() >= deadline:
                     raise
-            log.debug("%s: the server's MaxSessions is reached; waiting for a session", self.path)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(freed.wait(), deadline - loop.time())
+                if self._spares:
+                    log.debug(
+                        "%s: at the server's MaxSessions; a spare yields its session", self.path
+                    )
+                    self._spares.pop().close()
+                elif not self._sessions:
+                    raise  # the sessions are someone else's: nothing of ours will free one
+                log.debug("%s: at the server's MaxSessions; waiting for a session", self.path)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(freed.wait(), deadline - loop.time())
+                continue
+            if spare:
+                self._spares.add(process)
+            return process
+
+    def claim(self, process: RemoteProcess) -> None:
+        self._spares.discard(process)
 
     async def _open_session(self, command: str) -> MuxProcess:
         self._check_open()
@@ -540,6 +560,7 @@ class MuxLink(SSHLink):
         return process
 
     def session_ended(self, process: MuxProcess) -> None:
+        self._spares.discard(process)
         if process in self._sessions:
             self._sessions.discard(process)
             freed, self._session_freed = self._session_freed, asyncio.Event()

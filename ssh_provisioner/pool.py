@@ -128,7 +128,7 @@ class Lease:
         """The server refused this lease a session: the connection holds what its other
         leases hold, and the next lease goes to another connection until one ends."""
         entry = self.pool._entry(self.key, self.connection)
-        if entry is not None:
+        if entry is not None and self.connection.holds_sessions:
             entry.lease_capacity = entry.leases - (0 if self.released else 1)
             log.info("SSH connection %s is at its session limit; the next opens another", self.key)
 
@@ -141,6 +141,8 @@ class Lease:
         if spare is not None and (spare.is_closing() or spare.exit_status is not None):
             spare.close()
             return None
+        if spare is not None:
+            self.connection.claim(spare)
         return spare
 
     def prepare_spare(self, name: str, factory: SpareFactory) -> None:
@@ -249,8 +251,8 @@ class ConnectionPool:
             except SessionLimitError as exc:
                 lease.mark_full()
                 lease.release()
-                if attempt == CONNECTIONS_PER_ATTEMPT:
-                    raise
+                if attempt == CONNECTIONS_PER_ATTEMPT or not lease.connection.holds_sessions:
+                    raise  # (another link to the same OpenSSH master would be refused alike)
                 log.info("%s; trying another connection", exc)
                 continue
             except (SSHConnectError, TunnelError):
@@ -301,8 +303,6 @@ class ConnectionPool:
         entry = self._entry(key, connection)
         if entry is None or entry.full or name in entry.spares or (key, name) in self._preparing:
             return
-        if not connection.holds_sessions:
-            return  # a master's sessions are scarce: a spare would hold one
 
         async def prepare() -> None:
             try:

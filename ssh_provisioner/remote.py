@@ -103,13 +103,13 @@ def launcher_command(python: str) -> str:
     return "exec " + shlex.join([python, "-I", "-S", "-c", BOOTSTRAP, f"{SPARE_WAIT:g}"])
 
 
-async def start_launcher(connection: SSHLink, python: str) -> RemoteProcess:
+async def start_launcher(connection: SSHLink, python: str, *, spare: bool = False) -> RemoteProcess:
     """Exec the launcher and send it its source; it then waits for a spec on stdin.
 
     Also used ahead of time, to keep a spare launcher past the login shell's and
     Python's start-up (a login shell that runs conda or pyenv init costs 100+ ms).
     """
-    process = await connection.start_process(launcher_command(python))
+    process = await connection.start_process(launcher_command(python), spare=spare)
     process.stdin.write(json.dumps(launcher_source()).encode() + b"\n")
     return process
 

@@ -105,7 +105,9 @@ class KernelSession:
         lease, kernel = await self._use(launch, keep=True)
         if settings.prewarm:
             python = settings.python
-            lease.prepare_spare(python, lambda connection: start_launcher(connection, python))
+            lease.prepare_spare(
+                python, lambda connection: start_launcher(connection, python, spare=True)
+            )
         self._running(lease, kernel)
 
     async def attach(self, handshake: Handshake, token: str) -> None:

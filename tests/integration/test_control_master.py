@@ -7,13 +7,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import pwd
+import secrets
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -22,11 +26,19 @@ from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 
 from ssh_provisioner import AuthenticationError, ControlMasterError
+from ssh_provisioner.engine import get_engine
 from ssh_provisioner.hosts import HostEntry
 from ssh_provisioner.policies import HostPolicy, Placement, PlacementView
 
 from ..conftest import KernelSpecFactory
-from ..helpers import execute, interrupt_a_running_cell, process_alive, start_failing, wait_until
+from ..helpers import (
+    cmdlines_containing,
+    execute,
+    interrupt_a_running_cell,
+    process_alive,
+    start_failing,
+    wait_until,
+)
 from ..netns import Link, namespace_host
 from ..second_factor import ACCEPTED, MFA_SSHD_CONFIG, Master, SecondFactor, second_factor_host
 from ..sshd import SSHDaemon, start_sshd
@@ -286,14 +298,14 @@ def impostor_at(path: str, user: str, loot: Path) -> Iterator[None]:
     """``FAKE_MASTER`` listening at ``path`` as ``user``, until the block ends."""
     impostor = subprocess.Popen(
         ["runuser", "-u", user, "--", sys.executable, "-c", FAKE_MASTER, path, str(loot)],
-        stdout=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, text=True, start_new_session=True,
     )  # fmt: skip
     try:
         assert impostor.stdout is not None
         assert impostor.stdout.readline().strip() == "listening"
         yield
     finally:
-        impostor.kill()
+        os.killpg(impostor.pid, signal.SIGKILL)  # runuser and the impostor under it
         impostor.wait()
         impostor.stdout.close()
 
@@ -369,4 +381,50 @@ async def test_the_cli_checks_for_a_master_and_installs_a_kernelspec_that_needs_
     finally:
         kc.stop_channels()
         await km.shutdown_kernel()
+    assert logins(daemon) == 1
+
+
+@contextlib.contextmanager
+def users_own_sessions(master: Master, count: int) -> Iterator[Callable[[], int]]:
+    """``count`` sessions the user runs through the master (shells, say); yields how
+    many of them run on the host."""
+    marker = f"sshp-user-session-{secrets.token_hex(4)}"
+    command = shlex.join([sys.executable, "-c", "import time; time.sleep(300)", marker])
+    argv = ["ssh", "-F", str(master.config), "-o", "BatchMode=yes", ALIAS, "exec " + command]
+    null = subprocess.DEVNULL
+    clients = [subprocess.Popen(argv, stdin=null, stdout=null, stderr=null) for _ in range(count)]
+    on_the_host = b"\0" + marker.encode()  # an argv of its own there; not in the ssh clients'
+    try:
+        yield lambda: len(cmdlines_containing(on_the_host))
+    finally:
+        for client in clients:
+            client.kill()
+            client.wait()
+        for pid in cmdlines_containing(on_the_host):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+async def test_a_spare_yields_its_session_when_the_users_own_fill_the_rest(
+    make_kernelspec: KernelSpecFactory,
+    second_factor_host: tuple[SSHDaemon, SecondFactor],
+    master: Master,
+) -> None:
+    """MaxSessions 10: a kernel's spare launcher holds one session and the user's own
+    nine sessions hold the rest. The next start, with another remote_python (so the
+    spare is not its own), takes the spare's session."""
+    daemon, _ = second_factor_host
+    master.open()
+    config = master_config(master)
+    pool = get_engine().pool
+    async with running_kernel(make_kernelspec, config):
+        await wait_until(
+            lambda: any(e.spares for es in pool._entries.values() for e in es), 10, "a spare"
+        )
+        with users_own_sessions(master, 9) as running:
+            await wait_until(lambda: running() == 9, 20, "the user's nine sessions")
+            other_python = {**config, "remote_python": str(Path(sys.executable).parent / "python3")}
+            async with running_kernel(make_kernelspec, other_python) as (_, kc):
+                out, _ = await execute(kc, "print('fits')")
+                assert out.strip() == "fits"
     assert logins(daemon) == 1
