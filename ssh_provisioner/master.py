@@ -37,6 +37,8 @@ class MasterPlace:
     control_path: str | None
     user: str
     open_command: str
+    hostname: str  # as ssh resolves the destination (HostName, Port)
+    port: int
 
 
 def mode_of(options: dict[str, Any]) -> str:
@@ -107,6 +109,8 @@ async def locate(host: Host, options: dict[str, Any]) -> MasterPlace:
         control_path=None if path.lower() == "none" else path,
         user=values.get("user", ""),
         open_command=shlex.join(["ssh", *config, "-fN", *destination]),
+        hostname=values.get("hostname", host.hostname),
+        port=int(values.get("port", "22")),
     )
 
 
@@ -134,11 +138,12 @@ async def open_master(host: Host, options: dict[str, Any]) -> MuxLink | None:
             )
         return None
     try:
-        return await MuxLink.open(place.control_path, place.user)
+        link = await MuxLink.open(place.control_path, place.user)
     except MasterNotOurs as exc:
         log.warning("SSH to %s: %s", host, exc)
         if mode == "always":
             raise ControlMasterError(f"SSH to {host}: {exc}", host=str(host)) from exc
+        return None
     except (OSError, TimeoutError) as exc:
         log.debug("no OpenSSH master for %s at %s: %s", host, place.control_path, exc)
         if mode == "always":
@@ -148,7 +153,15 @@ async def open_master(host: Host, options: dict[str, Any]) -> MuxLink | None:
                 f"itself): open one with `{place.open_command}`",
                 host=str(host),
             ) from exc
-    return None
+        return None
+    if link.in_a_terminal:
+        log.warning(
+            "SSH to %s: the OpenSSH master at %s is an interactive ssh in a terminal: "
+            "leaving its shell will wait until the kernels through it end (open masters "
+            "in the background: `%s`, or ControlPersist)",
+            host, place.control_path, place.open_command,
+        )  # fmt: skip
+    return link
 
 
 async def master_hint(host: Host, options: dict[str, Any]) -> str:

@@ -427,6 +427,7 @@ class MuxLink(SSHLink):
         self._spares: set[MuxProcess] = set()
         self._streams: set[_MuxStream] = set()
         self._session_freed = asyncio.Event()  # replaced each time one is set
+        self._held_controls: list[_Control] = []  # of open_socket's sockets
         self._watch = asyncio.get_running_loop().create_task(self._watch_master())
 
     @classmethod
@@ -443,6 +444,17 @@ class MuxLink(SSHLink):
     @property
     def description(self) -> str:
         return f"the OpenSSH master at {self.path}"
+
+    @property
+    def in_a_terminal(self) -> bool:
+        """Is the master an interactive ``ssh HOST`` (it has a controlling terminal),
+        rather than one in the background (``ssh -fN``, ControlPersist)?  Linux only."""
+        try:
+            with open(f"/proc/{self.master_pid}/stat", "rb") as stat:
+                fields = stat.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            return False
+        return len(fields) > 4 and fields[4] != b"0"  # tty_nr
 
     @property
     def username(self) -> str:
@@ -486,10 +498,16 @@ class MuxLink(SSHLink):
         log.info("the OpenSSH master at %s is gone", self.path)
         if asyncio.current_task() is not self._watch:
             self._watch.cancel()
+        self._end_everything()
+
+    def _end_everything(self) -> None:
         for process in list(self._sessions):
             process.abort()
         for stream in list(self._streams):
             stream.close()
+        for control in self._held_controls:
+            control.close()
+        self._held_controls.clear()
 
     # -- sessions -----------------------------------------------------------------------
 
@@ -587,16 +605,7 @@ class MuxLink(SSHLink):
         control = await _Control.open(self.path)
         mine, theirs = socket.socketpair()
         try:
-            request = control.next_request()
-            await control.send(
-                _u32(MUX_C_NEW_STDIO_FWD) + _u32(request) + _string("") + _string(host) + _u32(port)
-            )
-            try:
-                await control.send_fd(theirs.fileno())  # the forward's input
-                await control.send_fd(theirs.fileno())  # and output: one socket
-            finally:
-                theirs.close()
-            await control.reply_to(request)
+            await self._request_forward(control, theirs, host, port)
             session = factory()
             stream = _MuxStream(self, control, session)
             self._streams.add(stream)
@@ -606,6 +615,36 @@ class MuxLink(SSHLink):
             mine.close()
             raise
         return session
+
+    async def open_socket(self, host: str, port: int) -> socket.socket:
+        """A socket whose other end is ``host``:``port`` as the host sees it (to run an
+        SSH connection of our own through the master: a ProxyJump hop).  It lives until
+        the link is closed."""
+        self._check_open()
+        control = await _Control.open(self.path)
+        mine, theirs = socket.socketpair()
+        try:
+            await self._request_forward(control, theirs, host, port)
+        except BaseException:
+            control.close()
+            mine.close()
+            raise
+        self._held_controls.append(control)
+        return mine
+
+    async def _request_forward(
+        self, control: _Control, theirs: socket.socket, host: str, port: int
+    ) -> None:
+        request = control.next_request()
+        await control.send(
+            _u32(MUX_C_NEW_STDIO_FWD) + _u32(request) + _string("") + _string(host) + _u32(port)
+        )
+        try:
+            await control.send_fd(theirs.fileno())  # the forward's input
+            await control.send_fd(theirs.fileno())  # and output: one socket
+        finally:
+            theirs.close()
+        await control.reply_to(request)
 
     async def open_unix(self, factory: Callable[[], S], path: str) -> S:
         raise asyncssh.ChannelOpenError(
@@ -631,10 +670,7 @@ class MuxLink(SSHLink):
             return
         self._closed = True
         self._watch.cancel()
-        for process in list(self._sessions):
-            process.abort()
-        for stream in list(self._streams):
-            stream.close()
+        self._end_everything()
 
     async def wait_closed(self) -> None:
         with contextlib.suppress(asyncio.CancelledError):

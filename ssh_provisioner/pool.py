@@ -26,7 +26,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import asyncssh
 
@@ -41,7 +41,8 @@ from .errors import (
 from .hosts import Host
 from .kbdint import AUTH_COOLDOWN, KBDINT, PromptAnswering, PromptRule, parse_rules
 from .link import AsyncsshLink, RemoteProcess, SSHLink
-from .master import USE_CONTROL_MASTER, master_hint, mode_of, open_master
+from .master import USE_CONTROL_MASTER, locate, master_hint, mode_of, open_master
+from .mux import MuxLink
 from .sshconfig import (
     ALLOW_UNCHECKED,
     HostConfig,
@@ -405,19 +406,20 @@ async def _connect(
     allow_unchecked = bool(options.get(ALLOW_UNCHECKED, False))
     depth = int(options.get(JUMP_DEPTH, 0))
     kbdint = options.get(KBDINT)
+    mode = mode_of(options)
     rules = parse_rules(kbdint)
     options = _public(options)
     if config is None:
         config = await asyncio.to_thread(read_host_config, host, options)
     requested = options
     options = check_host_key_checking(host, options, config, allow_unchecked=allow_unchecked)
-    hop: asyncssh.SSHClientConnection | None = None
-    if config.proxy_jump and "tunnel" not in options:
-        hop = await _open_jump_hosts(
-            host, config, requested, allow_unchecked, kbdint, depth, connect_timeout
-        )
-        options = {**options, "tunnel": hop}
+    hop: Via | None = None
     try:
+        if config.proxy_jump and "tunnel" not in options and "sock" not in options:
+            hop = await _open_jump_hosts(
+                host, config, requested, allow_unchecked, kbdint, depth, connect_timeout, mode
+            )
+            options = {**options, **await _through(hop, host, requested)}
         connection = await _connect_direct(
             host, options, connect_timeout=connect_timeout, rules=rules
         )
@@ -426,8 +428,20 @@ async def _connect(
             hop.close()
         raise
     if hop is not None:
-        connection.set_tunnel(hop)  # closed with the connection it carries
+        connection.set_tunnel(cast(Any, hop))  # closed with the connection it carries
     return connection
+
+
+Via = asyncssh.SSHClientConnection | MuxLink  # what a ProxyJump hop is reached through
+
+
+async def _through(via: Via, host: Host, options: dict[str, Any]) -> dict[str, Any]:
+    """The connect options that reach ``host`` through a hop: a tunnel over our own
+    connection to it, or a stdio forward through the user's OpenSSH master for it."""
+    if isinstance(via, asyncssh.SSHClientConnection):
+        return {"tunnel": via}
+    place = await locate(host, options)  # the master forwards to an address, not an alias
+    return {"sock": await via.open_socket(place.hostname, place.port), "tunnel": None}
 
 
 async def _open_jump_hosts(
@@ -438,10 +452,13 @@ async def _open_jump_hosts(
     kbdint: Any,
     depth: int,
     connect_timeout: float,
-) -> asyncssh.SSHClientConnection:
+    mode: str,
+) -> Via:
     """Connect through each ProxyJump hop in turn, each with ``options`` (known_hosts,
     client keys, keepalives): the first reads its own ssh config, ProxyJump included
-    (so hosts that jump through each other are a loop, caught by the depth)."""
+    (so hosts that jump through each other are a loop, caught by the depth).  A first
+    hop with a running OpenSSH master (a bastion that asks for a second factor, say) is
+    gone through with the master, as ``ssh`` does, per ``use_control_master``."""
     hops = jump_hosts(config.proxy_jump or "")
     if depth + len(hops) > MAX_JUMP_HOPS or str(host) in {str(hop) for hop in hops}:
         raise ProvisionerConfigError(
@@ -454,17 +471,20 @@ async def _open_jump_hosts(
         ALLOW_UNCHECKED: allow_unchecked,
         KBDINT: kbdint,
         JUMP_DEPTH: depth + len(hops),
+        USE_CONTROL_MASTER: mode,
     }
-    previous: asyncssh.SSHClientConnection | None = None
-    connection: asyncssh.SSHClientConnection | None = None
+    previous: Via | None = None
+    connection: Via | None = None
     for hop in hops:
         try:
             if previous is None:
-                connection = await _connect(hop, hop_options, connect_timeout=connect_timeout)
+                connection = await open_master(hop, {**options, USE_CONTROL_MASTER: mode})
+                if connection is None:
+                    connection = await _connect(hop, hop_options, connect_timeout=connect_timeout)
             else:
-                via = {**hop_options, "tunnel": previous}
+                via = {**hop_options, **await _through(previous, hop, options)}
                 connection = await _connect(hop, via, connect_timeout=connect_timeout)
-                connection.set_tunnel(previous)
+                connection.set_tunnel(cast(Any, previous))
         except SSHConnectError as exc:
             if previous is not None:
                 previous.close()

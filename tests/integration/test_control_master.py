@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 
 import pytest
 from jupyter_client.kernelspec import KernelSpecManager
-from jupyter_client.manager import AsyncKernelManager
+from jupyter_client.manager import AsyncKernelManager, KernelManager
 
 from ssh_provisioner import AuthenticationError, ControlMasterError
 from ssh_provisioner.engine import get_engine
@@ -45,6 +45,7 @@ from ..sshd import SSHDaemon, start_sshd
 from .test_cli import cli
 from .test_lifecycle import kernel_pid, running_kernel
 from .test_lossless import LINES, Message, counting_cell, follow, idle, printed_line
+from .test_resilience import PROCESS_A, take_over
 
 pytestmark = [pytest.mark.sshd, pytest.mark.usefixtures("no_leaks")]
 __all__ = ["second_factor_host"]  # a fixture, used by name
@@ -428,3 +429,126 @@ async def test_a_spare_yields_its_session_when_the_users_own_fill_the_rest(
                 out, _ = await execute(kc, "print('fits')")
                 assert out.strip() == "fits"
     assert logins(daemon) == 1
+
+
+async def test_another_process_reattaches_through_the_master(
+    make_kernelspec: KernelSpecFactory,
+    second_factor_host: tuple[SSHDaemon, SecondFactor],
+    master: Master,
+    tmp_path: Path,
+) -> None:
+    """A server that crashed, and the next one taking its kernel over, both through the
+    user's master: the new process proves itself to the launcher over its relay."""
+    daemon, _ = second_factor_host
+    master.open()
+    ksm, name = make_kernelspec(master_config(master, orphan_timeout=60.0))
+    saved = tmp_path / "provisioner-info.json"
+    subprocess.run(
+        [sys.executable, "-c", PROCESS_A, ksm.kernel_dirs[0], name, str(saved), "disabled"],
+        check=True, timeout=120,
+    )  # fmt: skip
+    info = json.loads(saved.read_text())
+    assert process_alive(info["pid"])  # orphaned, waiting to be reattached
+    km = await take_over(ksm, name, info)
+    kc = km.client()
+    kc.start_channels()
+    try:
+        await kc.wait_for_ready(timeout=30)
+        out, _ = await execute(kc, "print(secret)")
+        assert out.strip() == "kept across processes"
+        await interrupt_a_running_cell(km, kc)
+    finally:
+        kc.stop_channels()
+        await km.shutdown_kernel()
+    assert not process_alive(info["pid"])
+    assert logins(daemon) == 1
+
+
+def test_the_sync_kernel_manager_through_the_master(
+    make_kernelspec: KernelSpecFactory,
+    second_factor_host: tuple[SSHDaemon, SecondFactor],
+    master: Master,
+) -> None:
+    daemon, _ = second_factor_host
+    master.open()
+    ksm, name = make_kernelspec(master_config(master))
+    km = KernelManager(kernel_name=name, kernel_spec_manager=ksm)
+    km.start_kernel()
+    kc = km.client()
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=30)
+        reply = kc.execute_interactive("print('blocking client')", timeout=30)
+        assert reply["content"]["status"] == "ok"
+        km.restart_kernel()
+        kc.wait_for_ready(timeout=30)
+        reply = kc.execute_interactive("1 + 1", timeout=30)
+        assert reply["content"]["status"] == "ok"
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel()
+    assert logins(daemon) == 1
+
+
+@pytest.fixture
+def bastion_with_a_master(
+    tmp_path: Path, client_key: tuple[Path, str]
+) -> Iterator[tuple[SSHDaemon, SSHDaemon, Master]]:
+    """A bastion that asks for a second factor, in front of a host only it reaches
+    (the loopback of their network namespace); the user's master is for the bastion."""
+    factor = SecondFactor(tmp_path / "factor")
+    with namespace_host() as link:
+        bastion = start_sshd(
+            tmp_path / "bastion", link.address, client_key[1] + "\n",
+            netns=link.namespace, bind_mounts={"/etc/pam.d/sshd": factor.pam},
+            extra_config=MFA_SSHD_CONFIG,
+        )  # fmt: skip
+        try:
+            target = start_sshd(
+                tmp_path / "behind", "127.0.0.1", client_key[1] + "\n",
+                netns=link.namespace, hostname="behind-the-bastion",
+            )  # fmt: skip
+            master = Master(tmp_path / "user", bastion, client_key[0], factor, "bastion")
+            with master.config.open("a") as config:
+                config.write(
+                    f"Host behind\n  HostName 127.0.0.1\n  Port {target.port}\n  User root\n"
+                    f"  IdentityFile {client_key[0]}\n  IdentitiesOnly yes\n"
+                    f"  UserKnownHostsFile {tmp_path / 'known_hosts'}\n  ProxyJump bastion\n"
+                )
+            (tmp_path / "known_hosts").write_text(
+                bastion.known_hosts_line() + "\n" + target.known_hosts_line() + "\n"
+            )
+            try:
+                yield bastion, target, master
+            finally:
+                master.close()
+                target.stop()
+        finally:
+            bastion.stop()
+
+
+async def test_a_jump_through_the_bastions_master(
+    make_kernelspec: KernelSpecFactory,
+    bastion_with_a_master: tuple[SSHDaemon, SSHDaemon, Master],
+    tmp_path: Path,
+) -> None:
+    """`ProxyJump bastion`, and a master for the bastion: as with `ssh behind`, the hop
+    goes through the master (no second factor asked again), and the provisioner logs in
+    to the host behind it with its key."""
+    bastion, target, master = bastion_with_a_master
+    master.open()
+    config = {
+        **master_config(master, "auto"),
+        "hosts": ["behind"],
+        "connect_options": {
+            "config": [str(master.config)],
+            "agent_path": "",
+            "known_hosts": str(tmp_path / "known_hosts"),
+        },
+    }
+    async with running_kernel(make_kernelspec, config) as (km, kc):
+        out, _ = await execute(kc, "import socket; print(socket.gethostname())")
+        assert out.strip() == "behind-the-bastion"
+        await interrupt_a_running_cell(km, kc)
+    assert logins(bastion) == 1  # the master's own
+    assert target.log().count("Accepted publickey for root") == 1

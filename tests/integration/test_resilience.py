@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 from jupyter_client.provisioning import KernelProvisionerFactory
 
@@ -135,6 +136,21 @@ asyncio.run(main())
 """
 
 
+async def take_over(
+    ksm: KernelSpecManager, name: str, info: dict[str, Any], **manager_options: Any
+) -> AsyncKernelManager:
+    """What a new server does with a kernel its crashed predecessor started: a manager
+    whose provisioner reattaches with the saved provisioner info."""
+    km = AsyncKernelManager(kernel_name=name, kernel_spec_manager=ksm, **manager_options)
+    km.kernel_id = info["kernel_id"]
+    km.provisioner = KernelProvisionerFactory.instance().create_provisioner_instance(
+        info["kernel_id"], km.kernel_spec, parent=km
+    )
+    await km.provisioner.load_provisioner_info(info)
+    km.load_connection_info(km.provisioner.connection_info)
+    return km
+
+
 @pytest.mark.parametrize("encryption", ["disabled", "required"])
 async def test_reattach_from_another_process(
     make_kernelspec: KernelSpecFactory,
@@ -163,15 +179,7 @@ async def test_reattach_from_another_process(
         await provisioner.load_provisioner_info(info)
     assert process_alive(info["pid"])
 
-    km = AsyncKernelManager(
-        kernel_name=name, kernel_spec_manager=ksm, transport_encryption=encryption
-    )
-    km.kernel_id = info["kernel_id"]
-    km.provisioner = KernelProvisionerFactory.instance().create_provisioner_instance(
-        info["kernel_id"], km.kernel_spec, parent=km
-    )
-    await km.provisioner.load_provisioner_info(info)
-    km.load_connection_info(km.provisioner.connection_info)
+    km = await take_over(ksm, name, info, transport_encryption=encryption)
     kc = km.client()
     kc.start_channels()
     try:
