@@ -31,7 +31,7 @@ import os
 import socket
 import struct
 from collections.abc import Callable
-from typing import TypeVar, cast
+from typing import cast
 
 import asyncssh
 
@@ -59,8 +59,6 @@ ALIVE_CHECK_TIMEOUT = 2.0
 SESSION_SLOT_WAIT = 60.0
 EXIT_STATUS_WAIT = 2.0
 CHANNEL_CLOSE_WAIT = 30.0  # under load too: a session counts as ours until then
-
-T = TypeVar("T")
 
 
 class MasterNotOurs(ConnectionError):
