@@ -43,6 +43,7 @@ from ..netns import Link, namespace_host
 from ..second_factor import ACCEPTED, MFA_SSHD_CONFIG, Master, SecondFactor, second_factor_host
 from ..sshd import SSHDaemon, start_sshd
 from .test_cli import cli
+from .test_host_pythons import host_python
 from .test_lifecycle import kernel_pid, running_kernel
 from .test_lossless import LINES, Message, counting_cell, follow, idle, printed_line
 from .test_resilience import PROCESS_A, take_over
@@ -552,3 +553,31 @@ async def test_a_jump_through_the_bastions_master(
         await interrupt_a_running_cell(km, kc)
     assert logins(bastion) == 1  # the master's own
     assert target.log().count("Accepted publickey for root") == 1
+
+
+async def test_the_oldest_host_python_through_the_master_with_ipc(
+    make_kernelspec: KernelSpecFactory,
+    second_factor_host: tuple[SSHDaemon, SecondFactor],
+    master: Master,
+) -> None:
+    """The launcher's part of the master path (leaving its session, the relay on a port
+    for an ipc kernel, the supervision bridge) runs on the host's Python: on 3.6 too."""
+    daemon, _ = second_factor_host
+    python, site = host_python("3.6")
+    master.open()
+    config = master_config(master, remote_python=python, remote_transport="ipc")
+    async with running_kernel(make_kernelspec, config, env={"PYTHONPATH": str(site)}) as (
+        km,
+        kc,
+    ):
+        out, _ = await execute(kc, "import sys; print(sys.version_info[:2])")
+        assert out.strip() == "(3, 6)"
+        info = await km.provisioner.get_provisioner_info()
+        assert all(isinstance(e, str) for e in info["endpoints"].values())  # ipc
+        assert isinstance(info["handshake"]["relay"], int)  # reached with a stdio forward
+        await interrupt_a_running_cell(km, kc)
+        await km.restart_kernel()
+        await kc.wait_for_ready(timeout=60)
+        out, _ = await execute(kc, "print('restarted')")
+        assert out.strip() == "restarted"
+    assert logins(daemon) == 1
