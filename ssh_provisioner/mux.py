@@ -59,6 +59,10 @@ ALIVE_CHECK_TIMEOUT = 2.0
 SESSION_SLOT_WAIT = 60.0
 EXIT_STATUS_WAIT = 2.0
 CHANNEL_CLOSE_WAIT = 30.0  # under load too: a session counts as ours until then
+# sshd frees a closed channel's session only after it has handled every packet it read
+# with the close: a session asked for just after one of ours ended can still be refused.
+SESSION_RELEASE_LAG = 1.0
+SESSION_RETRY_PAUSE = 0.05
 
 
 class MasterNotOurs(ConnectionError):
@@ -425,6 +429,7 @@ class MuxLink(SSHLink):
         self._spares: set[MuxProcess] = set()
         self._streams: set[_MuxStream] = set()
         self._session_freed = asyncio.Event()  # replaced each time one is set
+        self._last_session_end = -SESSION_RELEASE_LAG
         self._held_controls: list[_Control] = []  # of open_socket's sockets
         self._watch = asyncio.get_running_loop().create_task(self._watch_master())
 
@@ -527,6 +532,9 @@ class MuxLink(SSHLink):
                         "%s: at the server's MaxSessions; a spare yields its session", self.path
                     )
                     self._spares.pop().close()
+                elif loop.time() - self._last_session_end < SESSION_RELEASE_LAG:
+                    await asyncio.sleep(SESSION_RETRY_PAUSE)  # ours ended; sshd frees it next
+                    continue
                 elif not self._sessions:
                     raise  # the sessions are someone else's: nothing of ours will free one
                 log.debug("%s: at the server's MaxSessions; waiting for a session", self.path)
@@ -579,6 +587,7 @@ class MuxLink(SSHLink):
         self._spares.discard(process)
         if process in self._sessions:
             self._sessions.discard(process)
+            self._last_session_end = asyncio.get_running_loop().time()
             freed, self._session_freed = self._session_freed, asyncio.Event()
             freed.set()
 
