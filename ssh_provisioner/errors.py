@@ -82,6 +82,15 @@ class LaunchTimeout(LaunchError, TimeoutError):
     """The kernel did not report ready within ``launch_timeout``."""
 
 
+class SlurmError(SSHProvisionerError):
+    """Slurm refused or lost a kernel's job (sbatch failed, the queue wait passed
+    ``queue_timeout``); the message names the login node, the job and Slurm's words."""
+
+    def __init__(self, message: str, *, host: str | None = None, job_id: str | None = None):
+        super().__init__(message, host=host)
+        self.job_id = job_id
+
+
 class TunnelError(SSHProvisionerError):
     """A local forward to the kernel's endpoints could not be opened."""
 

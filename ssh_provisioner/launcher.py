@@ -245,6 +245,7 @@ class Supervisor:
         self.control_path = ""
         self.kernel_groups = set()  # type: Set[int]
         self.stream_relay = None  # type: Optional[Relay]
+        self.orphaned = False
 
     # -- setup -------------------------------------------------------------------
 
@@ -463,6 +464,7 @@ class Supervisor:
             }
             self.stream_relay = Relay(self.spec, self.transport, endpoints, self.runtime_dir)
             self.ready_event["relay"] = self.stream_relay.address
+            self.ready_event["relay_host"] = self.stream_relay.host
             self.listen_for_reattach()
             self.stream_relay.control_path = self.control_path
             return dict(self.ready_event, control=self.control_path)
@@ -539,7 +541,8 @@ class Supervisor:
         threading.Thread(
             target=self.read_client, args=(reader, self.generation), daemon=True
         ).start()
-        self.release_session()
+        release, self.release_session = self.release_session, do_nothing
+        release()
 
     def wait_kernel(self) -> None:
         assert self.process is not None
@@ -567,6 +570,7 @@ class Supervisor:
                     log("no word from the client for %gs; counting it as gone" % clock.liveness)
                 elif action == OrphanClock.TERMINATE:
                     log("no client for %gs; terminating the kernel" % clock.orphan)
+                    self.orphaned = True
                     killpg(self.pgid, signal.SIGTERM)
                 elif action == OrphanClock.KILL:
                     killpg(self.pgid, signal.SIGKILL)
@@ -855,6 +859,17 @@ def parent_of(frames: List[bytes]) -> bytes:
         return b"{}"
 
 
+def execution_state(frames: List[bytes]) -> Optional[str]:
+    """ "busy" or "idle" for a status message, else None."""
+    if message_type(frames) != "status":
+        return None
+    try:
+        content = json.loads(frames[frames.index(b"<IDS|MSG>") + 5].decode("utf-8"))
+        return str(content["execution_state"])
+    except (ValueError, IndexError, KeyError, TypeError):
+        return None
+
+
 def stream_notice(connection: Dict[str, Any], parent: bytes, text: str) -> bytes:
     """A signed ``stream`` message (stderr) for IOPub, in ZMTP frames: what the user
     sees in the cell whose output was dropped."""
@@ -908,6 +923,10 @@ class RelayStream:
         self.dropping = False  # within a message being dropped
         self.dropped_messages = self.dropped_bytes = 0
         self.parent = b"{}"
+        self.last_parent = b"{}"  # of the last message kept
+        self.busy = False  # the kernel's last status on this stream
+        self.notices = []  # type: List[str]  # for the next gap between messages
+        self.notice_for_next_cell = ""  # shown while idle: shown again in the next cell
 
     @property
     def to_frame(self) -> bool:
@@ -971,6 +990,10 @@ class Relay:
         self.selector = selectors.DefaultSelector()
         self.read_event, self.write_event = selectors.EVENT_READ, selectors.EVENT_WRITE
         self.control_path = ""  # the launcher's, for LAUNCHER_CHANNEL
+        self.host = ""  # the relay's TCP address, when it listens on TCP
+        notice = spec.get("walltime_notice") or {}
+        self.notice_text = str(notice.get("text") or "")
+        self.notice_at = time.monotonic() + float(notice.get("after") or 0) if notice else None
         # A client through an OpenSSH master before 9.4 has no way to a Unix socket.
         if (spec.get("relay_transport") or transport) == "ipc":
             self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -982,8 +1005,15 @@ class Relay:
                 os.umask(old_umask)
             self.address = path  # type: Any
         else:
-            self.server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            self.server.bind(("127.0.0.1", 0))
+            # On a Slurm compute node the login node reaches the relay over the cluster
+            # network ("relay_bind"): the relay admits no one who cannot prove the token.
+            bind = str(spec.get("relay_bind") or "127.0.0.1")
+            family, _, _, _, sockaddr = socket.getaddrinfo(
+                bind, 0, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICSERV
+            )[0]
+            self.server = socket.socket(family, socket.SOCK_STREAM)
+            self.server.bind(sockaddr)
+            self.host = self.server.getsockname()[0]
             self.address = self.server.getsockname()[1]
         self.server.listen(64)
         self.server.setblocking(False)
@@ -1063,6 +1093,12 @@ class Relay:
         self.watch(sock, link, True, False)
 
     def expire(self, now: float) -> None:
+        if self.notice_at is not None and now >= self.notice_at:
+            self.notice_at = None
+            log(self.notice_text.strip())
+            for stream in self.streams.values():
+                if stream.cutter is not None:
+                    self.queue_notice(stream, self.notice_text)
         for link in list(self.links):
             if link.phase != "open" and now - link.since > HANDSHAKE_TIMEOUT:
                 self.drop_link(link)
@@ -1332,7 +1368,33 @@ class Relay:
                 continue
             stream.unacked += segment
             if ends:
+                self.message_kept(stream, cutter.frames)
                 self.notice_dropped(stream)
+
+    def message_kept(self, stream: RelayStream, frames: List[bytes]) -> None:
+        """Follow the parent and the busy/idle status, and add waiting notices."""
+        stream.last_parent = parent_of(frames)
+        state = execution_state(frames)
+        if state is not None:
+            stream.busy = state == "busy"
+            if stream.busy and stream.notice_for_next_cell:
+                stream.notices.append(stream.notice_for_next_cell)
+                stream.notice_for_next_cell = ""
+        for text in stream.notices:
+            stream.unacked += stream_notice(self.connection, stream.last_parent, text)
+        stream.notices = []
+
+    def queue_notice(self, stream: RelayStream, text: str) -> None:
+        """``text`` in the output of the cell running now (if none, of the last one, and
+        again in the next one: a client shows output only for a cell it runs)."""
+        if not stream.busy:
+            stream.notice_for_next_cell = text
+        cutter = stream.cutter
+        if cutter is not None and cutter.between_messages and not stream.deciding:
+            stream.unacked += stream_notice(self.connection, stream.last_parent, text)
+            self.flush(stream)
+        else:
+            stream.notices.append(text)
 
     def notice_dropped(self, stream: RelayStream) -> None:
         """Once there is room again, between two messages: tell the client's user."""
@@ -1485,6 +1547,27 @@ def detach() -> Callable[[], None]:
     return release
 
 
+def release_in_place() -> None:
+    """Let go of the channel this launcher was started over, and stay: a Slurm step
+    ends when its task does.  The login node's wrapper ends ``srun`` on the marker, so
+    the SSH session ends too; the step lives on without it."""
+    with contextlib.suppress(OSError):
+        os.write(1, b'{"event": "released"}\n')
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+
+
+def cancel_own_job() -> None:
+    """The kernel was an orphan: give its Slurm allocation back too."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if job:
+        log("orphaned: cancelling Slurm job %s" % job)
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            subprocess.call(["scancel", job], timeout=30)  # noqa: S607 (the job's PATH)
+
+
 def read_spec_line(wait: Optional[float]) -> str:
     """The spec, or "" if none came within ``wait`` seconds (a spare nobody used) or
     stdin closed.  A thread reads it: stdin may already hold it in its buffer."""
@@ -1504,7 +1587,9 @@ def main() -> int:
     if "attach" in spec:
         return attach(spec["attach"])
     supervisor = Supervisor(spec)
-    if spec.get("detach"):
+    if spec.get("detach") == "in_place":
+        supervisor.release_session = release_in_place
+    elif spec.get("detach"):
         supervisor.release_session = detach()
     # Interrupts sent to the launcher (an SSH `signal` request, for instance) go to the
     # kernel; Python resets handled signals to SIG_DFL in the child, which is exactly
@@ -1535,6 +1620,8 @@ def main() -> int:
         emit({"event": "exit", "status": status})
     finally:
         supervisor.cleanup()
+        if supervisor.orphaned and spec.get("cancel_job_when_orphaned"):
+            cancel_own_job()
     return status if status >= 0 else 128 - status
 
 

@@ -49,6 +49,7 @@ from .policies import HostPolicy, Placement, load_policy
 from .pool import Lease, check_connect_options
 from .remote import Handshake, run_probe
 from .session import KernelSession, SessionSettings
+from .slurm import SlurmJob, SlurmSettings
 from .sshconfig import ALLOW_UNCHECKED
 from .tunnels import KernelPorts
 
@@ -137,6 +138,16 @@ class SSHProvisioner(KernelProvisionerBase):
         "HOST`, typing the second factor once), found at the host's ControlPath as `ssh -G` "
         "reports it: 'auto' uses it when one runs, 'always' never logs in itself (no master "
         "is an error naming the command to open one), 'never' always connects itself.",
+    )
+    slurm = Dict(
+        config=True,
+        help="Run each kernel as a Slurm job: 'hosts' are then the cluster's login nodes. "
+        "Keys: partition, gpus, cpus_per_task, mem, time, account, qos, constraint, "
+        "reservation, job_name ('jupyter-{kernel_id}'), extra_directives (sbatch options), "
+        "prologue (shell lines run before the kernel, on the compute node), queue_timeout "
+        "(seconds a job may wait in the queue; 0 = no limit), warn_before_walltime "
+        "(seconds; 300), poll_interval (seconds between job-state checks; 5). A restart is "
+        "a new step in the same job; shutdown cancels it.",
     )
     connect_options = Dict(
         config=True,
@@ -251,6 +262,7 @@ class SSHProvisioner(KernelProvisionerBase):
             for entry in self._entries:
                 parse_rules(entry.override("kbdint", []))
                 mode_of({USE_CONTROL_MASTER: entry.override("use_control_master", None)})
+            self._slurm = SlurmSettings.parse(self.slurm) if self.slurm else None
             check_connect_options(self.connect_options, allow_unchecked=allow)
             for entry in self._entries:
                 check_connect_options(entry.override("connect_options", {}), allow_unchecked=allow)
@@ -265,6 +277,7 @@ class SSHProvisioner(KernelProvisionerBase):
         self._ports: KernelPorts | None = None  # bound at the first start, kept until cleanup
         self._standalone_key: bytes | None = None
         self._curve: CurveKeys | None = None
+        self._job: SlurmJob | None = None  # a Slurm kernel's job, kept across restarts
 
     def _with_defaults(self, entry: HostEntry) -> HostEntry:
         if entry.max_kernels is None and self.max_kernels > 0:
@@ -418,11 +431,13 @@ class SSHProvisioner(KernelProvisionerBase):
             if placement is None:
                 break
             entry = placement.entry
-            session = KernelSession(self._settings(entry), get_engine().pool, ports)
+            session = KernelSession(self._settings(entry), get_engine().pool, ports, self._job)
             started = time.perf_counter()
             try:
                 await session.start(self._launch_spec(plan, cmd, placement, connection))
+                self._job = session.job
             except SSHConnectError as exc:
+                self._job = session.job
                 state.release(entry)
                 state.mark_unhealthy(entry, str(exc), self.host_cooldown)
                 failures.append((entry.name, exc))
@@ -430,6 +445,7 @@ class SSHProvisioner(KernelProvisionerBase):
                 request.prefer = None
                 continue
             except BaseException:
+                self._job = session.job
                 state.release(entry)
                 raise
             if previous is not None and previous.name != entry.name:
@@ -527,13 +543,19 @@ class SSHProvisioner(KernelProvisionerBase):
         ports = None
         if not restart:
             ports, self._ports = self._ports, None
-        if session is None and reserved is None and ports is None:
+        if session is None and reserved is None and ports is None and (restart or not self._job):
             return
+
+        job = None if restart else self._job
+        if job is not None:
+            self._job = None
 
         async def close() -> None:
             try:
                 if session is not None:
                     await session.aclose()
+                    if job is not None:
+                        await session.cancel_job()
             finally:
                 if reserved is not None:
                     get_engine().placement.release(reserved)
@@ -574,6 +596,8 @@ class SSHProvisioner(KernelProvisionerBase):
         if session is not None:
             info["attach_token"] = session.attach_token
             info["local_ports"] = dict(session.local_ports)
+        if self._job is not None:
+            info["slurm_job_id"] = self._job.job_id
         return info
 
     async def load_provisioner_info(self, provisioner_info: dict[str, Any]) -> None:
@@ -596,11 +620,16 @@ class SSHProvisioner(KernelProvisionerBase):
         handshake = Handshake.from_event(provisioner_info["handshake"])
         token = str(provisioner_info.get("attach_token") or "")
         saved_ports = provisioner_info.get("local_ports") or None
+        job_id = provisioner_info.get("slurm_job_id")
+        if job_id and self._slurm is not None:
+            self._job = SlurmJob(
+                str(job_id), self._slurm, kernel_id=str(self.kernel_id), login=entry.name
+            )
 
         async def attach() -> KernelSession:
             ports = await KernelPorts.open(saved_ports)
             try:
-                session = KernelSession(self._settings(entry), get_engine().pool, ports)
+                session = KernelSession(self._settings(entry), get_engine().pool, ports, self._job)
                 await session.attach(handshake, token)
             except BaseException:
                 await asyncio.shield(ports.aclose())
@@ -656,7 +685,8 @@ class SSHProvisioner(KernelProvisionerBase):
             reconnect_timeout=self.reconnect_timeout,
             idle_timeout=self.pool_idle_timeout,
             ping_interval=self._liveness(entry)[0],
-            prewarm=self.prewarm_launcher,
+            prewarm=self.prewarm_launcher and self._slurm is None,  # spares: login node's
+            slurm=self._slurm,
         )
 
     def _connect_options(self, entry: HostEntry) -> dict[str, Any]:

@@ -69,6 +69,7 @@ class Handshake:
     hostname: str
     control: str = ""  # the launcher's reattach socket
     relay: int | str = ""  # the launcher's relay: a port on the host's loopback, or a path
+    relay_host: str = LOOPBACK  # where the relay's port listens (a Slurm node's address)
 
     @classmethod
     def from_event(cls, event: dict[str, Any]) -> Handshake:
@@ -87,6 +88,7 @@ class Handshake:
             hostname=str(event["hostname"]),
             control=str(event.get("control") or ""),
             relay=relay if isinstance(relay := event.get("relay") or "", str) else int(relay),
+            relay_host=str(event.get("relay_host") or LOOPBACK),
         )
 
 
@@ -220,14 +222,16 @@ async def _open_control_channel(
     kernel_id: str,
     timeout: float,
     nonce: str,
+    via_relay: bool,
 ) -> tuple[RemoteProcess, _LineReader]:
     """A channel to the launcher's control socket, its hello (``nonce``) sent.
 
     Over a link that holds sessions, a session running the launcher in attach mode
     relays it.  Otherwise (an OpenSSH master: its sessions count against the server's
     MaxSessions) a stream to the launcher's relay does, after the relay has proved
-    that it knows the token, and this side too."""
-    if connection.holds_sessions:
+    that it knows the token, and this side too.  So does a kernel the login node cannot
+    reach but through its relay (``via_relay``: a Slurm compute node)."""
+    if connection.holds_sessions and not via_relay:
         try:
             process = await start_launcher(connection, python)
         except (asyncssh.Error, OSError) as exc:
@@ -243,7 +247,9 @@ async def _open_control_channel(
             host=str(host),
         )
     try:
-        stream = await connection.open_tcp(_SupervisionStream, LOOPBACK, handshake.relay)
+        stream = await connection.open_tcp(
+            _SupervisionStream, handshake.relay_host, handshake.relay
+        )
     except (asyncssh.Error, OSError) as exc:
         raise SSHConnectError(
             f"SSH to {host}: cannot reach the launcher of kernel {kernel_id} through "
@@ -293,6 +299,7 @@ async def _attach_channel(
     token: str,
     kernel_id: str,
     timeout: float,
+    via_relay: bool = False,
 ) -> tuple[RemoteProcess, _LineReader]:
     """A new channel relayed to the launcher's control socket, past its "attached" event.
 
@@ -304,7 +311,7 @@ async def _attach_channel(
         raise KernelGone(f"kernel {kernel_id} on {host} cannot be reattached", host=str(host))
     nonce = secrets.token_hex(16)
     process, reader = await _open_control_channel(
-        connection, host, python, handshake, token, kernel_id, timeout, nonce
+        connection, host, python, handshake, token, kernel_id, timeout, nonce, via_relay
     )
 
     async def next_event() -> dict[str, Any]:
@@ -390,8 +397,11 @@ class RemoteKernel:
         connection: SSHLink,
         process: RemoteProcess,
         kernel_id: str,
+        *,
+        via_relay: bool = False,
     ) -> None:
         self.host = host
+        self.via_relay = via_relay
         self.connection = connection
         self.kernel_id = kernel_id
         self._process = process
@@ -404,6 +414,9 @@ class RemoteKernel:
         self.handshake: Handshake | None = None
         # Called when the connection is lost; True once it has reattached (see resume).
         self.reconnect: Callable[[RemoteKernel], Awaitable[bool]] | None = None
+        # Called when the launcher's channel ends without an exit status while the
+        # connection lives: the kernel's status, once it says why (a Slurm job's end).
+        self.explain_end: Callable[[], Awaitable[int]] | None = None
 
     # -- start -----------------------------------------------------------------------
 
@@ -418,20 +431,30 @@ class RemoteKernel:
         kernel_id: str,
         timeout: float,
         spare: RemoteProcess | None = None,
+        command: str | None = None,
     ) -> RemoteKernel:
         """Exec the launcher (or use a ``spare`` one), send it the spec, await its handshake.
 
         Over a link whose sessions are scarce (an OpenSSH master) the launcher detaches
-        from its session, which ends once the kernel is supervised over its relay."""
-        if not connection.unix_forwarding:
+        from its session, which ends once the kernel is supervised over its relay.
+        ``command`` runs the launcher some other way (in a Slurm step, from the login
+        node): the launcher then stays in place, supervised over its relay."""
+        via_relay = command is not None
+        if not connection.unix_forwarding or via_relay:
             spec = {**spec, "relay_transport": "tcp"}
-        if not connection.holds_sessions:
+        if via_relay:
+            spec = {**spec, "detach": "in_place"}
+        elif not connection.holds_sessions:
             spec = {**spec, "detach": True}
         try:
-            process = spare or await start_launcher(connection, python)
+            if command is not None:
+                process = await connection.start_process(command)
+                process.stdin.write(json.dumps(launcher_source()).encode() + b"\n")
+            else:
+                process = spare or await start_launcher(connection, python)
         except (asyncssh.Error, OSError) as exc:
             raise session_open_error(str(host), "the launcher", exc) from exc
-        kernel = cls(host, connection, process, kernel_id)
+        kernel = cls(host, connection, process, kernel_id, via_relay=via_relay)
         kernel._attach_token = spec.get("attach_token")
         kernel._stderr_task = asyncio.create_task(kernel._pump_stderr())
         kernel._tasks.append(kernel._stderr_task)
@@ -459,7 +482,7 @@ class RemoteKernel:
             await kernel.abort()
             raise
         kernel.handshake = event
-        if not connection.holds_sessions:
+        if not connection.holds_sessions or via_relay:
             await kernel._leave_session(python, timeout)
         kernel._tasks.append(asyncio.create_task(kernel._pump_events()))
         return kernel
@@ -476,6 +499,7 @@ class RemoteKernel:
                 self._attach_token or "",
                 self.kernel_id,
                 timeout,
+                self.via_relay,
             )
         except BaseException:
             await self.aclose()  # over the session: the kernel must not outlive this
@@ -540,12 +564,13 @@ class RemoteKernel:
         token: str,
         kernel_id: str,
         timeout: float,
+        via_relay: bool = False,
     ) -> RemoteKernel:
         """A kernel started by another process (or before a restart of this one)."""
         process, reader = await _attach_channel(
-            connection, host, python, handshake, token, kernel_id, timeout
+            connection, host, python, handshake, token, kernel_id, timeout, via_relay
         )
-        kernel = cls(host, connection, process, kernel_id)
+        kernel = cls(host, connection, process, kernel_id, via_relay=via_relay)
         kernel._stdout = reader
         kernel._attach_token = token
         kernel.handshake = handshake
@@ -562,6 +587,15 @@ class RemoteKernel:
             # A bug here must not leave poll() saying "alive" forever.
             log.exception("kernel %s on %s: lost track of the launcher", self.kernel_id, self.host)
             self._set_exit(CONNECTION_LOST_STATUS)
+
+    async def ended_elsewhere(self, status: int) -> None:
+        """The kernel ended without its launcher's word (its Slurm job ended): stop
+        following it, and report ``status``."""
+        self._set_exit(status)
+        self._process.close()
+        for task in self._tasks:
+            if task is not asyncio.current_task():
+                task.cancel()
 
     def _set_exit(self, status: int) -> None:
         if not self._exit.done():
@@ -580,6 +614,8 @@ class RemoteKernel:
             lost = status is None and not await self.connection.check_alive()
             if lost and self.reconnect is not None and await self.reconnect(self):
                 continue  # reattached: read the launcher's events on the new channel
+            if status is None and not lost and self.explain_end is not None:
+                status = await self.explain_end()
             break
         if status is None:
             log.warning(
@@ -616,7 +652,14 @@ class RemoteKernel:
                 host=str(self.host),
             )
         process, reader = await _attach_channel(
-            connection, self.host, python, self.ready, self._attach_token, self.kernel_id, timeout
+            connection,
+            self.host,
+            python,
+            self.ready,
+            self._attach_token,
+            self.kernel_id,
+            timeout,
+            self.via_relay,
         )
         self.connection, self._process, self._stdout = connection, process, reader
         self._tasks.append(asyncio.create_task(self._pump_stderr()))
@@ -730,6 +773,14 @@ class RemoteKernel:
         await self._kill_over_exec(signum)
 
     async def _kill_over_exec(self, signum: int) -> None:
+        if self.via_relay:  # its host is not the one we have a shell on
+            raise RemoteCommandError(
+                f"on {self.host}: cannot signal kernel {self.kernel_id}: its launcher's "
+                f"channel is closed",
+                host=str(self.host),
+                argv=[],
+                exit_status=None,
+            )
         argv = ["kill", "-s", signal.Signals(signum).name.removeprefix("SIG"), "--"]
         argv.append(f"-{self.ready.pgid}")
         try:

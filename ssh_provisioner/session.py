@@ -28,7 +28,8 @@ import asyncssh
 from .errors import HostKeyError, KernelUnreachable, SSHConnectError
 from .hosts import Host
 from .pool import ConnectionPool, Lease
-from .remote import Handshake, KernelGone, RemoteKernel, start_launcher
+from .remote import SPARE_WAIT, Handshake, KernelGone, RemoteKernel, start_launcher
+from .slurm import JOB_ENDED_STATUS, JobInfo, SlurmJob, SlurmSettings
 from .tunnels import KernelPorts, Target
 
 log = logging.getLogger(__name__)
@@ -62,11 +63,22 @@ class SessionSettings:
     idle_timeout: float
     ping_interval: float
     prewarm: bool
+    slurm: SlurmSettings | None = None  # the kernel runs as a Slurm job, via this login node
 
 
 class KernelSession:
-    def __init__(self, settings: SessionSettings, pool: ConnectionPool, ports: KernelPorts) -> None:
+    def __init__(
+        self,
+        settings: SessionSettings,
+        pool: ConnectionPool,
+        ports: KernelPorts,
+        job: SlurmJob | None = None,
+    ) -> None:
         self.settings = settings
+        # A Slurm kernel's job: given by the provisioner for a restart (a new step in the
+        # same allocation), else submitted by start().  The provisioner cancels it.
+        self.job = job
+        self._job_watch: asyncio.Task[None] | None = None
         self._pool = pool
         self._ports = ports
         self.state = State.STARTING
@@ -91,6 +103,8 @@ class KernelSession:
         settings = self.settings
 
         async def launch(lease: Lease) -> RemoteKernel:
+            if settings.slurm is not None:
+                return await self._launch_step(lease, spec, settings.slurm)
             spare = lease.take_spare(settings.python) if settings.prewarm else None
             return await RemoteKernel.start(
                 lease.connection,
@@ -109,6 +123,51 @@ class KernelSession:
                 python, lambda connection: start_launcher(connection, python, spare=True)
             )
         self._running(lease, kernel)
+
+    async def _launch_step(
+        self, lease: Lease, spec: dict[str, Any], slurm: SlurmSettings
+    ) -> RemoteKernel:
+        """The kernel in a new step of its Slurm job, submitted first if there is none
+        (or the last one has ended).  The time in the queue is not launch_timeout's."""
+        settings = self.settings
+        link = lease.connection
+        job = self.job
+        if job is not None and (job.cancelled or (await job.query(link)).ended):
+            log.warning(
+                "kernel %s: its Slurm job %s has ended (%s); submitting a new job",
+                settings.kernel_id, job.job_id, job.last.describe(),
+            )  # fmt: skip
+            job = None
+        submitted = job is None
+        if job is None:
+            job = self.job = await SlurmJob.submit(
+                link, slurm, kernel_id=settings.kernel_id, login=settings.host_name
+            )
+        try:
+            info = await job.wait_running(link, timeout=slurm.queue_timeout)
+            node = info.nodes.split(",")[0]
+            step_spec = {
+                **spec,
+                "relay_bind": await job.address_of(link, node),
+                "cancel_job_when_orphaned": True,
+            }
+            notice = job.walltime_notice(info.time_left)
+            if notice is not None:
+                step_spec["walltime_notice"] = notice
+            return await RemoteKernel.start(
+                link,
+                settings.host,
+                python=settings.python,
+                spec=step_spec,
+                kernel_id=settings.kernel_id,
+                timeout=settings.launch_timeout,
+                command=slurm.step_command(job.job_id, settings.python, SPARE_WAIT),
+            )
+        except BaseException:
+            if submitted:  # a job of this start only: nothing of it may remain
+                await asyncio.shield(job.cancel(link))
+                self.job = None
+            raise
 
     async def attach(self, handshake: Handshake, token: str) -> None:
         """Take over a kernel that another process (or an earlier server) started."""
@@ -132,6 +191,7 @@ class KernelSession:
             token=token,
             kernel_id=settings.kernel_id,
             timeout=timeout,
+            via_relay=settings.slurm is not None,
         )
 
     async def _use(
@@ -162,6 +222,82 @@ class KernelSession:
         if self.settings.reconnect_timeout > 0:
             kernel.reconnect = self._reconnect
         kernel.keep_alive(self.settings.ping_interval)
+        if self.job is not None and self.settings.slurm is not None:
+            kernel.explain_end = self._explain_end
+            self._job_watch = asyncio.create_task(
+                self._watch_job(kernel, self.job, self.settings.slurm.poll_interval)
+            )
+
+    # -- a Slurm kernel's job ------------------------------------------------------------
+
+    async def _query_job(self, job: SlurmJob) -> JobInfo:
+        async def query(lease: Lease) -> JobInfo:
+            return await job.query(lease.connection)
+
+        try:
+            _, info = await self._use(query)
+        except SSHConnectError as exc:
+            return JobInfo("UNKNOWN", detail=str(exc))
+        return info
+
+    async def _watch_job(self, kernel: RemoteKernel, job: SlurmJob, interval: float) -> None:
+        """Every ``interval`` seconds: has the job ended (walltime, preemption, node
+        failure, scancel from outside)?  Then the kernel is dead, and the log says why.
+        A Slurm that does not answer is asked again; the kernel is kept."""
+        while True:
+            try:
+                await asyncio.wait_for(kernel.wait(), interval)
+                return
+            except TimeoutError:
+                pass
+            if self.state is not State.RUNNING:
+                continue  # reconnecting: _reconnect asks Slurm when it cannot reattach
+            info = await self._query_job(job)
+            if info.ended:
+                self._log_job_end(job, info)
+                await kernel.ended_elsewhere(JOB_ENDED_STATUS)
+                return
+
+    def _log_job_end(self, job: SlurmJob, info: JobInfo) -> None:
+        log.warning(
+            "kernel %s on %s: its Slurm job %s has ended: %s; the kernel is dead",
+            self.settings.kernel_id, self.settings.host_name, job.job_id, info.describe(),
+        )  # fmt: skip
+
+    async def _explain_end(self) -> int:
+        """The launcher's relay closed with the login node's connection alive: the
+        step, or the whole job, has ended.  Slurm says which."""
+        job = self.job
+        if job is None:
+            return JOB_ENDED_STATUS
+        info = await self._query_job(job)
+        if info.ended:
+            self._log_job_end(job, info)
+        else:
+            log.warning(
+                "kernel %s on %s: its launcher (a step of Slurm job %s, which is %s) ended "
+                "without a word; the kernel is dead",
+                self.settings.kernel_id, self.settings.host_name, job.job_id, info.describe(),
+            )  # fmt: skip
+        return JOB_ENDED_STATUS
+
+    async def cancel_job(self) -> None:
+        """scancel the kernel's job (shutdown, not restart)."""
+        job, self.job = self.job, None
+        if job is None or job.cancelled:
+            return
+
+        async def cancel(lease: Lease) -> None:
+            await job.cancel(lease.connection)
+
+        try:
+            await self._use(cancel)
+        except SSHConnectError as exc:
+            log.warning(
+                "kernel %s: cannot reach %s to cancel Slurm job %s (%s); its launcher "
+                "cancels it once orphan_timeout has passed",
+                self.settings.kernel_id, self.settings.host_name, job.job_id, exc,
+            )  # fmt: skip
 
     def _target(self, lease: Lease, kernel: RemoteKernel) -> Target:
         ready = kernel.ready
@@ -171,6 +307,7 @@ class KernelSession:
             token=kernel.attach_token or "",
             launcher=f"{ready.launcher_pid}:{ready.runtime_dir}",
             label=f"kernel {self.settings.kernel_id} on {self.settings.host_name}",
+            relay_host=ready.relay_host,
         )
 
     # -- RUNNING -> UNREACHABLE -> REATTACHING -> RUNNING | ABANDONED -------------------
@@ -210,6 +347,11 @@ class KernelSession:
                 break
             except SSHConnectError as exc:
                 log.info("kernel %s: still unreachable: %s", settings.kernel_id, exc)
+                if self.job is not None:
+                    info = await self._query_job(self.job)
+                    if info.ended:
+                        self._log_job_end(self.job, info)
+                        break
             else:
                 if self.state is not State.REATTACHING:  # closed or abandoned meanwhile
                     lease.release()
@@ -297,6 +439,8 @@ class KernelSession:
     async def _close(self) -> None:
         reachable = self.state is State.RUNNING
         self.state = State.CLOSED
+        if self._job_watch is not None:
+            self._job_watch.cancel()
         kernel = self._kernel
         try:
             if kernel is not None:

@@ -65,6 +65,7 @@ class Target:
     token: str
     launcher: str
     label: str
+    relay_host: str = LOCAL_ADDRESS  # where the relay's TCP port listens, as the host sees it
 
 
 class FirstMessageWatch:
@@ -236,7 +237,7 @@ class _Link(asyncio.Protocol):
                 side = await target.connection.open_unix(lambda: _ChannelSide(self), target.relay)
             else:
                 side = await target.connection.open_tcp(
-                    lambda: _ChannelSide(self), LOCAL_ADDRESS, target.relay
+                    lambda: _ChannelSide(self), target.relay_host, target.relay
                 )
         except (asyncssh.Error, OSError) as exc:
             log.debug("%s: cannot reach the relay of %s: %s", self.channel, target.label, exc)
