@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 RECONNECT_BACKOFF_MAX = 2.0  # a link that comes back carries the kernel again at once
+COMPLETING_WAIT = 15.0  # for a Slurm job's final state, to name why it ended
 
 
 class State(enum.Enum):
@@ -254,11 +255,18 @@ class KernelSession:
                 continue  # reconnecting: _reconnect asks Slurm when it cannot reattach
             info = await self._query_job(job)
             if info.ended:
-                self._log_job_end(job, info)
                 await kernel.ended_elsewhere(JOB_ENDED_STATUS)
+                await self._log_job_end(job, info)
                 return
 
-    def _log_job_end(self, job: SlurmJob, info: JobInfo) -> None:
+    async def _log_job_end(self, job: SlurmJob, info: JobInfo) -> None:
+        """Why the job ended.  A job being cancelled or timed out is COMPLETING for a
+        while (its steps are killed): its final state says why, so wait for that."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + COMPLETING_WAIT
+        while info.state in ("COMPLETING", "UNKNOWN") and loop.time() < deadline:
+            await asyncio.sleep(0.5)
+            info = await self._query_job(job)
         log.warning(
             "kernel %s on %s: its Slurm job %s has ended: %s; the kernel is dead",
             self.settings.kernel_id, self.settings.host_name, job.job_id, info.describe(),
@@ -272,7 +280,7 @@ class KernelSession:
             return JOB_ENDED_STATUS
         info = await self._query_job(job)
         if info.ended:
-            self._log_job_end(job, info)
+            await self._log_job_end(job, info)
         else:
             log.warning(
                 "kernel %s on %s: its launcher (a step of Slurm job %s, which is %s) ended "
@@ -350,7 +358,7 @@ class KernelSession:
                 if self.job is not None:
                     info = await self._query_job(self.job)
                     if info.ended:
-                        self._log_job_end(self.job, info)
+                        await self._log_job_end(self.job, info)
                         break
             else:
                 if self.state is not State.REATTACHING:  # closed or abandoned meanwhile

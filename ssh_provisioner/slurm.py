@@ -156,7 +156,8 @@ class SlurmSettings:
             f'{shlex.join(srun)} <&3 >"$d/o" 2>"$d/e" & s=$!; exec 3<&-; '
             'cat "$d/e" >&2 & '
             'while IFS= read -r line; do case "$line" in '
-            f'{shlex.quote(RELEASED)}) pkill -KILL -P $s; kill -KILL $s; rm -rf "$d"; exit 0;; esac; '
+            f"{shlex.quote(RELEASED)}) "
+            'pkill -KILL -P $s; kill -KILL $s; rm -rf "$d"; exit 0;; esac; '
             'printf \'%s\\n\' "$line"; done <"$d/o"; '
             'wait $s; status=$?; rm -rf "$d"; exit $status'
         )
@@ -404,6 +405,8 @@ class SlurmJob:
 
     async def cancel(self, link: SSHLink) -> None:
         """scancel, then until the job has left the queue (bounded)."""
+        if self.last.ended:
+            return  # ended already (scancel from outside, walltime)
         self.cancelled = True
         try:
             result = await run_command(link, ["scancel", self.job_id])

@@ -87,6 +87,17 @@ class ComputeNode:
         own = self.slurmd.pid if self.slurmd is not None else -1
         return [pid for pid in pids_in_netns(self.namespace) if pid != own]
 
+    def wait_until_clean(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while left := self.processes():
+            if time.monotonic() > deadline:
+                lines = []
+                for pid in left:
+                    with contextlib.suppress(OSError):
+                        lines.append(f"{pid}: {Path(f'/proc/{pid}/cmdline').read_bytes()!r}")
+                raise AssertionError(f"left on {self.name}: {lines}")
+            time.sleep(0.1)
+
 
 @dataclass
 class SlurmCluster:
@@ -116,7 +127,9 @@ class SlurmCluster:
         rows = []
         for line in result.stdout.splitlines():
             job_id, state, reason, nodes, name = line.split("|", 4)
-            rows.append({"id": job_id, "state": state, "reason": reason, "nodes": nodes, "name": name})
+            rows.append(
+                {"id": job_id, "state": state, "reason": reason, "nodes": nodes, "name": name}
+            )
         return rows
 
     def job_field(self, job_id: str, name: str) -> str:
@@ -168,10 +181,10 @@ class SlurmCluster:
         _wait(lambda: self.command("scontrol", "ping").returncode == 0, 30, "slurmctld")
 
 
-def _spawn(argv: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+def _spawn(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
     with open(log, "ab") as out:
         return subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env
+            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
         )
 
 
@@ -244,8 +257,7 @@ def _write_conf(cluster: SlurmCluster, ports: tuple[int, int], munge_socket: Pat
         device.symlink_to(target)
         devices.append(str(device))
     (directory / "gres.conf").write_text(
-        f"NodeName={','.join(n.name for n in cluster.nodes)} Name=gpu "
-        f"File={','.join(devices)}\n"
+        f"NodeName={','.join(n.name for n in cluster.nodes)} Name=gpu File={','.join(devices)}\n"
     )
 
 
@@ -274,7 +286,7 @@ def running_cluster(directory: Path, authorized_keys: str) -> Iterator[SlurmClus
         _ip("addr", "add", f"{cluster.controller_address}/24", "dev", bridge)
         _ip("link", "set", bridge, "up")
         addresses = [node.address for node in cluster.nodes] + [f"{net}.5"]
-        for index, (namespace, address) in enumerate(zip(namespaces, addresses)):
+        for index, (namespace, address) in enumerate(zip(namespaces, addresses, strict=False)):
             veth = f"sshp{tag}{index}"
             _ip("netns", "add", namespace)
             _ip("link", "add", veth, "type", "veth", "peer", "name", f"{veth}p")
@@ -290,8 +302,7 @@ def running_cluster(directory: Path, authorized_keys: str) -> Iterator[SlurmClus
         hosts.write_text(
             "127.0.0.1 localhost\n"
             f"{cluster.controller_address} {controller_name}\n"
-            f"{net}.5 login\n"
-            + "".join(f"{node.address} {node.name}\n" for node in cluster.nodes)
+            f"{net}.5 login\n" + "".join(f"{node.address} {node.name}\n" for node in cluster.nodes)
         )
         hosts.chmod(0o644)
 
@@ -320,7 +331,8 @@ def running_cluster(directory: Path, authorized_keys: str) -> Iterator[SlurmClus
                 [
                     shlex.join(["hostname", node.name]),
                     shlex.join(["mount", "--bind", str(hosts), "/etc/hosts"]),
-                    "exec " + shlex.join(
+                    "exec "
+                    + shlex.join(
                         ["/usr/sbin/slurmd", "-D", "-N", node.name, "-f", str(cluster.conf)]
                     ),
                 ]
