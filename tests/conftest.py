@@ -18,6 +18,7 @@ from jupyter_client.kernelspec import KernelSpecManager
 from ssh_provisioner.engine import shutdown_engine
 
 from .netns import Link, namespace_host
+from .slurm import SlurmCluster, running_cluster, slurm_missing_reason
 from .sshd import (
     SSHDaemon,
     SSHDUnavailable,
@@ -316,3 +317,39 @@ def host_behind_a_link(
             yield link, config
         finally:
             daemon.stop()
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(client_key: tuple[Path, str]) -> Iterator[SlurmCluster]:
+    """A real Slurm: three compute nodes with two fake GPUs each, and a login node."""
+    reason = slurm_missing_reason()
+    if reason:
+        _unavailable(reason)
+    directory = Path(tempfile.mkdtemp(prefix="sshp-slurm-"))
+    try:
+        with running_cluster(directory / "cluster", client_key[1] + "\n") as cluster:
+            yield cluster
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def slurm_config(
+    slurm_cluster: SlurmCluster, client_key: tuple[Path, str]
+) -> Iterator[dict[str, Any]]:
+    """Provisioner config for kernels as Slurm jobs through the login node, as root.
+    The test must leave the queue empty and the nodes clean (slurmstepd, Slurm's own,
+    takes a moment to finish after a job has left the queue)."""
+    login = slurm_cluster.login
+    assert login is not None
+    yield {
+        "hosts": [login.destination("root")],
+        "connect_options": connect_options(login, client_key[0]),
+        "remote_python": sys.executable,
+        "launch_timeout": 30.0,
+        "orphan_timeout": 10.0,
+        "slurm": {"partition": "gpu", "time": "00:30:00", "poll_interval": 1},
+    }
+    slurm_cluster.wait_queue_empty(30)
+    for node in slurm_cluster.nodes:
+        node.wait_until_clean(15)

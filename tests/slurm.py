@@ -107,6 +107,7 @@ class SlurmCluster:
     nodes: list[ComputeNode]
     login: SSHDaemon | None = None
     login_namespace: str = ""
+    login_veth: str = ""  # the login node's link to the cluster network, to cut
     daemons: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     @property
@@ -297,6 +298,7 @@ def running_cluster(directory: Path, authorized_keys: str) -> Iterator[SlurmClus
             _ip("-n", namespace, "addr", "add", f"{address}/24", "dev", f"{veth}p")
             _ip("-n", namespace, "link", "set", f"{veth}p", "up")
             _ip("-n", namespace, "link", "set", "lo", "up")
+        cluster.login_veth = veths[-1]
         hosts = directory / "hosts"
         controller_name = socket.gethostname().split(".")[0]
         hosts.write_text(

@@ -8,8 +8,8 @@ import asyncio
 import contextlib
 import json
 import logging
+import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,44 +19,18 @@ from jupyter_client.manager import AsyncKernelManager
 
 from ssh_provisioner import SlurmError
 
-from ..conftest import IN_CI, KernelSpecFactory, connect_options
+from ..conftest import KernelSpecFactory
 from ..helpers import SLEEPING_CELL, execute, wait_until
-from ..slurm import SlurmCluster, pids_in_netns, running_cluster, slurm_missing_reason
+from ..slurm import SlurmCluster, pids_in_netns
 from .test_lifecycle import running_kernel
+from .test_resilience import PROCESS_A, take_over
 
 pytestmark = [pytest.mark.sshd, pytest.mark.slurm]
 
 
-@pytest.fixture(scope="module")
-def cluster(client_key: tuple[Path, str]) -> Iterator[SlurmCluster]:
-    reason = slurm_missing_reason()
-    if reason:
-        if IN_CI:
-            pytest.fail(reason)
-        pytest.skip(reason)
-    import tempfile
-
-    directory = Path(tempfile.mkdtemp(prefix="sshp-slurm-"))
-    with running_cluster(directory / "cluster", client_key[1] + "\n") as running:
-        yield running
-
-
 @pytest.fixture
-def slurm_config(cluster: SlurmCluster, client_key: tuple[Path, str]) -> Iterator[dict[str, Any]]:
-    assert cluster.login is not None
-    yield {
-        "hosts": [cluster.login.destination("root")],
-        "connect_options": connect_options(cluster.login, client_key[0]),
-        "remote_python": sys.executable,
-        "launch_timeout": 30.0,
-        "orphan_timeout": 10.0,
-        "slurm": {"partition": "gpu", "time": "00:30:00", "poll_interval": 1},
-    }
-    # every test leaves the queue empty and the nodes clean (slurmstepd, Slurm's own,
-    # takes a moment to finish after a job has left the queue)
-    cluster.wait_queue_empty(30)
-    for node in cluster.nodes:
-        node.wait_until_clean(15)
+def cluster(slurm_cluster: SlurmCluster) -> SlurmCluster:
+    return slurm_cluster
 
 
 WHERE = (
@@ -303,3 +277,113 @@ async def test_a_typo_in_the_slurm_section_names_the_option() -> None:
 
     with pytest.raises(ProvisionerConfigError, match=r"'partiton' \(did you mean 'partition'\?\)"):
         SSHProvisioner(hosts=["login"], slurm={"partiton": "gpu"})
+
+
+async def test_a_blip_to_the_login_node_loses_nothing(
+    make_kernelspec: KernelSpecFactory, slurm_config: dict[str, Any], cluster: SlurmCluster
+) -> None:
+    """The login node's link is down for 8 s while a cell prints on a compute node:
+    the kernel is unreachable, not dead; it is reattached through the login node, and
+    every line arrives, in order."""
+    config = {
+        **slurm_config,
+        "connect_options": {**slurm_config["connect_options"], "keepalive_interval": 1.0},
+        "connect_timeout": 2.0,
+        "reconnect_timeout": 60.0,
+        "orphan_timeout": 60.0,
+    }
+    async with running_kernel(make_kernelspec, config) as (km, kc):
+        before = await where(kc)
+        code = "import time\nfor i in range(40):\n    print(i, flush=True)\n    time.sleep(0.5)"
+        msg_id = kc.execute(code)
+        lines: list[str] = []
+
+        async def collect() -> None:
+            while True:
+                message = await kc.get_iopub_msg(timeout=60)
+                if message["parent_header"].get("msg_id") != msg_id:
+                    continue
+                if message["msg_type"] == "stream":
+                    lines.extend(message["content"]["text"].split())
+                if message["msg_type"] == "status" and (
+                    message["content"]["execution_state"] == "idle"
+                ):
+                    return
+
+        collecting = asyncio.ensure_future(collect())
+        await wait_until(lambda: len(lines) >= 3, 20, "the cell's first lines")
+        down = subprocess.run(["ip", "link", "set", cluster.login_veth, "down"], check=True)
+        assert down.returncode == 0
+        try:
+            lease = km.provisioner._session._lease
+            await wait_until(lambda: lease.connection.is_closed(), 15, "keepalives to notice")
+            assert await km.provisioner.poll() is None  # unreachable, not dead
+            await asyncio.sleep(8)  # the outage itself
+        finally:
+            subprocess.run(["ip", "link", "set", cluster.login_veth, "up"], check=True)
+        await asyncio.wait_for(collecting, 60)
+        assert lines == [str(i) for i in range(40)]
+        assert (await where(kc))["pid"] == before["pid"]
+    cluster.wait_queue_empty(20)
+
+
+async def test_another_process_reattaches_to_the_jobs_kernel(
+    make_kernelspec: KernelSpecFactory,
+    slurm_config: dict[str, Any],
+    cluster: SlurmCluster,
+    tmp_path: Path,
+) -> None:
+    """A server that crashed left a kernel in its job; a new process takes it over
+    (load_provisioner_info carries the job id), and its shutdown cancels the job."""
+    ksm, name = make_kernelspec({**slurm_config, "orphan_timeout": 60.0})
+    saved = tmp_path / "provisioner-info.json"
+    argv = [sys.executable, "-c", PROCESS_A, ksm.kernel_dirs[0], name, str(saved), "disabled"]
+    subprocess.run(argv, check=True, timeout=120)
+    info = json.loads(saved.read_text())
+    assert [job["id"] for job in cluster.jobs()] == [info["slurm_job_id"]]
+    km = await take_over(ksm, name, info)
+    kc = km.client()
+    kc.start_channels()
+    try:
+        await kc.wait_for_ready(timeout=30)
+        out, _ = await execute(kc, "print(secret)")
+        assert out.strip() == "kept across processes"
+        assert (await where(kc))["job"] == info["slurm_job_id"]
+    finally:
+        kc.stop_channels()
+        await km.shutdown_kernel()
+    cluster.wait_queue_empty(20)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+async def test_the_time_limit_is_announced_in_the_cell_then_ends_the_kernel(
+    make_kernelspec: KernelSpecFactory,
+    slurm_config: dict[str, Any],
+    cluster: SlurmCluster,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A one-minute job (Slurm's shortest) with the warning 50 s ahead: a running cell
+    shows it, then the kernel is dead with TIMEOUT (Slurm acts 60-90 s after start)."""
+    caplog.set_level(logging.INFO, logger="ssh_provisioner")
+    config = {
+        **slurm_config,
+        "slurm": {**slurm_config["slurm"], "time": "1", "warn_before_walltime": 50},
+    }
+    async with running_kernel(make_kernelspec, config) as (km, kc):
+        job = (await where(kc))["job"]
+        code = "import time\nfor i in range(300):\n    time.sleep(0.5)"
+        msg_id = kc.execute(code)
+        warning = ""
+        while "time limit" not in warning:
+            message = await kc.get_iopub_msg(timeout=40)
+            if message["parent_header"].get("msg_id") == msg_id and (
+                message["msg_type"] == "stream"
+            ):
+                warning += message["content"]["text"]
+        assert f"Slurm job {job} reaches its time limit in about 1 min" in warning
+        assert message["content"]["name"] == "stderr"
+        await wait_until_dead(km, 120)
+        reason = f"Slurm job {job} has ended: TIMEOUT"
+        await wait_until(lambda: reason in caplog.text, 20, "the reason in the log")
+    cluster.wait_queue_empty(20)
