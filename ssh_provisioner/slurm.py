@@ -274,7 +274,7 @@ async def run_command(
 JOB_SCRIPT = (
     "#!/bin/sh\n"
     "# ssh-provisioner: holds this allocation; the kernel runs in a step (srun --overlap).\n"
-    "while :; do sleep 3600; done\n"
+    "exec sleep 2147483647\n"  # one process: a signal to the batch step reaches it
 )
 
 

@@ -21,6 +21,7 @@ from ssh_provisioner.throwaway import free_port
 from ..conftest import remote_leftovers
 from ..helpers import SLEEPING_CELL, process_alive, wait_until
 from ..netns import Link
+from ..slurm import SlurmCluster
 from .jupyter_server import Channels, Server, start_server
 
 pytestmark = [pytest.mark.sshd, pytest.mark.usefixtures("no_leaks")]
@@ -404,5 +405,44 @@ async def test_a_start_that_fails_tells_the_user_which_host_and_why(
         assert closed in message
         assert "refused" in message
         assert await server.request("GET", "/api/kernels") == []
+    finally:
+        server.stop()
+
+
+@pytest.mark.slurm
+async def test_a_slurm_kernel_through_jupyter_server(
+    tmp_path: Path, slurm_config: dict[str, Any], slurm_cluster: SlurmCluster
+) -> None:
+    """POST a session with the Slurm kernelspec: the kernel runs on a compute node in
+    its own job; a restart keeps the job; deleting the session ends the job."""
+    path = tmp_path / "share" / "jupyter"
+    write_kernelspec(path, "slurm", slurm_config)
+    server = start_server(tmp_path, path)
+    try:
+        session = await server.request(
+            "POST", "/api/sessions",
+            {"path": "gpu.ipynb", "type": "notebook", "kernel": {"name": "slurm"}},
+        )  # fmt: skip
+        kernel_id = session["kernel"]["id"]
+        channels = await server.channels(kernel_id)
+        try:
+            await iopub_connected(channels)
+            code = "import os, socket; print(socket.gethostname(), os.environ['SLURM_JOB_ID'])"
+            messages = await channels.collect(channels.execute(code))
+            host, job = next(m for m in messages if m["msg_type"] == "stream")["content"][
+                "text"
+            ].split()
+            assert host in ("node1", "node2", "node3")
+            assert [row["id"] for row in slurm_cluster.jobs()] == [job]
+            await server.request("POST", f"/api/kernels/{kernel_id}/restart")
+            await iopub_connected(channels)
+            messages = await channels.collect(channels.execute(code))
+            text = next(m for m in messages if m["msg_type"] == "stream")["content"]["text"]
+            assert text.split()[1] == job
+        finally:
+            channels.close()
+        await server.request("DELETE", f"/api/sessions/{session['id']}")
+        assert await server.request("GET", "/api/kernels") == []
+        assert slurm_cluster.jobs() == []
     finally:
         server.stop()
