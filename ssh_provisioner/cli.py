@@ -14,6 +14,7 @@ from .hosts import HostEntry
 from .kbdint import KBDINT, parse_rules
 from .master import MODES as MASTER_MODES
 from .master import USE_CONTROL_MASTER
+from .slurm import SlurmSettings
 from .sshconfig import ALLOW_UNCHECKED
 
 EXAMPLES = """examples:
@@ -120,6 +121,16 @@ def build_parser() -> argparse.ArgumentParser:
         "the default; always: never log in ourselves; never)",
     )
     install.add_argument(
+        "--slurm",
+        action="append",
+        type=_key_value,
+        default=[],
+        metavar="K=V",
+        help="run kernels as Slurm jobs through the hosts (login nodes): partition=gpu, "
+        "gpus=1, cpus_per_task=4, mem=16G, time=02:00:00, account=..., prologue='module load "
+        "cuda' (repeat for more lines), extra_directives=--exclusive, queue_timeout=600, ...",
+    )
+    install.add_argument(
         "--curve",
         action="store_true",
         help="declare CurveZMQ support (the hosts' kernel must have it: ipykernel >= 7.3 does); "
@@ -185,6 +196,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=MASTER_MODES,
         help="use_control_master for this check (default: the kernelspec's, else auto)",
     )
+    check.add_argument(
+        "--slurm",
+        action="append",
+        type=_key_value,
+        default=[],
+        metavar="K=V",
+        help="check the hosts as Slurm login nodes for this job request (partition=gpu ...)",
+    )
     check.add_argument("--timeout", type=float, default=10.0, help="seconds per step")
     check.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -249,6 +268,8 @@ def _install(args: argparse.Namespace) -> int:
         config["kbdint"] = [rule.as_config() for rule in parse_rules(args.kbdint)]
     if args.control_master:
         config["use_control_master"] = args.control_master
+    if args.slurm:
+        config["slurm"] = _slurm_section(args.slurm)
     spec = build_kernelspec(
         hosts=args.hosts,
         display_name=args.display_name or f"{args.language.capitalize()} ({', '.join(args.hosts)})",
@@ -266,6 +287,7 @@ def _install(args: argparse.Namespace) -> int:
                 kernel_argv=args.kernel_argv or None,
                 timeout=10.0,
                 progress=True,
+                slurm=SlurmSettings.parse(config["slurm"]) if args.slurm else None,
             )
         )
         if not any(report.ok for report in reports):
@@ -297,6 +319,25 @@ def _list() -> int:
     return 0
 
 
+LIST_OPTIONS = ("prologue", "extra_directives")
+
+
+def _slurm_section(pairs: list[tuple[str, str]]) -> dict[str, Any]:
+    """--slurm K=V pairs as the config's slurm section (checked: a typo is an error)."""
+    section: dict[str, Any] = {}
+    for key, text in pairs:
+        if key in LIST_OPTIONS:
+            section.setdefault(key, []).append(text)
+            continue
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = text
+        section[key] = value if isinstance(value, (int, float)) else text
+    SlurmSettings.parse(section)
+    return section
+
+
 def _doctor_options(config: dict[str, Any]) -> dict[str, Any]:
     """The connect options a kernelspec's config gives the doctor's connections."""
     options = dict(config.get("connect_options", {}))
@@ -316,6 +357,7 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     options: dict[str, Any] = {}
     python = args.python or "python3"
     kernel_argv: list[str] | None = None
+    slurm = SlurmSettings.parse(_slurm_section(args.slurm)) if args.slurm else None
     if args.name:
         from .kernelspec import installed_specs
 
@@ -327,6 +369,8 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         options = _doctor_options(config)
         python = args.python or config.get("remote_python", "python3")
         kernel_argv = found[0].argv
+        if config.get("slurm"):
+            slurm = SlurmSettings.parse(config["slurm"])
     if not hosts:
         parser.error("name a kernelspec or give --host")
     options.update(dict(args.connect_option))
@@ -340,6 +384,7 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             kernel_argv=kernel_argv,
             timeout=args.timeout,
             progress=not args.json,
+            slurm=slurm,
         )
     )
     if args.json:
@@ -357,6 +402,7 @@ async def _run_checks(
     kernel_argv: list[str] | None,
     timeout: float,
     progress: bool,
+    slurm: SlurmSettings | None = None,
 ) -> list[Any]:
     from .doctor import check_host
 
@@ -377,6 +423,7 @@ async def _run_checks(
             python=entry.override("remote_python", python),
             kernel_argv=kernel_argv,
             timeout=timeout,
+            slurm=slurm,
         )
         done += 1
         if progress:

@@ -26,9 +26,13 @@ from .mux import MasterNotOurs, MuxLink
 from .policies import LeastLoad, MostFreeGpuMemory, parse_gpus, parse_load
 from .pool import connect
 from .remote import run_probe
+from .slurm import SlurmSettings
 from .sshconfig import ALLOW_UNCHECKED, check_host_key_checking, read_host_config, unchecked
 
-CHECKS = ("master", "dns", "tcp", "host key", "auth", "python", "kernel", "load", "gpus", "rtt")
+CHECKS = (
+    "master", "dns", "tcp", "host key", "auth", "python", "kernel", "load", "gpus", "slurm", "rtt"
+)  # fmt: skip
+SLURM_COMMANDS = ("sbatch", "srun", "squeue", "scontrol", "scancel", "sinfo")
 OLDEST_PYTHON = (3, 6)  # the oldest the launcher runs on (tested on 3.6 to 3.13)
 OK, FAIL, WARN, SKIP, INFO = "ok", "FAIL", "warn", "skip", "info"
 PYTHON_VERSION = "import sys; print('%d.%d.%d' % sys.version_info[:3])"
@@ -71,11 +75,14 @@ async def check_host(
     python: str,
     kernel_argv: list[str] | None = None,
     timeout: float = 10.0,
+    slurm: SlurmSettings | None = None,
 ) -> HostReport:
     """Every check for one host; later checks are skipped once an earlier one fails.
 
     ``kernel_argv`` is the kernelspec's command: ipykernel is checked for a Python
-    kernel (and when it is None), the program's presence on the host for any other."""
+    kernel (and when it is None), the program's presence on the host for any other.
+    With ``slurm`` the host is a login node: Slurm's commands, its answer, the
+    partition and the GPU request are checked there instead (kernels run elsewhere)."""
     report = HostReport(entry.name)
     checks = report.checks
     host = entry.host
@@ -89,7 +96,7 @@ async def check_host(
         await _check_network(checks, host, port, timeout)
     if checks["tcp"].status == FAIL:
         return _skip_rest(report)
-    return await _check_login(report, entry, connect_options, python, kernel_argv, timeout)
+    return await _check_login(report, entry, connect_options, python, kernel_argv, timeout, slurm)
 
 
 async def _check_master(host: Host, options: dict[str, Any]) -> tuple[Check, bool]:
@@ -155,6 +162,7 @@ async def _check_login(
     python: str,
     kernel_argv: list[str] | None,
     timeout: float,
+    slurm: SlurmSettings | None = None,
 ) -> HostReport:
     checks = report.checks
     host = entry.host
@@ -186,6 +194,12 @@ async def _check_login(
     try:
         checks["host key"] = key_check
         checks["auth"] = Check(OK, f"as {connection.username} ({connection.description})")
+        if slurm is not None:
+            for name in ("python", "kernel", "load", "gpus"):
+                checks[name] = Check(SKIP, "on the compute nodes")
+            checks["slurm"] = await _check_slurm(connection, slurm, timeout)
+            return report
+        checks["slurm"] = Check(SKIP, "not a Slurm kernelspec")
         version = await _run(connection, [python, "-c", PYTHON_VERSION], timeout)
         if version.exit_status != 0:
             checks["python"] = Check(FAIL, f"{python}: {_why(version)}")
@@ -216,6 +230,62 @@ async def _check_login(
         with contextlib.suppress(Exception):
             await connection.wait_closed()
     return report
+
+
+async def _check_slurm(connection: SSHLink, slurm: SlurmSettings, timeout: float) -> Check:
+    """The login node can submit the kernelspec's jobs: Slurm's client commands are
+    there, the controller answers, the partition exists, some node has the GPUs."""
+    probe = (
+        "for c in "
+        + " ".join(SLURM_COMMANDS)
+        + '; do command -v "$c" >/dev/null || echo "$c"; done'
+    )
+    missing = (await asyncio.wait_for(connection.run(probe), timeout)).stdout.split()
+    if missing:
+        return Check(FAIL, f"Slurm's commands are missing on the login node: {', '.join(missing)}")
+    sinfo = await _run(connection, ["sinfo", "-h", "-o", "%P|%a|%D|%G"], timeout)
+    if sinfo.exit_status != 0:
+        return Check(FAIL, f"sinfo did not answer: {_why(sinfo)}")
+    partitions: dict[str, tuple[str, int, list[str]]] = {}
+    default = ""
+    for line in str(sinfo.stdout).splitlines():
+        name, available, count, gres = [*line.split("|"), "", "", ""][:4]
+        if name.endswith("*"):
+            name = default = name[:-1]
+        _, nodes_so_far, resources_so_far = partitions.get(name, ("", 0, []))
+        nodes_here = int(count) if count.isdigit() else 0
+        partitions[name] = (available, nodes_so_far + nodes_here, [*resources_so_far, gres])
+    wanted = slurm.partition or default
+    if wanted not in partitions:
+        there = ", ".join(sorted(partitions)) or "none"
+        return Check(FAIL, f"no partition {wanted or '(default)'!r} (there are: {there})")
+    available, node_count, resources = partitions[wanted]
+    if available != "up":
+        return Check(WARN, f"partition {wanted} is {available}")
+    if slurm.gpus is not None:
+        kind, _, wanted_gpus = slurm.gpus.rpartition(":")
+        most = max((_gpus_in(gres, kind) for gres in resources), default=0)
+        if most < int(wanted_gpus):
+            return Check(
+                FAIL,
+                f"no node in partition {wanted} has {wanted_gpus} GPU(s)"
+                + (f" of type {kind}" if kind else "")
+                + f" (at most {most})",
+            )
+    return Check(OK, f"partition {wanted}: {node_count} node(s)")
+
+
+def _gpus_in(gres: str, kind: str) -> int:
+    """The GPUs a node's gres string ("gpu:2", "gpu:a100:4(S:0-1),shard:8") offers."""
+    most = 0
+    for item in gres.split(","):
+        parts = item.split("(")[0].split(":")
+        if parts[0] != "gpu" or len(parts) < 2 or not parts[-1].isdigit():
+            continue
+        if kind and (len(parts) < 3 or parts[1] != kind):
+            continue
+        most = max(most, int(parts[-1]))
+    return most
 
 
 def is_ipykernel(argv: list[str] | None) -> bool:

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from jupyter_client.ioloop import AsyncIOLoopKernelManager
+from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 
 from ssh_provisioner import SlurmError
@@ -22,6 +23,7 @@ from ssh_provisioner import SlurmError
 from ..conftest import KernelSpecFactory
 from ..helpers import SLEEPING_CELL, execute, wait_until
 from ..slurm import SlurmCluster, pids_in_netns
+from .test_cli import cli, option_args
 from .test_lifecycle import running_kernel
 from .test_resilience import PROCESS_A, take_over
 
@@ -387,3 +389,61 @@ async def test_the_time_limit_is_announced_in_the_cell_then_ends_the_kernel(
         reason = f"Slurm job {job} has ended: TIMEOUT"
         await wait_until(lambda: reason in caplog.text, 20, "the reason in the log")
     cluster.wait_queue_empty(20)
+
+
+async def test_the_cli_installs_and_checks_a_slurm_kernelspec(
+    slurm_config: dict[str, Any], cluster: SlurmCluster, tmp_path: Path
+) -> None:
+    """`install --slurm` writes the section (a typo is refused); `check` asks the
+    login node: Slurm's commands, sinfo, the partition, the GPU request."""
+    env = {
+        "JUPYTER_PATH": str(tmp_path / "share" / "jupyter"),
+        "JUPYTER_DATA_DIR": str(tmp_path / "data"),
+    }
+    host = slurm_config["hosts"][0]
+    options = option_args(slurm_config["connect_options"])
+    typo = cli("install", "gpu", "--host", host, "--slurm", "partiton=gpu", env=env)
+    assert typo.returncode == 2
+    assert "'partiton' (did you mean 'partition'?)" in typo.stderr
+    args = ["install", "gpu", "--host", host, "--python", sys.executable,
+            "--prefix", str(tmp_path), "--check", *options,
+            "--slurm", "partition=gpu", "--slurm", "gpus=2", "--slurm", "time=00:10:00",
+            "--slurm", "prologue=export GREETING=hi",
+            "--slurm", "prologue=export TO=you"]  # fmt: skip
+    installed = cli(*args, env=env)
+    assert installed.returncode == 0, installed.stderr
+    spec = json.loads((tmp_path / "share/jupyter/kernels/gpu/kernel.json").read_text())
+    section = spec["metadata"]["kernel_provisioner"]["config"]["slurm"]
+    assert section == {
+        "partition": "gpu", "gpus": 2, "time": "00:10:00",
+        "prologue": ["export GREETING=hi", "export TO=you"],
+    }  # fmt: skip
+
+    good = cli("check", "--host", host, *options, "--slurm", "partition=gpu", "--slurm", "gpus=2")
+    assert good.returncode == 0, good.stdout + good.stderr
+    assert "partition gpu: 3 node(s)" in good.stdout
+    too_many = cli("check", "--host", host, *options, "--slurm", "gpus=3")
+    assert too_many.returncode == 1
+    assert "no node in partition gpu has 3 GPU(s) (at most 2)" in too_many.stdout
+    wrong = cli("check", "--host", host, *options, "--slurm", "partition=cpu")
+    assert "no partition 'cpu' (there are: gpu)" in wrong.stdout
+
+    ksm = KernelSpecManager(kernel_dirs=[str(tmp_path / "share" / "jupyter" / "kernels")])
+    async with running_kernel_from(ksm, "gpu") as kc:
+        out, _ = await execute(kc, "import os; print(os.environ['GREETING'], os.environ['TO'])")
+        assert out.strip() == "hi you"  # the prologue ran before the kernel, in its shell
+    cluster.wait_queue_empty(20)
+
+
+@contextlib.asynccontextmanager
+async def running_kernel_from(ksm: KernelSpecManager, name: str) -> Any:
+    km = AsyncKernelManager(kernel_name=name, kernel_spec_manager=ksm)
+    await km.start_kernel()
+    kc = km.client()
+    kc.start_channels()
+    try:
+        await kc.wait_for_ready(timeout=30)
+        yield kc
+    finally:
+        kc.stop_channels()
+        await km.shutdown_kernel()
