@@ -42,6 +42,7 @@ STDERR_TAIL_LINES = 40
 RUNTIME_DIR_PREFIX = "jupyter-sshp-"
 BIND_ATTEMPTS = 5
 TERMINATE_GRACE = 3.0
+LAST_WORDS_WAIT = 2.0
 RELAY_CHUNK = 8192
 
 # Run by the remote shell as `python -c BOOTSTRAP`; the launcher source is the first
@@ -246,6 +247,7 @@ class Supervisor:
         self.kernel_groups = set()  # type: Set[int]
         self.stream_relay = None  # type: Optional[Relay]
         self.orphaned = False
+        self.client = None  # type: Optional[socket.socket]  # attached over the control socket
 
     # -- setup -------------------------------------------------------------------
 
@@ -535,6 +537,7 @@ class Supervisor:
 
     def attach(self, conn: socket.socket, reader: Any) -> None:
         self.generation += 1
+        self.client = conn
         with CLIENT.lock:
             CLIENT.write = conn.sendall
         emit(dict(self.ready_event, event="attached"))
@@ -624,6 +627,18 @@ class Supervisor:
         self.end_everything()
         if self.process is not None:
             self.process.wait()
+
+    def deliver_last_words(self) -> None:
+        """The exit event is on its way to a client attached through the relay: let the
+        relay's bridge pass it on before this process (and its threads) ends."""
+        relay = self.stream_relay
+        if self.client is None or relay is None or not relay.bridges:
+            return
+        with contextlib.suppress(OSError):
+            self.client.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + LAST_WORDS_WAIT
+        for passed_on in relay.bridges:
+            passed_on.wait(max(0.0, deadline - time.monotonic()))
 
     def cleanup(self) -> None:
         if self.pgid:
@@ -990,6 +1005,7 @@ class Relay:
         self.selector = selectors.DefaultSelector()
         self.read_event, self.write_event = selectors.EVENT_READ, selectors.EVENT_WRITE
         self.control_path = ""  # the launcher's, for LAUNCHER_CHANNEL
+        self.bridges = []  # type: List[threading.Event]  # set: all the launcher said is out
         self.host = ""  # the relay's TCP address, when it listens on TCP
         notice = spec.get("walltime_notice") or {}
         self.notice_text = str(notice.get("text") or "")
@@ -1198,7 +1214,9 @@ class Relay:
             link.sock.close()
             return
         args = (link.sock, self.control_path, bytes(link.outbuf), bytes(link.inbuf))
-        threading.Thread(target=bridge, args=args, daemon=True).start()
+        passed_on = threading.Event()
+        self.bridges.append(passed_on)
+        threading.Thread(target=bridge, args=(*args, passed_on), daemon=True).start()
 
     def connect_kernel(self, channel: str) -> socket.socket:
         endpoint = self.endpoints[channel]
@@ -1462,8 +1480,15 @@ def prove(token: str, role: str, *nonces: str) -> str:
     return hmac.new(token.encode(), message, hashlib.sha256).hexdigest()
 
 
-def bridge(client: socket.socket, control_path: str, unsent: bytes, pending: bytes) -> None:
-    """Relay ``client`` to the control socket at ``control_path`` until either ends."""
+def bridge(
+    client: socket.socket,
+    control_path: str,
+    unsent: bytes,
+    pending: bytes,
+    passed_on: threading.Event,
+) -> None:
+    """Relay ``client`` to the control socket at ``control_path`` until either ends;
+    ``passed_on`` is set once everything the control socket said has been sent."""
     client.setblocking(True)
     control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -1473,6 +1498,7 @@ def bridge(client: socket.socket, control_path: str, unsent: bytes, pending: byt
     except OSError:
         client.close()
         control.close()
+        passed_on.set()
         return
 
     def pump(source: socket.socket, sink: socket.socket) -> None:
@@ -1487,6 +1513,7 @@ def bridge(client: socket.socket, control_path: str, unsent: bytes, pending: byt
     upstream = threading.Thread(target=pump, args=(client, control), daemon=True)
     upstream.start()
     pump(control, client)
+    passed_on.set()
     upstream.join()
     client.close()
     control.close()
@@ -1618,6 +1645,7 @@ def main() -> int:
         status = supervisor.supervise()
         supervisor.cleanup()
         emit({"event": "exit", "status": status})
+        supervisor.deliver_last_words()
     finally:
         supervisor.cleanup()
         if supervisor.orphaned and spec.get("cancel_job_when_orphaned"):

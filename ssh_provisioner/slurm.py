@@ -289,6 +289,7 @@ class SlurmJob:
         self.last = JobInfo(UNKNOWN)
         self.node_address = ""
         self.cancelled = False
+        self.queue_wait: float | None = None  # seconds from the first look to RUNNING
 
     def __repr__(self) -> str:
         return f"<SlurmJob {self.job_id} {self.last.describe()}>"
@@ -352,7 +353,7 @@ class SlurmJob:
         while True:
             info = await self.query(link)
             if info.running:
-                waited = loop.time() - started
+                waited = self.queue_wait = loop.time() - started
                 if waited >= 1:
                     log.info(
                         "kernel %s: Slurm job %s runs on %s after %.1fs in the queue",
