@@ -447,3 +447,21 @@ async def running_kernel_from(ksm: KernelSpecManager, name: str) -> Any:
     finally:
         kc.stop_channels()
         await km.shutdown_kernel()
+
+
+async def test_an_orphaned_kernel_gives_its_allocation_back(
+    make_kernelspec: KernelSpecFactory,
+    slurm_config: dict[str, Any],
+    cluster: SlurmCluster,
+    tmp_path: Path,
+) -> None:
+    """The server is gone for good (it exited without a shutdown): after orphan_timeout
+    the launcher ends the kernel and cancels its own job."""
+    ksm, name = make_kernelspec({**slurm_config, "orphan_timeout": 3.0})
+    saved = tmp_path / "provisioner-info.json"
+    argv = [sys.executable, "-c", PROCESS_A, ksm.kernel_dirs[0], name, str(saved), "disabled"]
+    subprocess.run(argv, check=True, timeout=120)
+    job = json.loads(saved.read_text())["slurm_job_id"]
+    assert [row["id"] for row in cluster.jobs()] == [job]
+    await wait_until(lambda: cluster.jobs() == [], 30, "the orphan's job to be cancelled")
+    assert cluster.job_field(job, "JobState") == "CANCELLED"
