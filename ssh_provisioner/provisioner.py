@@ -535,7 +535,8 @@ class SSHProvisioner(KernelProvisionerBase):
         Waits until the launcher has removed the kernel and its runtime dir, and
         releases the pooled connection (kept open for a restart or reuse).  The local
         ports stay bound for a restart, holding the clients' connections until the new
-        kernel is up; otherwise they are closed.
+        kernel is up; otherwise they are closed.  A Slurm kernel's job is cancelled,
+        unless this is a restart (the next kernel runs in the same job).
         """
         session, self._session = self._session, None
         self._reaped = True
@@ -549,20 +550,42 @@ class SSHProvisioner(KernelProvisionerBase):
         job = None if restart else self._job
         if job is not None:
             self._job = None
+        entry = self._placement.entry if self._placement else None
 
         async def close() -> None:
             try:
                 if session is not None:
                     await session.aclose()
-                    if job is not None:
-                        await session.cancel_job()
             finally:
+                if job is not None and entry is not None:
+                    await self._cancel_job(job, entry)
                 if reserved is not None:
                     get_engine().placement.release(reserved)
                 if ports is not None:
                     await ports.aclose()
 
         await get_engine().run(close())
+
+    async def _cancel_job(self, job: SlurmJob, entry: HostEntry) -> None:
+        """(engine loop) scancel a Slurm kernel's job through its login node."""
+
+        async def cancel(lease: Lease) -> None:
+            await job.cancel(lease.connection)
+
+        try:
+            await get_engine().pool.use(
+                entry.host,
+                self._connect_options(entry),
+                cancel,
+                connect_timeout=self.connect_timeout,
+                idle_timeout=self.pool_idle_timeout,
+            )
+        except SSHConnectError as exc:
+            self.log.warning(
+                "kernel %s: cannot reach %s to cancel Slurm job %s (%s); its launcher "
+                "cancels it once orphan_timeout has passed",
+                self.kernel_id, entry.name, job.job_id, exc,
+            )  # fmt: skip
 
     async def get_provisioner_info(self) -> dict[str, Any]:
         """Called by applications that persist kernels (to reattach from another process).

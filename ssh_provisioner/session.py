@@ -289,24 +289,6 @@ class KernelSession:
             )  # fmt: skip
         return JOB_ENDED_STATUS
 
-    async def cancel_job(self) -> None:
-        """scancel the kernel's job (shutdown, not restart)."""
-        job, self.job = self.job, None
-        if job is None or job.cancelled:
-            return
-
-        async def cancel(lease: Lease) -> None:
-            await job.cancel(lease.connection)
-
-        try:
-            await self._use(cancel)
-        except SSHConnectError as exc:
-            log.warning(
-                "kernel %s: cannot reach %s to cancel Slurm job %s (%s); its launcher "
-                "cancels it once orphan_timeout has passed",
-                self.settings.kernel_id, self.settings.host_name, job.job_id, exc,
-            )  # fmt: skip
-
     def _target(self, lease: Lease, kernel: RemoteKernel) -> Target:
         ready = kernel.ready
         return Target(

@@ -37,8 +37,14 @@ log = logging.getLogger(__name__)
 COMMAND_TIMEOUT = 30.0  # one Slurm client command (its own MessageTimeout is 10 s)
 CANCEL_WAIT = 20.0  # after scancel: until the job has left the queue
 PENDING_LOG_EVERY = 60.0  # the pending line again, even with the same reason
+UNANSWERED_LIMIT = 120.0  # a start gives up once Slurm has not answered for this long
 RELEASED = '{"event": "released"}'  # the launcher's word that srun may go
 JOB_ENDED_STATUS = 255  # a kernel whose job (or step) ended: no exit status of its own
+# srun ($s) and its children (the shepherd), by /proc: no procps needed on the login node
+KILL_SRUN = (
+    'for f in /proc/[0-9]*/stat; do read -r p _ _ pp _ < "$f" 2>/dev/null && '
+    '[ "$pp" = "$s" ] && kill -KILL "$p"; done; kill -KILL $s'
+)
 
 # Slurm's job states, grouped by what they mean for a kernel.
 WAITING_STATES = frozenset({"PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "RESIZING"})
@@ -141,9 +147,10 @@ class SlurmSettings:
         events and the kernel's own output stays on stderr."""
         launcher = [python, "-I", "-S", "-c", BOOTSTRAP, f"{spare_wait:g}"]
         if self.prologue:
-            # The prologue's own output goes to stderr: stdout is the event channel.
-            setup = "; ".join(self.prologue)
-            task = ["bash", "-c", f"{{ {setup}\n}} >&2; exec {shlex.join(launcher)}"]
+            # The prologue's own output goes to stderr: stdout is the event channel.  One
+            # line in all: a login shell (csh, say) runs this command line first.
+            setup = "; ".join(line for line in self.prologue if line.strip())
+            task = ["bash", "-c", f"{{ {setup}; }} >&2; exec {shlex.join(launcher)}"]
         else:
             task = launcher
         srun = ["srun", f"--jobid={job_id}", "--overlap", "--ntasks=1", "--nodes=1", "--quiet"]
@@ -156,8 +163,8 @@ class SlurmSettings:
             f'{shlex.join(srun)} <&3 >"$d/o" 2>"$d/e" & s=$!; exec 3<&-; '
             'cat "$d/e" >&2 & '
             'while IFS= read -r line; do case "$line" in '
-            f"{shlex.quote(RELEASED)}) "
-            'pkill -KILL -P $s; kill -KILL $s; rm -rf "$d"; exit 0;; esac; '
+            f"{shlex.quote(RELEASED)}) {KILL_SRUN}; "
+            'rm -rf "$d"; exit 0;; esac; '
             'printf \'%s\\n\' "$line"; done <"$d/o"; '
             'wait $s; status=$?; rm -rf "$d"; exit $status'
         )
@@ -347,7 +354,7 @@ class SlurmJob:
         """Until the job runs; logs its pending reason as it changes.  ``timeout`` (0:
         none) bounds the queue wait: past it the job is cancelled, a SlurmError."""
         loop = asyncio.get_running_loop()
-        started = loop.time()
+        started = known_at = loop.time()
         logged: tuple[str, float] | None = None
         delay = 0.2
         while True:
@@ -368,6 +375,15 @@ class SlurmJob:
                     job_id=self.job_id,
                 )
             now = loop.time()
+            if info.state != UNKNOWN:
+                known_at = now
+            elif now - known_at > UNANSWERED_LIMIT:
+                raise SlurmError(
+                    f"kernel {self.kernel_id}: Slurm on {self.login} has not said how job "
+                    f"{self.job_id} is for {UNANSWERED_LIMIT:g}s ({info.detail}); not starting",
+                    host=self.login,
+                    job_id=self.job_id,
+                )
             if info.waiting and (
                 logged is None or logged[0] != info.reason or now - logged[1] > PENDING_LOG_EVERY
             ):

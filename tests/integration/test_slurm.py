@@ -128,6 +128,29 @@ async def test_an_outside_scancel_is_reported_with_its_reason_and_restarted_in_a
     cluster.wait_queue_empty(20)
 
 
+async def test_a_crashed_kernel_is_restarted_in_the_same_job(
+    make_kernelspec: KernelSpecFactory, slurm_config: dict[str, Any], cluster: SlurmCluster
+) -> None:
+    """The restarter's restart after a crash is a new step in the allocation it has."""
+    manager = AsyncIOLoopKernelManager
+    async with running_kernel(make_kernelspec, slurm_config, manager) as (km, kc):
+        restarted = asyncio.Event()
+        km.add_restart_callback(restarted.set, "restart")
+        km.stop_restarter()
+        km._restarter.time_to_dead = 0.2
+        km.start_restarter()
+        before = await where(kc)
+        kc.execute("import os; os._exit(3)")
+        await asyncio.wait_for(restarted.wait(), 20)
+        await wait_until(lambda: km.ready.done() and km.has_kernel, 60, "the restart")
+        await kc.wait_for_ready(timeout=60)
+        after = await where(kc)
+        km.stop_restarter()
+        assert after["job"] == before["job"]
+        assert after["pid"] != before["pid"]
+    cluster.wait_queue_empty(20)
+
+
 async def wait_until_dead(km: Any, timeout: float) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
     while await km.provisioner.poll() is None:
@@ -429,24 +452,11 @@ async def test_the_cli_installs_and_checks_a_slurm_kernelspec(
     assert "no partition 'cpu' (there are: gpu)" in wrong.stdout
 
     ksm = KernelSpecManager(kernel_dirs=[str(tmp_path / "share" / "jupyter" / "kernels")])
-    async with running_kernel_from(ksm, "gpu") as kc:
+    installed = lambda *_, **__: (ksm, "gpu")  # noqa: E731 - the CLI wrote the kernelspec
+    async with running_kernel(installed, {}) as (_, kc):
         out, _ = await execute(kc, "import os; print(os.environ['GREETING'], os.environ['TO'])")
         assert out.strip() == "hi you"  # the prologue ran before the kernel, in its shell
     cluster.wait_queue_empty(20)
-
-
-@contextlib.asynccontextmanager
-async def running_kernel_from(ksm: KernelSpecManager, name: str) -> Any:
-    km = AsyncKernelManager(kernel_name=name, kernel_spec_manager=ksm)
-    await km.start_kernel()
-    kc = km.client()
-    kc.start_channels()
-    try:
-        await kc.wait_for_ready(timeout=30)
-        yield kc
-    finally:
-        kc.stop_channels()
-        await km.shutdown_kernel()
 
 
 async def test_an_orphaned_kernel_gives_its_allocation_back(

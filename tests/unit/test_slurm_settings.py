@@ -57,7 +57,7 @@ def test_the_step_command_carries_no_secret_and_ends_srun_on_the_marker() -> Non
     command = SlurmSettings.parse({"cpus_per_task": 2}).step_command("42", "python3", 600)
     script = shlex.split(command)[-1]
     assert "srun --jobid=42 --overlap --ntasks=1 --nodes=1 --quiet --cpus-per-task=2" in script
-    assert "pkill -KILL -P $s; kill -KILL $s" in script
+    assert '[ "$pp" = "$s" ] && kill -KILL "$p"; done; kill -KILL $s' in script
     assert "key" not in script.lower()
 
 
