@@ -142,7 +142,13 @@ async def test_a_crashed_kernel_is_restarted_in_the_same_job(
         before = await where(kc)
         kc.execute("import os; os._exit(3)")
         await asyncio.wait_for(restarted.wait(), 20)
-        await wait_until(lambda: km.ready.done() and km.has_kernel, 60, "the restart")
+
+        def restarted_kernel() -> bool:
+            session = km.provisioner._session
+            handshake = session.handshake if session is not None else None
+            return km.ready.done() and handshake is not None and handshake.pid != before["pid"]
+
+        await wait_until(restarted_kernel, 60, "the restarted kernel")
         await kc.wait_for_ready(timeout=60)
         after = await where(kc)
         km.stop_restarter()
