@@ -326,6 +326,7 @@ def slurm_cluster(client_key: tuple[Path, str]) -> Iterator[SlurmCluster]:
     if reason:
         _unavailable(reason)
     directory = Path(tempfile.mkdtemp(prefix="sshp-slurm-"))
+    directory.chmod(0o755)  # users' jobs read slurm.conf and reach munge's socket in it
     try:
         with running_cluster(directory / "cluster", client_key[1] + "\n") as cluster:
             yield cluster

@@ -163,8 +163,9 @@ async def test_tcp_endpoints_listen_on_loopback_only(
 INTRUDER = """
 import json, socket, struct, sys
 results = []
+host = sys.argv[2] if len(sys.argv) > 2 else "127.0.0.1"
 for channel, resume in (("iopub", False), ("shell", True)):  # a new stream; a guessed one
-    s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=10)
+    s = socket.create_connection((host, int(sys.argv[1])), timeout=10)
     hello = {"hello": "n", "stream": "s", "channel": channel, "resume": resume, "received": 0}
     s.sendall(json.dumps(hello).encode() + b"\\n")
     s.makefile("rb").readline()  # the relay's nonce and proof

@@ -26,6 +26,7 @@ from ..slurm import SlurmCluster, pids_in_netns
 from .test_cli import cli, option_args
 from .test_lifecycle import running_kernel
 from .test_resilience import PROCESS_A, take_over
+from .test_security import INTRUDER
 
 pytestmark = [pytest.mark.sshd, pytest.mark.slurm]
 
@@ -481,3 +482,49 @@ async def test_an_orphaned_kernel_gives_its_allocation_back(
     assert [row["id"] for row in cluster.jobs()] == [job]
     await wait_until(lambda: cluster.jobs() == [], 30, "the orphan's job to be cancelled")
     assert cluster.job_field(job, "JobState") == "CANCELLED"
+
+
+async def test_another_user_on_the_cluster_network_reaches_nothing_at_the_relay(
+    make_kernelspec: KernelSpecFactory,
+    slurm_config: dict[str, Any],
+    cluster: SlurmCluster,
+    test_user: str,
+) -> None:
+    """The relay listens on the compute node's cluster address: another user, on
+    another node, connects to it and gets neither a ZMTP greeting nor a stream."""
+    async with running_kernel(make_kernelspec, slurm_config) as (km, kc):
+        here = await where(kc)
+        handshake = (await km.provisioner.get_provisioner_info())["handshake"]
+        assert handshake["relay_host"] == cluster.node(here["host"]).address
+        other = next(node for node in cluster.nodes if node.name != here["host"])
+        argv = ["nsenter", f"--net=/run/netns/{other.namespace}", "--",
+                "runuser", "-u", test_user, "--", sys.executable, "-c", INTRUDER,
+                str(handshake["relay"]), handshake["relay_host"]]  # fmt: skip
+        probe = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=60)
+        assert probe.stdout.split() == ["closed", "closed"], probe.stdout + probe.stderr
+        out, _ = await execute(kc, "print('still mine')")
+        assert out.strip() == "still mine"
+    cluster.wait_queue_empty(20)
+
+
+async def test_a_kernel_of_an_ordinary_user(
+    make_kernelspec: KernelSpecFactory,
+    slurm_config: dict[str, Any],
+    cluster: SlurmCluster,
+    test_user: str,
+) -> None:
+    """Logged in as an unprivileged user: the job is theirs, the kernel runs as them on
+    a compute node, and their shutdown cancels the job."""
+    login = cluster.login
+    assert login is not None
+    config = {**slurm_config, "hosts": [login.destination(test_user)]}
+    async with running_kernel(make_kernelspec, config) as (_, kc):
+        out, _ = await execute(
+            kc, "import getpass, socket; print(getpass.getuser(), socket.gethostname())"
+        )
+        user, host = out.split()
+        assert user == test_user
+        assert host in ("node1", "node2", "node3")
+        job = (await where(kc))["job"]
+        assert cluster.job_field(job, "UserId").startswith(f"{test_user}(")
+    cluster.wait_queue_empty(20)
