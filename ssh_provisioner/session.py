@@ -80,6 +80,7 @@ class KernelSession:
         # same allocation), else submitted by start().  The provisioner cancels it.
         self.job = job
         self._job_watch: asyncio.Task[None] | None = None
+        self._reasons: set[asyncio.Future[None]] = set()
         self._pool = pool
         self._ports = ports
         self.state = State.STARTING
@@ -256,8 +257,15 @@ class KernelSession:
             info = await self._query_job(job)
             if info.ended:
                 await kernel.ended_elsewhere(JOB_ENDED_STATUS)
-                await self._log_job_end(job, info)
+                self._explain(job, info)
                 return
+
+    def _explain(self, job: SlurmJob, info: JobInfo) -> None:
+        """Log why the job ended once Slurm knows, while the kernel already counts as
+        dead.  aclose does not cancel it: a restart may follow at once."""
+        reason = asyncio.ensure_future(self._log_job_end(job, info))
+        self._reasons.add(reason)
+        reason.add_done_callback(self._reasons.discard)
 
     async def _log_job_end(self, job: SlurmJob, info: JobInfo) -> None:
         """Why the job ended.  A job being cancelled or timed out is COMPLETING for a
@@ -280,7 +288,7 @@ class KernelSession:
             return JOB_ENDED_STATUS
         info = await self._query_job(job)
         if info.ended:
-            await self._log_job_end(job, info)
+            self._explain(job, info)
         else:
             log.warning(
                 "kernel %s on %s: its launcher (a step of Slurm job %s, which is %s) ended "

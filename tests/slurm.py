@@ -31,6 +31,11 @@ NODES = ("node1", "node2", "node3")
 GPUS_PER_NODE = 2
 CPUS_PER_NODE = 4
 MEMORY_PER_NODE_MB = 4000
+# Below the ephemeral range: a port of Slurm's must never be one a kernel or a test
+# picked (slurmctld listens in this namespace, on the bridge's address; each slurmd in
+# its node's), and not Slurm's defaults (6817/6818), which a system instance may hold.
+SLURMCTLD_PORT = 16817
+SLURMD_PORT = 16818
 
 
 def slurm_missing_reason() -> str | None:
@@ -197,12 +202,6 @@ def _wait(condition: object, timeout: float, what: str) -> None:
         time.sleep(0.1)
 
 
-def _free_tcp_port(address: str) -> int:
-    with socket.socket() as sock:
-        sock.bind((address, 0))
-        return int(sock.getsockname()[1])
-
-
 def _write_conf(cluster: SlurmCluster, ports: tuple[int, int], munge_socket: Path) -> None:
     directory = cluster.directory
     controller_name = socket.gethostname().split(".")[0]
@@ -315,7 +314,7 @@ def running_cluster(directory: Path, authorized_keys: str) -> Iterator[SlurmClus
         key.chmod(0o400)
         munge_socket = munge_dir / "munge.socket"
         (directory / "state").mkdir()
-        ports = (_free_tcp_port(cluster.controller_address), 16818)
+        ports = (SLURMCTLD_PORT, SLURMD_PORT)
         _write_conf(cluster, ports, munge_socket)
 
         cluster.daemons["munged"] = _spawn(
