@@ -48,7 +48,7 @@ from .placement import PlacementRequest
 from .policies import HostPolicy, Placement, load_policy
 from .pool import Lease, check_connect_options
 from .remote import Handshake, run_probe
-from .session import KernelSession, SessionSettings
+from .session import KernelSession, SessionSettings, cancel_job
 from .slurm import SlurmJob, SlurmSettings
 from .sshconfig import ALLOW_UNCHECKED
 from .tunnels import KernelPorts
@@ -558,34 +558,14 @@ class SSHProvisioner(KernelProvisionerBase):
                     await session.aclose()
             finally:
                 if job is not None and entry is not None:
-                    await self._cancel_job(job, entry)
+                    options = self._connect_options(entry)
+                    await cancel_job(get_engine().pool, entry.host, options, job)
                 if reserved is not None:
                     get_engine().placement.release(reserved)
                 if ports is not None:
                     await ports.aclose()
 
         await get_engine().run(close())
-
-    async def _cancel_job(self, job: SlurmJob, entry: HostEntry) -> None:
-        """(engine loop) scancel a Slurm kernel's job through its login node."""
-
-        async def cancel(lease: Lease) -> None:
-            await job.cancel(lease.connection)
-
-        try:
-            await get_engine().pool.use(
-                entry.host,
-                self._connect_options(entry),
-                cancel,
-                connect_timeout=self.connect_timeout,
-                idle_timeout=self.pool_idle_timeout,
-            )
-        except SSHConnectError as exc:
-            self.log.warning(
-                "kernel %s: cannot reach %s to cancel Slurm job %s (%s); its launcher "
-                "cancels it once orphan_timeout has passed",
-                self.kernel_id, entry.name, job.job_id, exc,
-            )  # fmt: skip
 
     async def get_provisioner_info(self) -> dict[str, Any]:
         """Called by applications that persist kernels (to reattach from another process).

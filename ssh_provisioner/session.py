@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 RECONNECT_BACKOFF_MAX = 2.0  # a link that comes back carries the kernel again at once
 COMPLETING_WAIT = 15.0  # for a Slurm job's final state, to name why it ended
+JOB_CANCEL_CONNECT = 10.0  # seconds to reach the login node to scancel
 
 
 class State(enum.Enum):
@@ -65,6 +66,33 @@ class SessionSettings:
     ping_interval: float
     prewarm: bool
     slurm: SlurmSettings | None = None  # the kernel runs as a Slurm job, via this login node
+
+
+async def cancel_job(
+    pool: ConnectionPool, host: Host, options: dict[str, Any], job: SlurmJob
+) -> None:
+    """scancel a kernel's job through its login node; if the login node cannot be
+    reached now, as soon as a connection to it is up again (its launcher, if one
+    runs, cancels it after orphan_timeout in any case)."""
+
+    async def cancel(lease: Lease) -> bool:
+        return await job.cancel(lease.connection)
+
+    async def attempt() -> bool:
+        try:
+            _, done = await pool.use(host, options, cancel, connect_timeout=JOB_CANCEL_CONNECT)
+        except SSHConnectError as exc:
+            log.warning(
+                "kernel %s: cannot cancel Slurm job %s yet: %s", job.kernel_id, job.job_id, exc
+            )
+            return False
+        return done
+
+    async def later() -> None:
+        await attempt()
+
+    if not await attempt():
+        pool.when_reachable(host, options, later)
 
 
 class KernelSession:
@@ -167,8 +195,10 @@ class KernelSession:
             )
         except BaseException:
             if submitted:  # a job of this start only: nothing of it may remain
-                await asyncio.shield(job.cancel(link))
                 self.job = None
+                await asyncio.shield(
+                    cancel_job(self._pool, settings.host, settings.connect_options, job)
+                )
             raise
 
     async def attach(self, handshake: Handshake, token: str) -> None:

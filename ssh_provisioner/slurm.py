@@ -420,16 +420,17 @@ class SlurmJob:
         self.node_address = match.group(1) if match else node
         return self.node_address
 
-    async def cancel(self, link: SSHLink) -> None:
-        """scancel, then until the job has left the queue (bounded)."""
+    async def cancel(self, link: SSHLink) -> bool:
+        """scancel, then until the job has left the queue (bounded).  False if scancel
+        could not be run over ``link`` (the connection failed): try again later."""
         if self.last.ended:
-            return  # ended already (scancel from outside, walltime)
+            return True  # ended already (scancel from outside, walltime)
         self.cancelled = True
         try:
             result = await run_command(link, ["scancel", self.job_id])
         except (asyncssh.Error, OSError, TimeoutError) as exc:
             log.warning("kernel %s: scancel %s failed: %s", self.kernel_id, self.job_id, exc)
-            return
+            return False
         if result.exit_status != 0:
             log.warning(
                 "kernel %s: scancel %s: %s", self.kernel_id, self.job_id, result.stderr.strip()
@@ -444,14 +445,15 @@ class SlurmJob:
             state = result.stdout.strip()
             if result.exit_status == 0 and state not in IN_QUEUE_STATES:
                 log.info("kernel %s: Slurm job %s cancelled", self.kernel_id, self.job_id)
-                return
+                return True
             if result.exit_status != 0 and "Invalid job id" in result.stderr:
-                return
+                return True
             await asyncio.sleep(0.25)
         log.warning(
             "kernel %s: Slurm job %s still in the queue %gs after scancel",
             self.kernel_id, self.job_id, CANCEL_WAIT,
         )  # fmt: skip
+        return True
 
     def walltime_notice(self, time_left: float | None) -> dict[str, Any] | None:
         """For the launcher: when to show the user the time-limit warning, and what."""
