@@ -146,8 +146,10 @@ class SSHProvisioner(KernelProvisionerBase):
         "reservation, job_name ('jupyter-{kernel_id}'), extra_directives (sbatch options), "
         "prologue (shell lines run before the kernel, on the compute node), queue_timeout "
         "(seconds a job may wait in the queue; 0 = no limit), warn_before_walltime "
-        "(seconds; 300), poll_interval (seconds between job-state checks; 5). A restart is "
-        "a new step in the same job; shutdown cancels it.",
+        "(seconds; 300), poll_interval (seconds between job-state checks; 5), "
+        "empty_job_timeout (a job with no kernel in it at two checks this many seconds "
+        "apart ends itself; 120, 0 = never). A restart is a new step in the same job; "
+        "shutdown cancels it.",
     )
     connect_options = Dict(
         config=True,

@@ -81,6 +81,7 @@ class SlurmSettings:
     queue_timeout: float = 0.0  # 0: wait in the queue as long as it takes
     warn_before_walltime: float = 300.0
     poll_interval: float = 5.0
+    empty_job_timeout: float = 120.0  # 0: the job waits for scancel or its time limit
 
     @classmethod
     def parse(cls, config: Mapping[str, Any]) -> SlurmSettings:
@@ -187,7 +188,7 @@ def _coerce(name: str, value: Any) -> Any:
         if isinstance(value, bool) or not re.fullmatch(r"([\w.-]+:)?\d+", text):
             raise ValueError(f"expected a GPU count or TYPE:COUNT, not {value!r}")
         return text
-    if name in ("queue_timeout", "warn_before_walltime", "poll_interval"):
+    if name in ("queue_timeout", "warn_before_walltime", "poll_interval", "empty_job_timeout"):
         number = float(value)
         if number < 0 or (name == "poll_interval" and number <= 0):
             raise ValueError("expected a positive number of seconds")
@@ -277,12 +278,37 @@ async def run_command(
     return await asyncio.wait_for(run(), timeout)
 
 
-# The job's script: it holds the allocation while the kernel runs in a step of it.
-JOB_SCRIPT = (
-    "#!/bin/sh\n"
-    "# ssh-provisioner: holds this allocation; the kernel runs in a step (srun --overlap).\n"
-    "exec sleep 2147483647\n"  # one process: a signal to the batch step reaches it
-)
+def job_script(empty_job_timeout: float) -> str:
+    """The job's script: it holds the allocation while the kernel runs in a step of it.
+
+    It ends the job itself once no step has run at two checks in a row, this many
+    seconds apart: a job whose server went away before its kernel started (or after
+    its kernel ended) is not kept until its time limit.  A failed check counts for
+    nothing.  ``sleep`` runs in the background and the trap ends it, so no process of
+    the script outlives a scancel (proctrack/linuxproc loses a reparented child)."""
+    header = (
+        "#!/bin/sh\n"
+        "# ssh-provisioner holds this allocation; the kernel runs in a step of it "
+        "(srun --overlap).\n"
+    )
+    if empty_job_timeout <= 0:
+        return header + "exec sleep 2147483647\n"
+    return header + (
+        f"# The job ends once no step has run at two checks, {empty_job_timeout:g} s apart.\n"
+        "trap 'kill \"$pid\" 2>/dev/null; exit 143' HUP INT TERM\n"
+        "empty=0\n"
+        "while :; do\n"
+        f"  sleep {empty_job_timeout:g} & pid=$!\n"
+        '  wait "$pid"\n'
+        '  steps=$(squeue -h -s -j "$SLURM_JOB_ID" -o %i) || continue\n'
+        "  if printf '%s\\n' \"$steps\" | grep -q -v -e '[.]batch$' -e '[.]extern$' -e '^$'; then\n"
+        "    empty=0\n"
+        "  else\n"
+        "    empty=$((empty + 1))\n"
+        '    [ "$empty" -lt 2 ] || exit 0\n'
+        "  fi\n"
+        "done\n"
+    )
 
 
 class SlurmJob:
@@ -307,7 +333,8 @@ class SlurmJob:
     ) -> SlurmJob:
         argv = settings.sbatch_argv(kernel_id)
         try:
-            result = await run_command(link, argv, JOB_SCRIPT.encode())
+            script = job_script(settings.empty_job_timeout)
+            result = await run_command(link, argv, script.encode())
         except (asyncssh.Error, OSError, TimeoutError) as exc:
             raise SlurmError(
                 f"kernel {kernel_id}: sbatch on {login} failed: {exc}", host=login

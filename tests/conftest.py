@@ -349,7 +349,12 @@ def slurm_config(
         "remote_python": sys.executable,
         "launch_timeout": 30.0,
         "orphan_timeout": 10.0,
-        "slurm": {"partition": "gpu", "time": "00:30:00", "poll_interval": 1},
+        "slurm": {
+            "partition": "gpu",
+            "time": "00:30:00",
+            "poll_interval": 1,
+            "empty_job_timeout": 10,
+        },
     }
     slurm_cluster.wait_queue_empty(30)
     for node in slurm_cluster.nodes:

@@ -252,7 +252,7 @@ async def test_the_secrets_are_nowhere_slurm_or_other_processes_could_show_them(
             cluster.command("scontrol", "write", "batch_script", here["job"], "-").stdout,
             cluster.command("squeue", "-h", "-j", here["job"], "-o", "%all").stdout,
         ]
-        assert "exec sleep 2147483647" in shown[1]  # the stored script was read
+        assert "ssh-provisioner holds this allocation" in shown[1]  # the stored script was read
         for text in shown:
             assert not any(secret.decode() in text for secret in secrets_)
         # everything Slurm stored (job scripts, environments, state) and every process's
@@ -527,4 +527,58 @@ async def test_a_kernel_of_an_ordinary_user(
         assert host in ("node1", "node2", "node3")
         job = (await where(kc))["job"]
         assert cluster.job_field(job, "UserId").startswith(f"{test_user}(")
+    cluster.wait_queue_empty(20)
+
+
+PENDING_THEN_GONE = """
+import asyncio, os, sys
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import AsyncKernelManager
+
+async def main():
+    ksm = KernelSpecManager(kernel_dirs=[sys.argv[1]])
+    km = AsyncKernelManager(kernel_name=sys.argv[2], kernel_spec_manager=ksm)
+    await km.start_kernel()  # waits in the queue until this process is killed
+
+asyncio.run(main())
+"""
+
+
+async def test_a_job_whose_server_died_in_the_queue_ends_by_itself(
+    make_kernelspec: KernelSpecFactory, slurm_config: dict[str, Any], cluster: SlurmCluster
+) -> None:
+    """The server is killed while its kernel's job waits in the queue: nobody will
+    start a kernel in it or cancel it.  Once it runs, it finds no step at two checks
+    (empty_job_timeout apart) and ends, giving the allocation back."""
+    config = {**slurm_config, "slurm": {**slurm_config["slurm"], "gpus": 2}}
+    async with contextlib.AsyncExitStack() as stack:
+        kernels = [
+            await stack.enter_async_context(running_kernel(make_kernelspec, config))
+            for _ in range(3)  # every GPU taken
+        ]
+        ksm, name = make_kernelspec(
+            {**config, "slurm": {**config["slurm"], "empty_job_timeout": 2}}
+        )
+        server = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", PENDING_THEN_GONE, ksm.kernel_dirs[0], name
+        )
+        try:
+            await wait_until(
+                lambda: any(job["state"] == "PENDING" for job in cluster.jobs()), 30, "pending"
+            )
+        finally:
+            server.kill()
+            await server.wait()
+        orphan = next(job["id"] for job in cluster.jobs() if job["state"] == "PENDING")
+        await kernels[0][0].shutdown_kernel()  # its GPUs go to the orphan's job
+        await wait_until(
+            lambda: cluster.job_field(orphan, "JobState") == "RUNNING", 30, "the job to run"
+        )
+        await wait_until(
+            lambda: cluster.job_field(orphan, "JobState") == "COMPLETED", 30, "it to end"
+        )
+        assert orphan not in [job["id"] for job in cluster.jobs()]
+        for _, kc in kernels[1:]:  # the others' jobs, kernels running in them, are kept
+            out, _ = await execute(kc, "print('kept')")
+            assert out.strip() == "kept"
     cluster.wait_queue_empty(20)
