@@ -1465,6 +1465,10 @@ def name_is_signal(name: Any) -> bool:
 
 def on_terminate(supervisor: Supervisor) -> Any:
     def handler(signum: int, frame: Any) -> None:
+        # Once: a second SIGTERM (Slurm sends one per step and per job at a time limit)
+        # must not cut short the cleanup the first one started.
+        for other in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(other, signal.SIG_IGN)
         supervisor.send(signal.SIGTERM)
         raise SystemExit(128 + signum)
 

@@ -28,7 +28,7 @@ from .test_lifecycle import running_kernel
 from .test_resilience import PROCESS_A, take_over
 from .test_security import INTRUDER
 
-pytestmark = [pytest.mark.sshd, pytest.mark.slurm]
+pytestmark = [pytest.mark.sshd, pytest.mark.slurm, pytest.mark.usefixtures("no_leaks")]
 
 
 @pytest.fixture
