@@ -1386,7 +1386,8 @@ class Relay:
                 continue
             stream.unacked += segment
             if ends:
-                self.message_kept(stream, cutter.frames)
+                if self.notice_text:  # only a kernel with a notice to come pays for this
+                    self.message_kept(stream, cutter.frames)
                 self.notice_dropped(stream)
 
     def message_kept(self, stream: RelayStream, frames: List[bytes]) -> None:
