@@ -36,6 +36,7 @@ HOSTNAME = "host-a"  # the first trio host's own (UTS namespace) hostname
 VENV_BIN = str(Path(sys.executable).parent)
 WHERE = "import socket; print('on', socket.gethostname())"
 IDLE_TIMEOUT = 1.0
+KEEPALIVE = 5.0
 
 
 @pytest.fixture
@@ -116,10 +117,21 @@ def blocking_execute(kc: BlockingKernelClient, code: str, timeout: float = 30) -
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_the_sync_kernel_manager_and_blocking_client(one_host: tuple[Any, str, SSHDaemon]) -> None:
-    """The whole life through the sync API, with 90 s of silence in the middle: no call
-    into jupyter_client, so nothing but the engine keeps the kernel's link alive."""
-    ksm, name, daemon = one_host
+def test_the_sync_kernel_manager_and_blocking_client(
+    trio: list[SSHDaemon], trio_config: dict[str, Any], make_kernelspec: KernelSpecFactory
+) -> None:
+    """The whole life through the sync API, with a silence in the middle longer than
+    the launcher waits before it counts its client gone and ends an orphan: no call into
+    jupyter_client, so nothing but the engine keeps the kernel's link alive."""
+    daemon = trio[0]
+    config = {
+        **trio_config,
+        "hosts": trio_config["hosts"][:1],
+        "pool_idle_timeout": IDLE_TIMEOUT,
+        "keepalive_interval": KEEPALIVE,  # the launcher's liveness_timeout is 4 of these
+    }
+    silence = KEEPALIVE * 4 + config["orphan_timeout"] + 10
+    ksm, name = make_kernelspec(config)
     km = KernelManager(kernel_name=name, kernel_spec_manager=ksm)
     km.shutdown_wait_time = 4.0
     km.start_kernel()
@@ -139,7 +151,7 @@ def test_the_sync_kernel_manager_and_blocking_client(one_host: tuple[Any, str, S
         km.restart_kernel()
         kc.wait_for_ready(timeout=30)
         assert blocking_execute(kc, "x = 6 * 7; print(x)").strip() == "42"
-        time.sleep(90)  # the point of the test: a client that says nothing for 90 s
+        time.sleep(silence)  # the point of the test: a client that says nothing that long
         assert blocking_execute(kc, "print(x)").strip() == "42"
         assert km.is_alive()
     finally:

@@ -314,9 +314,9 @@ async def test_a_typo_in_the_slurm_section_names_the_option() -> None:
 async def test_a_blip_to_the_login_node_loses_nothing(
     make_kernelspec: KernelSpecFactory, slurm_config: dict[str, Any], cluster: SlurmCluster
 ) -> None:
-    """The login node's link is down for 8 s while a cell prints on a compute node:
-    the kernel is unreachable, not dead; it is reattached through the login node, and
-    every line arrives, in order."""
+    """The login node's link is down for 8 s while a cell prints on a compute node (and
+    ends, its last lines held on the node): the kernel is unreachable, not dead; it is
+    reattached through the login node, and every line arrives, in order."""
     config = {
         **slurm_config,
         "connect_options": {**slurm_config["connect_options"], "keepalive_interval": 1.0},
@@ -326,7 +326,7 @@ async def test_a_blip_to_the_login_node_loses_nothing(
     }
     async with running_kernel(make_kernelspec, config) as (km, kc):
         before = await where(kc)
-        code = "import time\nfor i in range(40):\n    print(i, flush=True)\n    time.sleep(0.5)"
+        code = "import time\nfor i in range(40):\n    print(i, flush=True)\n    time.sleep(0.2)"
         msg_id = kc.execute(code)
         lines: list[str] = []
 

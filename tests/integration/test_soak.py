@@ -64,7 +64,7 @@ async def test_soak_local_baseline(make_kernelspec: KernelSpecFactory) -> None:
     """The same cycles with LocalProvisioner: what fails here too is ipykernel's."""
     argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
     ksm, name = make_kernelspec({}, provisioner_name="local-provisioner", argv=argv)
-    cycles = max(1, CYCLES // 2)  # the thousands of interrupts behind the README's figures
+    cycles = max(1, CYCLES // 4)  # the thousands of interrupts behind the README's figures
     started = time.monotonic()  # were run apart; this keeps both sides honest in CI
     for index in range(cycles):
         await cycle(ksm, name, index)
