@@ -27,7 +27,13 @@ from .policies import LeastLoad, MostFreeGpuMemory, parse_gpus, parse_load
 from .pool import connect
 from .remote import run_probe
 from .slurm import SlurmSettings
-from .sshconfig import ALLOW_UNCHECKED, check_host_key_checking, read_host_config, unchecked
+from .sshconfig import (
+    ALLOW_UNCHECKED,
+    check_host_key_checking,
+    known_hosts_sources,
+    resolve_host_config,
+    unchecked,
+)
 
 CHECKS = (
     "master", "dns", "tcp", "host key", "auth", "python", "kernel", "load", "gpus", "slurm", "rtt"
@@ -168,10 +174,13 @@ async def _check_login(
     host = entry.host
     key_check = Check(OK, "known and matching")
     with contextlib.suppress(SSHProvisionerError):  # connect() reports it, below
-        config = await asyncio.to_thread(read_host_config, host, connect_options)
+        config = await resolve_host_config(host, connect_options)
         allow = bool(connect_options.get(ALLOW_UNCHECKED))
         plain = {k: v for k, v in connect_options.items() if k != ALLOW_UNCHECKED}
-        if unchecked(check_host_key_checking(host, plain, config, allow_unchecked=allow)):
+        checked = check_host_key_checking(host, plain, config, allow_unchecked=allow)
+        # what asyncssh is given, after the config's canonical and final passes
+        key_check = Check(OK, f"known and matching (in {known_hosts_sources(checked)})", noted=True)
+        if unchecked(checked):
             key_check = Check(
                 WARN,
                 f"NOT checked ({ALLOW_UNCHECKED}): whoever answers as this host gets "
@@ -346,10 +355,11 @@ def render_table(reports: list[HostReport]) -> str:
         for name, c in r.checks.items()
         if c.status in (FAIL, WARN) and c.detail
     ]
-    notes = [  # how each host is reached, where an OpenSSH master is in play
-        f"  {r.host}: master: {c.detail}"
+    notes = [  # how each host is reached (an OpenSSH master), what its key was checked against
+        f"  {r.host}: {name}: {c.detail}"
         for r in reports
-        if (c := r.checks.get("master")) is not None and c.status in (OK, INFO) and c.noted
+        for name, c in r.checks.items()
+        if c.status in (OK, INFO) and c.noted
     ]
     failed = [r.host for r in reports if not r.ok]
     verdict = (

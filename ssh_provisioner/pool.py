@@ -48,7 +48,7 @@ from .sshconfig import (
     HostConfig,
     check_host_key_checking,
     jump_hosts,
-    read_host_config,
+    resolve_host_config,
 )
 
 log = logging.getLogger(__name__)
@@ -365,7 +365,7 @@ async def connect(host: Host, options: dict[str, Any], *, connect_timeout: float
     one (``use_control_master``), else a connection of our own.  Every failure is
     translated into our exception tree."""
     mode = mode_of(options)
-    config = await asyncio.to_thread(read_host_config, host, _public(options))
+    config = await resolve_host_config(host, _public(options))
     check_host_key_checking(
         host, _public(options), config, allow_unchecked=bool(options.get(ALLOW_UNCHECKED))
     )  # the master's connection was made with the same config: refused alike
@@ -410,7 +410,7 @@ async def _connect(
     rules = parse_rules(kbdint)
     options = _public(options)
     if config is None:
-        config = await asyncio.to_thread(read_host_config, host, options)
+        config = await resolve_host_config(host, options)
     requested = options
     options = check_host_key_checking(host, options, config, allow_unchecked=allow_unchecked)
     hop: Via | None = None
@@ -554,7 +554,7 @@ def _acknowledge_now(connection: asyncssh.SSHClientConnection) -> None:
 
 def _count_known_keys(host: Host, options: dict[str, Any]) -> int:
     """How many keys the client trusts for ``host``: tells 'unknown' from 'changed'."""
-    known_hosts = options.get("known_hosts", DEFAULT_KNOWN_HOSTS)
+    known_hosts = options.get("known_hosts") or DEFAULT_KNOWN_HOSTS
     sources = known_hosts if isinstance(known_hosts, list | tuple) else [known_hosts]
     total = 0
     for source in sources:

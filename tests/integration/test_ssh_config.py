@@ -29,13 +29,18 @@ def hermetic(key: Path, config_file: Path, **extra: Any) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(
-    ("lines", "named"),
+    ("block", "lines", "named"),
     [
-        (["UserKnownHostsFile none"], ["'UserKnownHostsFile none'"]),
+        ("Host {address}", ["UserKnownHostsFile none"], ["'UserKnownHostsFile none'"]),
         (
+            "Host {address}",
             ["StrictHostKeyChecking no", "UserKnownHostsFile /dev/null"],
             ["'UserKnownHostsFile /dev/null'", "'StrictHostKeyChecking no'"],
         ),
+        # asyncssh reads these only in its second pass over the config
+        ("Match final", ["UserKnownHostsFile none"], ["'UserKnownHostsFile none'"]),
+        ("Match final host {address}", ["UserKnownHostsFile none"], ["'UserKnownHostsFile none'"]),
+        ("Match final", ["Include {included}"], ["'UserKnownHostsFile none'"]),
     ],
 )
 async def test_an_ssh_config_line_cannot_switch_host_key_checking_off(
@@ -43,15 +48,21 @@ async def test_an_ssh_config_line_cannot_switch_host_key_checking_off(
     host_a: SSHDaemon,
     client_key: tuple[Path, str],
     tmp_path: Path,
+    block: str,
     lines: list[str],
     named: list[str],
 ) -> None:
     """The host's key is in no known_hosts file, and the config says not to check:
     the start is refused with the file and line named; an admin may allow it."""
     config_file = tmp_path / "ssh_config"
+    included = tmp_path / "included_config"
+    included.write_text("# a file included inside a Match block\nUserKnownHostsFile none\n")
+    where = f"{included} line 2" if "Include" in lines[0] else f"{config_file} line 4"
     config_file.write_text(
         "Host elsewhere\n  User nobody\n"
-        f"Host {host_a.address}\n" + "".join(f"  {line}\n" for line in lines)
+        + block.format(address=host_a.address)
+        + "\n"
+        + "".join(f"  {line.format(included=included)}\n" for line in lines)
     )
     config = {
         "hosts": [host_a.destination("root")],
@@ -61,7 +72,7 @@ async def test_an_ssh_config_line_cannot_switch_host_key_checking_off(
     message = await start_failing(make_kernelspec, config, HostKeyError)
     for line in named:
         assert line in message
-    assert f"{config_file} line 4" in message
+    assert where in message
     assert "allow_unchecked_host_keys" in message
     assert str(host_a.port) in message  # the host is named
     allowed = {**config, "allow_unchecked_host_keys": True}
@@ -92,6 +103,54 @@ def test_the_doctor_never_calls_an_unchecked_key_known(
     )  # fmt: skip
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert "known and matching" in checked.stdout
+
+
+CANONICAL = "CanonicalizeHostname yes\nCanonicalDomains corp.example\n"
+
+
+@pytest.mark.parametrize(
+    "config_text",
+    [
+        CANONICAL + "Host *.corp.example\n  UserKnownHostsFile none\n",
+        CANONICAL + "Match canonical\n  UserKnownHostsFile none\n",
+        CANONICAL + "Match canonical host gpu1.corp.example\n  UserKnownHostsFile none\n",
+    ],
+)
+def test_a_canonicalized_name_cannot_switch_host_key_checking_off(
+    host_a: SSHDaemon, client_key: tuple[Path, str], tmp_path: Path, config_text: str
+) -> None:
+    """``gpu1`` becomes ``gpu1.corp.example`` (resolved through a private /etc/hosts in
+    a mount namespace of its own), and only that name's block turns checking off: the
+    connection every start and the doctor make is refused, naming the line."""
+    config_file = tmp_path / "ssh_config"
+    config_file.write_text(config_text)
+    refused = _check_in_private_hosts(host_a, client_key[0], config_file, tmp_path)
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert "'UserKnownHostsFile none'" in refused.stdout
+    assert f"{config_file} line 4" in refused.stdout
+    assert "known and matching" not in refused.stdout
+    # the same block pointing at a file that has the key: checked against that file
+    config_file.write_text(config_text.replace("none", str(host_a.known_hosts)))
+    checked = _check_in_private_hosts(host_a, client_key[0], config_file, tmp_path)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert f"known and matching (in {host_a.known_hosts})" in checked.stdout
+
+
+def _check_in_private_hosts(
+    host: SSHDaemon, key: Path, config_file: Path, tmp_path: Path
+) -> subprocess.CompletedProcess[str]:
+    hosts = tmp_path / "hosts"
+    hosts.write_text(f"127.0.0.1 localhost\n{host.address} gpu1.corp.example\n")
+    command = [
+        "unshare", "--mount", "--propagation", "private",
+        "sh", "-c", 'mount --bind "$0" /etc/hosts && exec "$@"', str(hosts),
+        str(Path(sys.executable).parent / "ssh-provisioner"), "check",
+        "--host", f"root@gpu1:{host.port}", "--python", sys.executable,
+        "--connect-option", f"client_keys=[\"{key}\"]",
+        "--connect-option", f"config=[\"{config_file}\"]",
+        "--connect-option", "agent_path=\"\"",
+    ]  # fmt: skip
+    return subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
 
 
 @pytest.fixture
