@@ -22,6 +22,7 @@ hours later, so EOF alone would leave the kernel running that long.
 
 import collections
 import contextlib
+import errno
 import json
 import os
 import queue
@@ -497,11 +498,16 @@ class Supervisor:
         self.control_path = path
 
         def accept() -> None:
-            while True:
+            # One failed accept (EMFILE while something floods the relay) must not
+            # close the door for good: the next blip would lose the kernel.
+            while server.fileno() >= 0:
                 try:
                     conn, _ = server.accept()
-                except OSError:
-                    return
+                except OSError as exc:
+                    if exc.errno in (errno.EBADF, errno.EINVAL):
+                        return  # closed
+                    time.sleep(ACCEPT_BACKOFF)
+                    continue
                 threading.Thread(target=self.authenticate, args=(conn, token), daemon=True).start()
 
         threading.Thread(target=accept, daemon=True).start()
@@ -739,10 +745,16 @@ FRAME_DATA, FRAME_ACK, FRAME_CLOSE = b"D", b"A", b"C"
 FRAME_PAYLOAD_MAX = 65536
 ACK_EVERY = 128 * 1024
 HANDSHAKE_LINE_MAX = 4096
-HANDSHAKE_TIMEOUT = 10.0
+# Anyone on the host may connect to a relay on TCP: connections that have not proven
+# the token yet are few (the oldest goes first) and short-lived, and streams per kernel
+# channel are capped, so that no flood takes the launcher to its descriptor limit.
+HANDSHAKE_TIMEOUT = 5.0
+UNPROVEN_MAX = 64
+STREAMS_PER_CHANNEL_MAX = 64
+ACCEPT_BACKOFF = 0.2  # out of descriptors: the listener stays readable; wait, don't spin
 LINK_OUTPUT_HIGH = 256 * 1024  # frame more of the stream once the channel took this in
 TO_KERNEL_HIGH = 1024 * 1024  # stop reading the channel while the kernel lags this much
-DEFAULT_OUTAGE_BUFFER = 32 * 1024 * 1024
+DEFAULT_OUTAGE_BUFFER = 32 * 1024 * 1024  # all streams together: the launcher's budget
 # The buffer also holds what is on its way to the client (up to an SSH channel window,
 # 2 MiB with asyncssh) and not yet acknowledged: a smaller one would drop output of a
 # client that keeps up.
@@ -754,6 +766,13 @@ MIN_OUTAGE_BUFFER = 4 * 1024 * 1024
 # the outage buffer.
 IN_FLIGHT_MAX = 2 * 1024 * 1024
 STALL_AFTER = 2.0
+# A client that confirms nothing while other clients of the same link do is slow, not
+# cut off: it gets what a ZMQ socket gives a slow peer (the kernel's socket keeps what
+# it does not read, and PUB drops past its high-water mark), never the outage buffer.
+# Whatever the clients do, the streams together hold at most the budget (outage_buffer)
+# plus a quarter of it for messages that are never dropped, plus FAIR_SHARE a stream:
+# a client that keeps up always gets its share, however much the others hold.
+FAIR_SHARE = 256 * 1024
 
 
 class MessageCutter:
@@ -999,6 +1018,11 @@ class Relay:
         self.connection = spec["connection"]  # type: Dict[str, Any]
         self.transport, self.endpoints = transport, endpoints
         self.bound = max(MIN_OUTAGE_BUFFER, int(spec.get("outage_buffer") or DEFAULT_OUTAGE_BUFFER))
+        self.headroom = self.bound // 4  # for messages never dropped, during an outage
+        self.heard_at = 0.0  # when a proven client's bytes last arrived: the link is up
+        self.accept_resumes_at = None  # type: Optional[float]
+        self.at_limit = set()  # type: Set[str]  # streams whose pause at the limit was logged
+        self.refusals_logged = {}  # type: Dict[str, float]  # channel: when
         self.linger = float(spec.get("stream_linger") or 120)
         self.streams = {}  # type: Dict[str, RelayStream]
         self.links = set()  # type: Set[RelayLink]
@@ -1057,7 +1081,8 @@ class Relay:
 
     def serve(self) -> None:
         while self.running:
-            for key, mask in self.selector.select(timeout=1.0):
+            wait = 1.0 if self.accept_resumes_at is None else ACCEPT_BACKOFF
+            for key, mask in self.selector.select(timeout=wait):
                 owner = key.data
                 try:
                     if owner is self:
@@ -1099,8 +1124,16 @@ class Relay:
     def accept(self) -> None:
         try:
             sock, _ = self.server.accept()
-        except OSError:
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                if self.accept_resumes_at is None:
+                    log("relay: cannot accept a connection (%s); retrying" % exc.strerror)
+                self.watch(self.server, self, False, False)
+                self.accept_resumes_at = time.monotonic() + ACCEPT_BACKOFF
             return
+        unproven = [link for link in self.links if link.phase != "open"]
+        if len(unproven) >= UNPROVEN_MAX:  # a flood: the oldest makes room
+            self.drop_link(min(unproven, key=lambda link: link.since))
         sock.setblocking(False)
         if sock.family == socket.AF_INET:  # small frames must not wait for an ACK (Nagle)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -1109,6 +1142,9 @@ class Relay:
         self.watch(sock, link, True, False)
 
     def expire(self, now: float) -> None:
+        if self.accept_resumes_at is not None and now >= self.accept_resumes_at:
+            self.accept_resumes_at = None
+            self.watch(self.server, self, True, False)
         if self.notice_at is not None and now >= self.notice_at:
             self.notice_at = None
             log(self.notice_text.strip())
@@ -1120,8 +1156,8 @@ class Relay:
                 self.drop_link(link)
         for stream in list(self.streams.values()):
             quiet = now - stream.progress_at > STALL_AFTER
-            if stream.link is not None and stream.reading_paused and quiet and not stream.stalled:
-                stream.stalled = True
+            if stream.link is not None and stream.reading_paused and quiet:
+                stream.stalled = True  # slow, or cut off: in_outage() tells which
                 self.read_if_room(stream)
             if stream.link is None and now - stream.left_at > self.linger:
                 log(
@@ -1140,6 +1176,8 @@ class Relay:
             self.drop_link(link)
             return
         link.inbuf += data
+        if link.phase == "open":
+            self.heard_at = time.monotonic()
         while link in self.links and link.phase != "open":
             end = link.inbuf.find(b"\n")
             if end < 0:
@@ -1154,6 +1192,19 @@ class Relay:
 
     def handshake(self, link: RelayLink, message: Dict[str, Any]) -> None:
         if link.phase == "hello":
+            channel = str(message.get("channel"))
+            if not message.get("resume") and self.stream_count(channel) >= STREAMS_PER_CHANNEL_MAX:
+                now = time.monotonic()
+                if now - self.refusals_logged.get(channel, -60.0) >= 60.0:  # once a minute
+                    self.refusals_logged[channel] = now
+                    log(
+                        "relay: refused a new %s connection: the kernel's %s port already "
+                        "has %d streams (the most it relays)"
+                        % (channel, channel, STREAMS_PER_CHANNEL_MAX)
+                    )
+                link.closing = True
+                self.send_line(link, {"error": "too many %s connections" % channel})
+                return
             link.hello = message
             link.nonce = os.urandom(16).hex()
             proof = prove(self.token, "relay", str(message["hello"]), link.nonce)
@@ -1263,6 +1314,7 @@ class Relay:
             stream.acked = received
             stream.framed = max(0, stream.framed - confirmed)
             stream.progress_at, stream.stalled = time.monotonic(), False
+            self.at_limit.discard(stream.sid)
             self.read_if_room(stream)
             self.notice_dropped(stream)
 
@@ -1333,22 +1385,46 @@ class Relay:
         self.take_from_kernel(stream, data)
         if not self.room(stream):
             # The kernel's socket keeps what no one reads, to its high-water mark.
+            if self.in_outage(stream) and stream.sid not in self.at_limit:
+                self.at_limit.add(stream.sid)
+                log(
+                    "relay: %s stream %s paused: the launcher holds %d bytes for clients "
+                    "that are away (outage_buffer %d and a quarter more for messages never "
+                    "dropped); the kernel's socket keeps the rest, as for a slow client"
+                    % (stream.channel, stream.sid, self.held(), self.bound)
+                )
             stream.reading_paused = True
             stream.progress_at = time.monotonic()
             self.watch(stream.kernel, stream, False, bool(stream.to_kernel))
         self.flush(stream)
 
+    def stream_count(self, channel: str) -> int:
+        return sum(1 for stream in self.streams.values() if stream.channel == channel)
+
+    def held(self) -> int:
+        """What the streams together hold for their clients: the launcher's budget."""
+        return sum(len(s.unacked) + len(s.undecided) for s in self.streams.values())
+
     def in_outage(self, stream: RelayStream) -> bool:
-        return stream.link is None or stream.stalled
+        """Is this stream's client cut off (not merely slow)?  Its channel is gone, or
+        it confirmed nothing for STALL_AFTER and neither did any other client."""
+        if stream.link is None:
+            return True
+        return stream.stalled and time.monotonic() - self.heard_at > STALL_AFTER
 
     def can_drop(self, stream: RelayStream) -> bool:
         return stream.cutter is not None and not stream.cutter.opaque
 
     def room(self, stream: RelayStream) -> bool:
         """May the relay read more of the kernel's output for this stream?"""
+        mine = len(stream.unacked) + len(stream.undecided)
+        if mine < FAIR_SHARE:
+            return True
         if not self.in_outage(stream):
-            return len(stream.unacked) < IN_FLIGHT_MAX
-        return self.can_drop(stream) or len(stream.unacked) < self.bound
+            return mine < IN_FLIGHT_MAX and self.held() < self.bound
+        if self.can_drop(stream):  # past the budget output is dropped, the rest kept
+            return self.held() < self.bound + self.headroom
+        return self.held() < self.bound
 
     def read_if_room(self, stream: RelayStream) -> None:
         if stream.reading_paused and not stream.kernel_eof and self.room(stream):
@@ -1362,8 +1438,10 @@ class Relay:
         if cutter is None or cutter.opaque:
             stream.unacked += data
             return
+        outage = self.in_outage(stream)
+        others = self.held() - len(stream.unacked) - len(stream.undecided) if outage else 0
         for segment, starts, _, ends in cutter.feed(data):
-            if starts and len(stream.unacked) >= self.bound and self.in_outage(stream):
+            if starts and outage and others + len(stream.unacked) >= self.bound:
                 stream.deciding = True
             if stream.deciding:
                 stream.undecided += segment
@@ -1420,7 +1498,7 @@ class Relay:
         cutter = stream.cutter
         if not stream.dropped_messages or cutter is None or not cutter.between_messages:
             return
-        if len(stream.unacked) < self.bound:
+        if self.held() < self.bound:
             self.add_notice(stream)
             self.flush(stream)
 
@@ -1450,6 +1528,7 @@ class Relay:
         if self.streams.get(stream.sid) is not stream:
             return
         del self.streams[stream.sid]
+        self.at_limit.discard(stream.sid)
         self.watch(stream.kernel, stream, False, False)
         stream.kernel.close()
         if stream.link is not None:

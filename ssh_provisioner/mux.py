@@ -429,6 +429,10 @@ class MuxLink(SSHLink):
         self._spares: set[MuxProcess] = set()
         self._streams: set[_MuxStream] = set()
         self._session_freed = asyncio.Event()  # replaced each time one is set
+        # Session requests of ours in flight count as ours: a refusal that overtakes
+        # them is not "someone else's sessions" (concurrent starts at MaxSessions).
+        self._requests_in_flight = 0
+        self._request_settled = asyncio.Event()  # replaced each time one is set
         self._last_session_end = -SESSION_RELEASE_LAG
         self._held_controls: list[_Control] = []  # of open_socket's sockets
         self._watch = asyncio.get_running_loop().create_task(self._watch_master())
@@ -523,7 +527,7 @@ class MuxLink(SSHLink):
         while True:
             freed = self._session_freed
             try:
-                process = await self._open_session(command)
+                process = await self._open_counted(command)
             except asyncssh.ChannelOpenError:
                 if spare or loop.time() >= deadline:
                     raise
@@ -534,6 +538,13 @@ class MuxLink(SSHLink):
                     self._spares.pop().close()
                 elif loop.time() - self._last_session_end < SESSION_RELEASE_LAG:
                     await asyncio.sleep(SESSION_RETRY_PAUSE)  # ours ended; sshd frees it next
+                    continue
+                elif not self._sessions and self._requests_in_flight:
+                    # ours may be taking the last sessions: once they are answered, this
+                    # one waits for a session of ours to end, or is refused for good
+                    settled = self._request_settled
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(settled.wait(), deadline - loop.time())
                     continue
                 elif not self._sessions:
                     raise  # the sessions are someone else's: nothing of ours will free one
@@ -547,6 +558,15 @@ class MuxLink(SSHLink):
 
     def claim(self, process: RemoteProcess) -> None:
         self._spares.discard(process)
+
+    async def _open_counted(self, command: str) -> MuxProcess:
+        self._requests_in_flight += 1
+        try:
+            return await self._open_session(command)
+        finally:
+            self._requests_in_flight -= 1
+            settled, self._request_settled = self._request_settled, asyncio.Event()
+            settled.set()
 
     async def _open_session(self, command: str) -> MuxProcess:
         self._check_open()

@@ -25,6 +25,7 @@ import hmac
 import json
 import logging
 import secrets
+import time
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -49,6 +50,11 @@ log = logging.getLogger(__name__)
 LOCAL_ADDRESS = "127.0.0.1"
 IOPUB_FIRST_BOUND = 1.5  # seconds other channels wait for IOPub's clients at most
 MAX_HELD_PER_PORT = 32  # older held connections are closed (their clients reconnect)
+# Connections a port relays at once (as the launcher's relay: STREAMS_PER_CHANNEL_MAX):
+# another local user's flood of idle connections must not become as many SSH channels
+# and launcher sockets.  Past it a new connection is closed, and the log says why.
+MAX_LINKS_PER_PORT = 64
+REFUSAL_LOG_INTERVAL = 60.0  # seconds between two log lines about refused connections
 RESUMES_ALONE_MAX = 3
 CLIENT_BUFFER_LIMIT = 1024 * 1024  # what a client may send unconfirmed before it waits
 Endpoint = int | str  # a TCP port on the host's loopback, or a Unix socket path
@@ -288,6 +294,9 @@ class _Link(asyncio.Protocol):
         if target is None:
             return False
         if self._phase == "proof":
+            if "error" in message and "proof" not in message:  # e.g. too many streams
+                self._ports.refused(self, f"the relay refused it: {message['error']}")
+                return False
             expected = prove(target.token, "relay", self._nonce, str(message.get("nonce")))
             if not hmac.compare_digest(str(message.get("proof")), expected):
                 self._refuse("a relay that cannot prove it knows the kernel's token")
@@ -444,6 +453,7 @@ class KernelPorts:
         self._gate_timer: asyncio.TimerHandle | None = None
         self._iopub_expected = 0
         self._iopub_subscribed = 0
+        self._refusals_logged: dict[str, float] = {}  # channel: when
 
     @classmethod
     async def open(cls, preferred: dict[str, int] | None = None) -> KernelPorts:
@@ -554,10 +564,28 @@ class KernelPorts:
     def accepted(self, link: _Link) -> None:
         if not self._servers:
             link.close()
+        elif self._links_on(link.channel) >= MAX_LINKS_PER_PORT:
+            self.refused(link, f"the port already relays {MAX_LINKS_PER_PORT} connections")
         elif self._target is not None and (link.channel == "iopub" or self._gate_open):
             self._relay(link, self._target)
         else:
             self.hold(link)
+
+    def _links_on(self, channel: str) -> int:
+        live = self._relayed | self._suspended
+        return len(self._held[channel]) + sum(1 for link in live if link.channel == channel)
+
+    def refused(self, link: _Link, why: str) -> None:
+        """Close a connection the kernel's side cannot take: said once a minute per port
+        (a flood of connections must not flood the log too)."""
+        now = time.monotonic()
+        if now - self._refusals_logged.get(link.channel, -REFUSAL_LOG_INTERVAL) >= (
+            REFUSAL_LOG_INTERVAL
+        ):
+            self._refusals_logged[link.channel] = now
+            label = self._target.label if self._target is not None else "the kernel"
+            log.error("%s: refused a new %s connection: %s", label, link.channel, why)
+        link.close()
 
     def hold(self, link: _Link) -> None:
         self._relayed.discard(link)

@@ -432,6 +432,37 @@ async def test_a_spare_yields_its_session_when_the_users_own_fill_the_rest(
     assert logins(daemon) == 1
 
 
+async def test_concurrent_starts_at_max_sessions_all_succeed(
+    make_kernelspec: KernelSpecFactory,
+    second_factor_host: tuple[SSHDaemon, SecondFactor],
+    master: Master,
+) -> None:
+    """Three sessions free (the user's own seven hold the rest of MaxSessions 10): five
+    kernels started at once, twenty times (a restored workspace does this), all start:
+    a refusal that overtakes our own requests in flight waits, as any other."""
+    daemon, _ = second_factor_host
+    master.open()
+    config = master_config(master, pool_idle_timeout=0)
+    with users_own_sessions(master, 7) as running:
+        await wait_until(lambda: running() == 7, 20, "the user's seven sessions")
+        for _ in range(20):
+            managers = []
+            for _ in range(5):
+                ksm, name = make_kernelspec(config)
+                managers.append(AsyncKernelManager(kernel_name=name, kernel_spec_manager=ksm))
+            started = await asyncio.gather(
+                *(km.start_kernel() for km in managers), return_exceptions=True
+            )
+            await asyncio.gather(
+                *(km.shutdown_kernel(now=True) for km in managers if km.has_kernel)
+            )
+            for km in managers:
+                await km.cleanup_resources()
+            failures = [result for result in started if isinstance(result, BaseException)]
+            assert failures == []
+    assert logins(daemon) == 1
+
+
 async def test_another_process_reattaches_through_the_master(
     make_kernelspec: KernelSpecFactory,
     second_factor_host: tuple[SSHDaemon, SecondFactor],
