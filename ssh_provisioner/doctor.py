@@ -41,9 +41,11 @@ CHECKS = (
 SLURM_COMMANDS = ("sbatch", "srun", "squeue", "scontrol", "scancel", "sinfo")
 OLDEST_PYTHON = (3, 6)  # the oldest the launcher runs on (tested on 3.6 to 3.13)
 OK, FAIL, WARN, SKIP, INFO = "ok", "FAIL", "warn", "skip", "info"
-PYTHON_VERSION = "import sys; print('%d.%d.%d' % sys.version_info[:3])"
-IPYKERNEL_VERSION = "import ipykernel; print(ipykernel.__version__)"
-WHICH = "import shutil, sys; p = shutil.which(sys.argv[1]); print(p or ''); sys.exit(not p)"
+# Each answer is the last line, after a newline of its own: what a login shell prints
+# first (a .bashrc's banner, maybe without a newline) comes before it.
+PYTHON_VERSION = "import sys; print('\\n%d.%d.%d' % sys.version_info[:3])"
+IPYKERNEL_VERSION = "import ipykernel; print('\\n' + ipykernel.__version__)"
+WHICH = "import shutil,sys; p=shutil.which(sys.argv[1]); print('\\n'+(p or '')); sys.exit(not p)"
 LOAD_PROBE = str(LeastLoad.probe_command)
 GPU_PROBE = str(MostFreeGpuMemory.probe_command)
 
@@ -213,7 +215,8 @@ async def _check_login(
         if version.exit_status != 0:
             checks["python"] = Check(FAIL, f"{python}: {_why(version)}")
             return _skip_rest(report)
-        found = str(version.stdout).strip()
+        printed = str(version.stdout).strip().splitlines() or [""]
+        found = printed[-1]  # the lines before it are the login shell's own
         if _version_tuple(found) < OLDEST_PYTHON:
             oldest = ".".join(map(str, OLDEST_PYTHON))
             checks["python"] = Check(
@@ -223,6 +226,13 @@ async def _check_login(
             )
             return _skip_rest(report)
         checks["python"] = Check(OK, f"{python} {found}")
+        if len(printed) > 1:
+            checks["python"] = Check(
+                WARN,
+                f"{python} {found}; the login shell prints to stdout ({printed[0][:60]!r}, "
+                f"{len(printed) - 1} line(s)): kernels start (the launcher skips it), but "
+                "print only in interactive shells (`[ -t 1 ] && ...`, or .bash_profile)",
+            )
         checks["kernel"] = await _check_kernel(connection, python, kernel_argv, timeout)
         load = parse_load(await run_probe(connection, host, LOAD_PROBE, timeout))
         checks["load"] = Check(INFO, f"{load:.2f} per CPU" if load is not None else "unknown")
@@ -310,13 +320,17 @@ async def _check_kernel(
     if not argv or is_ipykernel(argv):
         result = await _run(connection, [python, "-c", IPYKERNEL_VERSION], timeout)
         if result.exit_status == 0:
-            return Check(OK, f"ipykernel {str(result.stdout).strip()}")
+            return Check(OK, f"ipykernel {_last_line(result)}")
         return Check(FAIL, f"ipykernel not importable by {python}: {_why(result)}")
     program = python if argv[0] in ("python", "python3") else argv[0]
     result = await _run(connection, [python, "-c", WHICH, program], timeout)
     if result.exit_status == 0:
-        return Check(OK, f"{program} at {str(result.stdout).strip()}")
+        return Check(OK, f"{program} at {_last_line(result)}")
     return Check(FAIL, f"the kernel's program {program!r} is not on the host's PATH")
+
+
+def _last_line(result: CommandResult) -> str:
+    return (str(result.stdout).strip().splitlines() or [""])[-1]
 
 
 def _version_tuple(text: str) -> tuple[int, ...]:

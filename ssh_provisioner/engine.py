@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 
 from .placement import PlacementState
 from .pool import ConnectionPool
+from .tunnels import close_open_ports
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,7 @@ class Engine:
 
     async def _aclose(self) -> None:
         await self.pool.aclose()
+        await close_open_ports()  # a kernel still running keeps its ports no longer
         current = asyncio.current_task()
         others = [task for task in asyncio.all_tasks() if task is not current]
         for task in others:

@@ -31,7 +31,13 @@ class SSHConnectError(SSHProvisionerError, ConnectionError):
 
 
 class AuthenticationError(SSHConnectError):
-    """The host refused every credential offered."""
+    """The host refused every credential offered.  ``prompted``: it asked a
+    keyboard-interactive question (a second factor) that went unanswered or whose
+    answer it refused: such a host is not asked again for a while (sites count these)."""
+
+    def __init__(self, message: str, *, host: str | None = None, prompted: bool = False) -> None:
+        super().__init__(message, host=host)
+        self.prompted = prompted
 
 
 class ControlMasterError(AuthenticationError):

@@ -173,6 +173,7 @@ class PromptAnswering(asyncssh.SSHClient):
                 f"SSH to {host}: the answer to the keyboard-interactive prompt "
                 f"{self.refused!r} was refused (check the kbdint rule for it)",
                 host=host,
+                prompted=True,
             )
         if self.unanswered is not None:
             return AuthenticationError(
@@ -180,5 +181,6 @@ class PromptAnswering(asyncssh.SSHClient):
                 f"a second factor?) and no kbdint rule answers it: add one (kbdint, or "
                 f"`ssh-provisioner install --kbdint 'REGEX=ANSWER'`)",
                 host=host,
+                prompted=True,
             )
         return None

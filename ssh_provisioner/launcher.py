@@ -45,11 +45,16 @@ BIND_ATTEMPTS = 5
 TERMINATE_GRACE = 3.0
 LAST_WORDS_WAIT = 2.0
 RELAY_CHUNK = 8192
+PROLOGUE_CWD = "SSHP_PROLOGUE_CWD"  # set by a Slurm prologue's runner: where it left off
 
 # Run by the remote shell as `python -c BOOTSTRAP`; the launcher source is the first
-# stdin line, so no secret and no script ever appears on a command line.
+# stdin line, so no secret and no script ever appears on a command line.  Its first
+# output is the line LAUNCHER_BEGINS (after a newline): whatever a login shell printed
+# before it (a banner, `module` or conda chatter in .bashrc) is not the launcher's.
+LAUNCHER_BEGINS = "ssh-provisioner launcher output begins"
 BOOTSTRAP = (
     "import sys,json;"
+    "sys.stdout.write('\\n" + LAUNCHER_BEGINS + "\\n');sys.stdout.flush();"
     "exec(compile(json.loads(sys.stdin.readline()),'ssh_provisioner_launcher','exec'))"
 )
 
@@ -249,6 +254,7 @@ class Supervisor:
         self.stream_relay = None  # type: Optional[Relay]
         self.orphaned = False
         self.client = None  # type: Optional[socket.socket]  # attached over the control socket
+        self.prologue_cwd = os.environ.pop(PROLOGUE_CWD, "")  # not the kernel's to see
 
     # -- setup -------------------------------------------------------------------
 
@@ -286,7 +292,8 @@ class Supervisor:
         return env
 
     def kernel_cwd(self) -> str:
-        cwd = os.path.expanduser(self.spec.get("cwd") or "~")
+        # remote_cwd, else where a Slurm prologue's `cd` left its shell, else home
+        cwd = os.path.expanduser(self.spec.get("cwd") or self.prologue_cwd or "~")
         if not os.path.isdir(cwd):
             raise LaunchFailed(
                 "cwd-not-found", "remote_cwd %r is not a directory on the host" % cwd

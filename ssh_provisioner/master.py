@@ -20,7 +20,7 @@ from typing import Any
 
 from .errors import ControlMasterError, ProvisionerConfigError
 from .hosts import Host
-from .mux import MasterNotOurs, MuxLink
+from .mux import MasterNotOurs, MuxLink, master_answers
 from .sshconfig import config_paths
 
 log = logging.getLogger(__name__)
@@ -162,6 +162,17 @@ async def open_master(host: Host, options: dict[str, Any]) -> MuxLink | None:
             host, place.control_path, place.open_command,
         )  # fmt: skip
     return link
+
+
+async def master_running(host: Host, options: dict[str, Any]) -> bool:
+    """Is a master serving ``host`` now (``use_control_master`` allowing it)?"""
+    if mode_of(options) == "never":
+        return False
+    try:
+        place = await locate(host, options)
+    except ControlMasterError:
+        return False
+    return place.control_path is not None and await master_answers(place.control_path)
 
 
 async def master_hint(host: Host, options: dict[str, Any]) -> str:

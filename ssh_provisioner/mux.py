@@ -408,6 +408,16 @@ class _MuxStream(asyncio.Protocol):
         self._control.close()
 
 
+async def master_answers(path: str) -> bool:
+    """Does an OpenSSH master of ours answer at ``path`` now?  (Nothing is kept open.)"""
+    try:
+        control = await asyncio.wait_for(_Control.open(path), ALIVE_CHECK_TIMEOUT)
+    except (OSError, TimeoutError):
+        return False
+    control.close()
+    return True
+
+
 class MuxLink(SSHLink):
     """Everything on one host through the user's OpenSSH master.
 

@@ -41,7 +41,14 @@ from .errors import (
 from .hosts import Host
 from .kbdint import AUTH_COOLDOWN, KBDINT, PromptAnswering, PromptRule, parse_rules
 from .link import AsyncsshLink, RemoteProcess, SSHLink
-from .master import USE_CONTROL_MASTER, locate, master_hint, mode_of, open_master
+from .master import (
+    USE_CONTROL_MASTER,
+    locate,
+    master_hint,
+    master_running,
+    mode_of,
+    open_master,
+)
 from .mux import MuxLink
 from .sshconfig import (
     ALLOW_UNCHECKED,
@@ -194,8 +201,12 @@ class ConnectionPool:
         check_connect_options(options, allow_unchecked=bool(options.get(ALLOW_UNCHECKED)))
         key = self.key_for(host, options)
         refusal = self._refusals.get(key)
+        mode = mode_of(options)
         if refusal is not None and time.monotonic() < refusal[0]:
-            raise refusal[1]
+            # ... unless the user has opened an OpenSSH master since, as told to
+            if not await master_running(host, _public(options) | {USE_CONTROL_MASTER: mode}):
+                raise refusal[1]
+            self._refusals.pop(key, None)
         async with self._locks.setdefault(key, asyncio.Lock()):
             entries = self._entries.setdefault(key, [])
             for lost in [entry for entry in entries if entry.connection.is_closed()]:
@@ -207,16 +218,22 @@ class ConnectionPool:
                 try:
                     connection = await connect(host, options, connect_timeout=connect_timeout)
                 except AuthenticationError as exc:
-                    if not entries:
-                        del self._entries[key]
-                    if options.get(KBDINT):
-                        until = time.monotonic() + float(options.get(AUTH_COOLDOWN, 0))
-                        self._refusals[key] = (until, exc)
+                    self._forget_if_empty(key, entries)
+                    cooldown = float(options.get(AUTH_COOLDOWN, 0))
+                    if (exc.prompted or options.get(KBDINT)) and cooldown > 0:
+                        # a reconnect loop, a restarter, failover: none of them may
+                        # prompt again (PAM faillock, fail2ban count each attempt)
+                        self._refusals[key] = (time.monotonic() + cooldown, exc)
+                        log.warning("%s; not asking %s again for %gs", exc, host, cooldown)
                     raise
                 except BaseException:
-                    if not entries:
-                        del self._entries[key]
+                    self._forget_if_empty(key, entries)
                     raise
+                if self._entries.get(key) is not entries:  # aclose() ran meanwhile
+                    connection.close()
+                    raise SSHConnectError(
+                        f"SSH to {host}: the SSH engine closed while connecting", host=str(host)
+                    )
                 entry = _Entry(connection)
                 entries.append(entry)
                 self._run_errands(key)
@@ -225,6 +242,11 @@ class ConnectionPool:
                 entry.idle_close = None
             entry.leases += 1
             return Lease(self, key, entry.connection, idle_timeout)
+
+    def _forget_if_empty(self, key: str, entries: list[_Entry]) -> None:
+        # (unless aclose() has replaced the whole table meanwhile: engine shutdown)
+        if not entries and self._entries.get(key) is entries:
+            del self._entries[key]
 
     async def use(
         self,
@@ -380,7 +402,7 @@ async def connect(host: Host, options: dict[str, Any], *, connect_timeout: float
         hint = "" if mode == "never" else await master_hint(host, _public(options))
         if not hint:
             raise
-        raise type(exc)(f"{exc}{hint}", host=str(host)) from exc
+        raise type(exc)(f"{exc}{hint}", host=str(host), prompted=exc.prompted) from exc
 
 
 PRIVATE_OPTIONS = (ALLOW_UNCHECKED, KBDINT, AUTH_COOLDOWN, JUMP_DEPTH, USE_CONTROL_MASTER)
@@ -488,11 +510,14 @@ async def _open_jump_hosts(
         except SSHConnectError as exc:
             if previous is not None:
                 previous.close()
-            raise type(exc)(
+            error = type(exc)(
                 f"{exc} (jump host on the way to {host}: ProxyJump {config.proxy_jump}, "
                 f"{config.origins.get('ProxyJump', 'ssh config')})",
                 host=str(host),
-            ) from exc
+            )
+            if isinstance(exc, AuthenticationError) and isinstance(error, AuthenticationError):
+                error.prompted = exc.prompted  # a bastion's second factor counts alike
+            raise error from exc
         except BaseException:
             if previous is not None:
                 previous.close()

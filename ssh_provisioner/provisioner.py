@@ -144,7 +144,8 @@ class SSHProvisioner(KernelProvisionerBase):
         help="Run each kernel as a Slurm job: 'hosts' are then the cluster's login nodes. "
         "Keys: partition, gpus, cpus_per_task, mem, time, account, qos, constraint, "
         "reservation, job_name ('jupyter-{kernel_id}'), extra_directives (sbatch options), "
-        "prologue (shell lines run before the kernel, on the compute node), queue_timeout "
+        "prologue (a bash script's lines, run as written before the kernel on the compute "
+        "node; its last cd is the kernel's cwd unless remote_cwd is set), queue_timeout "
         "(seconds a job may wait in the queue; 0 = no limit), warn_before_walltime "
         "(seconds; 300), poll_interval (seconds between job-state checks; 5), "
         "empty_job_timeout (a job with no kernel in it at two checks this many seconds "
@@ -209,11 +210,13 @@ class SSHProvisioner(KernelProvisionerBase):
         DEFAULT_OUTAGE_BUFFER,
         min=MIN_OUTAGE_BUFFER,
         config=True,
-        help="Bytes of output the host keeps for each client connection while it cannot "
-        "reach the client (a lost connection being reattached), delivered when it is "
-        "back (at least 4 MiB: it also covers what is on its way). Past it, whole IOPub "
-        "messages are dropped, and the client's output says how many; replies are "
-        "never dropped (the kernel waits instead).",
+        help="Bytes of output a kernel's launcher keeps, for all its client connections "
+        "together, while they cannot be reached (a lost connection being reattached), "
+        "delivered when they are back (at least 4 MiB: it also covers what is on its "
+        "way). Past it, whole IOPub output messages are dropped, and the client's output "
+        "says how many; other messages are kept for a quarter more, then the kernel's own "
+        "socket holds them; replies are never dropped (the kernel waits instead). A "
+        "client that is merely slow gets what a ZMQ socket gives a slow peer.",
     )
     keepalive_interval = Float(
         15.0,
@@ -561,7 +564,10 @@ class SSHProvisioner(KernelProvisionerBase):
             finally:
                 if job is not None and entry is not None:
                     options = self._connect_options(entry)
-                    await cancel_job(get_engine().pool, entry.host, options, job)
+                    await cancel_job(
+                        get_engine().pool, entry.host, options, job,
+                        idle_timeout=self.pool_idle_timeout,
+                    )  # fmt: skip
                 if reserved is not None:
                     get_engine().placement.release(reserved)
                 if ports is not None:
@@ -704,7 +710,7 @@ class SSHProvisioner(KernelProvisionerBase):
         rules = entry.override("kbdint", self.kbdint)
         if rules:
             options[KBDINT] = list(rules)
-            options[AUTH_COOLDOWN] = self.host_cooldown
+        options[AUTH_COOLDOWN] = self.host_cooldown  # for a prompt refused or unanswered
         return options
 
     def _liveness(self, entry: HostEntry) -> tuple[float, float]:

@@ -34,12 +34,21 @@ from .errors import (
     session_open_error,
 )
 from .hosts import Host
-from .launcher import BOOTSTRAP, CHANNELS, LAUNCHER_CHANNEL, RUNTIME_DIR_PREFIX, prove
+from .launcher import (
+    BOOTSTRAP,
+    CHANNELS,
+    LAUNCHER_BEGINS,
+    LAUNCHER_CHANNEL,
+    RUNTIME_DIR_PREFIX,
+    prove,
+)
 from .link import ByteReader, RemoteProcess, SSHLink, StreamChannel
 
 log = logging.getLogger(__name__)
 
 MAX_LINE = 1 << 20  # a handshake or event line longer than this is hostile or broken
+PREAMBLE_MAX = 4 << 20  # what a login shell may print before the launcher (skipped)
+PREAMBLE_SAMPLE = 4096  # of it, kept for the log and errors
 STDERR_TAIL_LINES = 40
 CLOSE_GRACE = 5.0
 # A launcher waiting for its spec (a spare) exits after this many seconds: over a link
@@ -239,7 +248,7 @@ async def _open_control_channel(
         process.stdin.write(
             json.dumps({"attach": {"control": handshake.control, "hello": nonce}}).encode() + b"\n"
         )
-        return process, _LineReader(process.stdout)
+        return process, _LineReader(process.stdout, after_login=str(host))
     if not isinstance(handshake.relay, int):
         raise KernelGone(
             f"kernel {kernel_id} on {host} cannot be reached through {connection.description} "
@@ -366,13 +375,53 @@ async def _attach_channel(
 
 
 class _LineReader:
-    """Bounded line reader: a hostile peer cannot make us buffer without limit."""
+    """Bounded line reader: a hostile peer cannot make us buffer without limit.
 
-    def __init__(self, stream: ByteReader) -> None:
+    ``after_login`` (a launcher's stdout): what a login shell printed before the
+    launcher's first line (LAUNCHER_BEGINS) is skipped, up to PREAMBLE_MAX bytes, and
+    kept in ``preamble`` (its start) for the log and for errors."""
+
+    def __init__(self, stream: ByteReader, *, after_login: str = "") -> None:
         self._stream = stream
         self._buffer = bytearray()
+        self._label = after_login  # the host, for the log line
+        self._marker = b"\n" + LAUNCHER_BEGINS.encode() + b"\n" if after_login else b""
+        self.preamble = b""
+
+    async def _skip_login_output(self) -> None:
+        marker, skipped = self._marker, 0
+        while True:
+            found = self._buffer.find(marker)
+            cut = found if found >= 0 else max(0, len(self._buffer) - len(marker) + 1)
+            if len(self.preamble) < PREAMBLE_SAMPLE:
+                self.preamble += bytes(self._buffer[: min(cut, PREAMBLE_SAMPLE)])
+            skipped += cut
+            del self._buffer[:cut]
+            if found >= 0:
+                del self._buffer[: len(marker)]
+                self._marker = b""
+                if skipped:
+                    log.debug(
+                        "%s: skipped %d byte(s) the login shell printed before the launcher: "
+                        "%r", self._label, skipped, self.preamble[:200],
+                    )  # fmt: skip
+                return
+            if skipped > PREAMBLE_MAX:
+                raise ValueError(
+                    f"more than {PREAMBLE_MAX} bytes of output before the launcher's "
+                    f"(the login shell prints {self.preamble[:80]!r}...)"
+                )
+            chunk = await self._stream.read(65536)
+            if not chunk:  # no launcher spoke: all of it was someone else's
+                self._marker = b""
+                self.preamble = (self.preamble + bytes(self._buffer))[:PREAMBLE_SAMPLE]
+                self._buffer.clear()
+                return
+            self._buffer += chunk
 
     async def readline(self) -> bytes | None:
+        if self._marker:
+            await self._skip_login_output()
         while True:
             newline = self._buffer.find(b"\n")
             if newline >= 0:
@@ -405,7 +454,7 @@ class RemoteKernel:
         self.connection = connection
         self.kernel_id = kernel_id
         self._process = process
-        self._stdout = _LineReader(process.stdout)
+        self._stdout = _LineReader(process.stdout, after_login=str(host))
         self._stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
         self._exit: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._tasks: list[asyncio.Task[None]] = []
@@ -527,9 +576,11 @@ class RemoteKernel:
                     host=str(host),
                     stderr_tail=self.stderr_tail,
                 )
+            printed = self._stdout.preamble.decode(errors="replace").strip()[-200:]
             raise LaunchError(
                 f"launcher on {host} exited with status {status} before its handshake: "
-                f"{self.stderr_tail or '(no output)'}",
+                f"{self.stderr_tail or '(no output)'}"
+                + (f"; its stdout: {printed!r}" if printed else ""),
                 host=str(host),
                 stderr_tail=self.stderr_tail,
             )

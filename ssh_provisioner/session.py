@@ -69,7 +69,12 @@ class SessionSettings:
 
 
 async def cancel_job(
-    pool: ConnectionPool, host: Host, options: dict[str, Any], job: SlurmJob
+    pool: ConnectionPool,
+    host: Host,
+    options: dict[str, Any],
+    job: SlurmJob,
+    *,
+    idle_timeout: float,
 ) -> None:
     """scancel a kernel's job through its login node; if the login node cannot be
     reached now, as soon as a connection to it is up again (its launcher, if one
@@ -80,7 +85,9 @@ async def cancel_job(
 
     async def attempt() -> bool:
         try:
-            _, done = await pool.use(host, options, cancel, connect_timeout=JOB_CANCEL_CONNECT)
+            _, done = await pool.use(
+                host, options, cancel, connect_timeout=JOB_CANCEL_CONNECT, idle_timeout=idle_timeout
+            )  # the kernelspec's pool_idle_timeout: the connection is not kept longer for this
         except SSHConnectError as exc:
             log.warning(
                 "kernel %s: cannot cancel Slurm job %s yet: %s", job.kernel_id, job.job_id, exc
@@ -197,7 +204,13 @@ class KernelSession:
             if submitted:  # a job of this start only: nothing of it may remain
                 self.job = None
                 await asyncio.shield(
-                    cancel_job(self._pool, settings.host, settings.connect_options, job)
+                    cancel_job(
+                        self._pool,
+                        settings.host,
+                        settings.connect_options,
+                        job,
+                        idle_timeout=settings.idle_timeout,
+                    )
                 )
             raise
 

@@ -29,7 +29,7 @@ from typing import Any
 import asyncssh
 
 from .errors import ProvisionerConfigError, SlurmError
-from .launcher import BOOTSTRAP
+from .launcher import BOOTSTRAP, PROLOGUE_CWD
 from .link import CommandResult, SSHLink
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,13 @@ JOB_ENDED_STATUS = 255  # a kernel whose job (or step) ended: no exit status of 
 KILL_SRUN = (
     'for f in /proc/[0-9]*/stat; do read -r p _ _ pp _ < "$f" 2>/dev/null && '
     '[ "$pp" = "$s" ] && kill -KILL "$p"; done; kill -KILL $s'
+)
+# Runs the prologue (argument 1) as a script, with its newlines, in the shell that then
+# becomes the launcher: its exports, `module load`s and a `cd` are the kernel's (the
+# launcher starts the kernel there unless remote_cwd says otherwise).  Its output goes
+# to stderr: stdout is the event channel.
+PROLOGUE_RUNNER = (
+    f'p=$(printf "%b" "$1"); shift; {{ eval "$p"; }} >&2; export {PROLOGUE_CWD}="$PWD"; exec "$@"'
 )
 
 # Slurm's job states, grouped by what they mean for a kernel.
@@ -137,6 +144,14 @@ class SlurmSettings:
             argv += shlex.split(directive.removeprefix("#SBATCH").strip())
         return argv
 
+    @property
+    def prologue_arg(self) -> str:
+        """The prologue as one line (a login shell, csh say, runs the command line first,
+        and a newline in it would end it there): its lines joined with escaped newlines,
+        which ``PROLOGUE_RUNNER`` turns back into the script as written."""
+        script = "\n".join(self.prologue)
+        return script.replace("\\", "\\\\").replace("\n", "\\n")
+
     def step_command(self, job_id: str, python: str, spare_wait: float) -> str:
         """The login node's command that runs the launcher in a new step of the job.
 
@@ -148,10 +163,7 @@ class SlurmSettings:
         events and the kernel's own output stays on stderr."""
         launcher = [python, "-I", "-S", "-c", BOOTSTRAP, f"{spare_wait:g}"]
         if self.prologue:
-            # The prologue's own output goes to stderr: stdout is the event channel.  One
-            # line in all: a login shell (csh, say) runs this command line first.
-            setup = "; ".join(line for line in self.prologue if line.strip())
-            task = ["bash", "-c", f"{{ {setup}; }} >&2; exec {shlex.join(launcher)}"]
+            task = ["bash", "-c", PROLOGUE_RUNNER, "sshp-prologue", self.prologue_arg, *launcher]
         else:
             task = launcher
         srun = ["srun", f"--jobid={job_id}", "--overlap", "--ntasks=1", "--nodes=1", "--quiet"]

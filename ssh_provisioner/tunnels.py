@@ -26,6 +26,7 @@ import json
 import logging
 import secrets
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -433,6 +434,14 @@ class _Link(asyncio.Protocol):
         self._ports.forget(self)
 
 
+_OPEN_PORTS: weakref.WeakSet[KernelPorts] = weakref.WeakSet()
+
+
+async def close_open_ports() -> None:
+    """Unbind every kernel's local ports (the engine closes: its loop serves them)."""
+    await asyncio.gather(*(ports.aclose() for ports in list(_OPEN_PORTS)), return_exceptions=True)
+
+
 class KernelPorts:
     """The kernel's local ports and the links accepted on them.
 
@@ -461,6 +470,7 @@ class KernelPorts:
         another process keeps its ports), new ones otherwise."""
         ports = cls()
         loop = asyncio.get_running_loop()
+        _OPEN_PORTS.add(ports)
         try:
             for channel in CHANNELS:
                 wanted = (preferred or {}).get(channel, 0)
@@ -545,6 +555,7 @@ class KernelPorts:
             task.cancel()
 
     async def aclose(self) -> None:
+        _OPEN_PORTS.discard(self)
         self.detach()
         servers, self._servers = self._servers, {}
         for server in servers.values():

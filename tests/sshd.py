@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import pwd
+import secrets
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from ssh_provisioner.throwaway import (
     SSHDaemon,
@@ -25,6 +28,7 @@ __all__ = [
     "running_sshd",
     "sshd_unavailable_reason",
     "start_sshd",
+    "temporary_user",
 ]
 
 TEST_USER = "sshp-test"
@@ -48,6 +52,20 @@ def ensure_test_user() -> tuple[str, bool]:
     # With UsePAM no, sshd refuses a '!'-locked account; '*' only forbids passwords.
     subprocess.run(["usermod", "-p", "*", TEST_USER], check=True)
     return TEST_USER, True
+
+
+@contextmanager
+def temporary_user(prefix: str) -> Iterator[str]:
+    """A login user of its own for one test (its home, its shell's start-up files),
+    removed with its processes afterwards."""
+    name = f"{prefix}-{secrets.token_hex(3)}"
+    subprocess.run(["useradd", "-m", "-s", "/bin/bash", name], check=True)
+    try:
+        subprocess.run(["usermod", "-p", "*", name], check=True)
+        yield name
+    finally:
+        subprocess.run(["pkill", "-KILL", "-u", name], check=False)
+        subprocess.run(["userdel", "-r", name], check=False, capture_output=True)
 
 
 def remove_test_user() -> None:

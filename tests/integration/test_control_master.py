@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import pwd
 import secrets
@@ -216,6 +217,39 @@ async def test_a_dead_master_leaves_the_kernel_unreachable_until_a_new_one_opens
         out, _ = await execute(kc, "print('back')")
         assert out.strip() == "back"
     assert logins(daemon) == 2  # one per master: the provisioner never logged in
+
+
+async def test_with_the_master_gone_auto_asks_the_second_factor_once(
+    make_kernelspec: KernelSpecFactory,
+    second_factor_host: tuple[SSHDaemon, SecondFactor],
+    master: Master,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``auto``, and the master dies under a running kernel: the reconnect loop tries
+    again and again, but our own login meets the one-time-code prompt (no rule answers
+    it) once, not at every try (sites lock accounts out after a few), and the log says
+    once what to do."""
+    caplog.set_level(logging.INFO)
+    daemon, _ = second_factor_host
+    master.open()
+    config = master_config(master, "auto", reconnect_timeout=60.0)
+    async with running_kernel(make_kernelspec, config) as (km, _):
+        prompted_before = prompts(daemon)
+        master.kill()
+        await wait_until(
+            lambda: caplog.text.count("still unreachable") >= 4, 30, "four reconnect tries"
+        )
+        assert prompts(daemon) - prompted_before == 1
+        assert caplog.text.count("not asking") == 1
+        assert f"ssh -F {master.config} -fN {ALIAS}" in caplog.text  # what to do
+        master.open()  # as told: the kernel is reached through it at the next try
+        session = km.provisioner._session  # type: ignore[attr-defined]
+        await wait_until(lambda: session.state.value == "running", 30, "the reattach")
+
+
+def prompts(daemon: SSHDaemon) -> int:
+    """Keyboard-interactive exchanges sshd began (each one a one-time-code prompt)."""
+    return daemon.log().count("keyboard-interactive")
 
 
 @pytest.fixture

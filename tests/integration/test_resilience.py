@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -23,6 +24,7 @@ from jupyter_client.manager import AsyncKernelManager
 from jupyter_client.provisioning import KernelProvisionerFactory
 
 from ssh_provisioner import HostSelectionError, KernelUnreachable
+from ssh_provisioner.engine import shutdown_engine
 from ssh_provisioner.session import State
 
 from ..conftest import KernelSpecFactory, connect_options
@@ -471,3 +473,34 @@ async def test_a_cancelled_start_leaves_nothing_here_or_there(
         lambda: not cmdlines_containing(b"ssh_provisioner_launcher"), 10, "the launcher to go"
     )
     assert listening_ports() <= before
+
+
+async def test_closing_the_engine_during_a_reconnect_is_quiet(
+    make_kernelspec: KernelSpecFactory,
+    host_behind_a_link: tuple[Link, dict[str, Any]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The server exits (the engine closes, as at interpreter exit) while a kernel's
+    connection is being re-made: no traceback, nothing left open here; the launcher,
+    alone, ends its kernel after orphan_timeout."""
+    caplog.set_level(logging.DEBUG)
+    link, config = host_behind_a_link
+    settings = {**config, "connect_timeout": 10.0, "reconnect_timeout": 60.0, "orphan_timeout": 1.0}
+    ksm, name = make_kernelspec(settings)
+    km = AsyncKernelManager(kernel_name=name, kernel_spec_manager=ksm)
+    await km.start_kernel()
+    session = km.provisioner._session
+    # The host's end goes down, this end stays up: a new connection hangs in its SYNs.
+    peer = ["ip", "-n", link.namespace, "link", "set", link.veth + "p"]
+    subprocess.run([*peer, "down"], check=True, timeout=30)
+    try:
+        await wait_until(lambda: session.state is State.REATTACHING, 20, "a reconnect under way")
+        await asyncio.to_thread(shutdown_engine)
+    finally:
+        subprocess.run([*peer, "up"], check=True, timeout=30)
+    assert "KeyError" not in caplog.text
+    assert not [r for r in caplog.records if r.exc_info and r.levelno >= logging.ERROR]
+    # the engine has closed the kernel's local ports; what the manager holds itself:
+    km.cleanup_connection_file()
+    km._close_control_socket()
+    km.context.destroy(linger=0)

@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import pytest
 import zmq
 
 from ssh_provisioner import HostKeyError, LaunchError, LaunchTimeout
+from ssh_provisioner.launcher import LAUNCHER_BEGINS
 
 from ..conftest import KernelSpecFactory
 from ..helpers import execute, start_failing
@@ -200,12 +202,19 @@ async def test_a_host_user_at_the_relay_reaches_nothing(
         assert out.strip() == "still mine"
 
 
+BEGINS = f"printf '\\n%s\\n' {shlex.quote(LAUNCHER_BEGINS)}"  # as the launcher begins
+
+
 @pytest.mark.parametrize(
     ("script", "error", "words"),
     [
-        ("echo 'not json at all'", LaunchError, "invalid handshake"),
-        ('echo \'{"event": "ready"}\'', LaunchError, "invalid handshake"),
-        ("head -c 3000000 /dev/zero | tr '\\0' x", LaunchError, "longer than"),
+        # after the launcher's first line, anything but a handshake
+        (f"{BEGINS}; echo 'not json at all'", LaunchError, "invalid handshake"),
+        (f'{BEGINS}; echo \'{{"event": "ready"}}\'', LaunchError, "invalid handshake"),
+        (f"{BEGINS}; head -c 3000000 /dev/zero | tr '\\0' x", LaunchError, "longer than"),
+        # no launcher at all: what it printed is in the error
+        ("echo 'not json at all'", LaunchError, "its stdout: 'not json at all'"),
+        ("head -c 5000000 /dev/zero | tr '\\0' x", LaunchError, "bytes of output before"),
         ("exit 0", LaunchError, "before its handshake"),
         ("exec sleep 120", LaunchTimeout, "launch_timeout"),
     ],

@@ -19,6 +19,7 @@ from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 
 from ssh_provisioner import SlurmError
+from ssh_provisioner.engine import get_engine
 
 from ..conftest import KernelSpecFactory
 from ..helpers import SLEEPING_CELL, execute, wait_until
@@ -65,6 +66,56 @@ async def test_a_kernel_runs_on_a_compute_node_with_its_gpus(
         assert info["slurm_job_id"] == here["job"]
         out, _ = await execute(kc, "print(sum(range(10)))")
         assert out.strip() == "45"
+    cluster.wait_queue_empty(20)
+
+
+PROLOGUE = [
+    "# set up the environment (a comment first, as users write one)",
+    'export GREETING="hello \\ world"',
+    'if [ -n "$SLURM_JOB_ID" ]; then',
+    "  export IN_JOB=yes",
+    "fi",
+    'shout() { echo "$1" | tr a-z A-Z; }',
+    "export SHOUTED=$(shout quiet)",
+    "cd /",
+]
+
+
+@pytest.mark.parametrize("remote_cwd", [None, "/tmp"])
+async def test_a_prologue_runs_as_written_and_its_cd_sets_the_cwd(
+    make_kernelspec: KernelSpecFactory,
+    slurm_config: dict[str, Any],
+    cluster: SlurmCluster,
+    remote_cwd: str | None,
+) -> None:
+    """A prologue as users write one (a comment, if ... fi, a shell function) runs with
+    its newlines; its `cd` is the kernel's cwd unless remote_cwd says otherwise."""
+    config = {**slurm_config, "slurm": {**slurm_config["slurm"], "prologue": PROLOGUE}}
+    if remote_cwd is not None:
+        config["remote_cwd"] = remote_cwd
+    async with running_kernel(make_kernelspec, config) as (_, kc):
+        out, _ = await execute(
+            kc,
+            "import os\n"
+            "print(os.environ['GREETING'], os.environ['IN_JOB'], os.environ['SHOUTED'])\n"
+            "print(os.getcwd(), 'SSHP_PROLOGUE_CWD' in os.environ)",
+        )
+        assert out.splitlines() == ["hello \\ world yes QUIET", f"{remote_cwd or '/'} False"]
+    cluster.wait_queue_empty(20)
+
+
+async def test_after_shutdown_the_login_node_connection_lasts_pool_idle_timeout(
+    make_kernelspec: KernelSpecFactory, slurm_config: dict[str, Any], cluster: SlurmCluster
+) -> None:
+    """The job's cancel at shutdown holds the connection no longer than the
+    kernelspec's pool_idle_timeout (it kept it the default 60 s)."""
+    config = {**slurm_config, "pool_idle_timeout": 2}
+    async with running_kernel(make_kernelspec, config) as (km, kc):
+        out, _ = await execute(kc, "print('up')")
+        assert out.strip() == "up"
+        await km.shutdown_kernel()
+    pool = get_engine().pool
+    await wait_until(lambda: pool.open_connections == 0, 10, "the login node's connection to go")
     cluster.wait_queue_empty(20)
 
 
