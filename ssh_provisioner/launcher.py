@@ -45,6 +45,7 @@ BIND_ATTEMPTS = 5
 TERMINATE_GRACE = 3.0
 LAST_WORDS_WAIT = 2.0
 RELAY_CHUNK = 8192
+NO_SPEC = 2  # exit status of a spare launcher no spec reached in time (remote.py)
 PROLOGUE_CWD = "SSHP_PROLOGUE_CWD"  # set by a Slurm prologue's runner: where it left off
 
 # Run by the remote shell as `python -c BOOTSTRAP`; the launcher source is the first
@@ -242,7 +243,10 @@ class Supervisor:
         self.transport = spec["transport"]
         self.events = queue.Queue()  # type: queue.Queue[Any]
         self.stderr_tail = collections.deque(maxlen=STDERR_TAIL_LINES)  # type: Any
-        self.runtime_dir = tempfile.mkdtemp(prefix=RUNTIME_DIR_PREFIX)  # mode 0700
+        # mode 0700; named after its kernel (what `ls /tmp` shows an operator)
+        label = str(spec.get("kernel_id") or "")[:8]
+        prefix = RUNTIME_DIR_PREFIX + (label + "-" if label else "")
+        self.runtime_dir = tempfile.mkdtemp(prefix=prefix)
         self.process = None  # type: Optional[subprocess.Popen[bytes]]
         self.pgid = 0
         self.stdin_closed = threading.Event()
@@ -477,6 +481,9 @@ class Supervisor:
             self.ready_event["relay_host"] = self.stream_relay.host
             self.listen_for_reattach()
             self.stream_relay.control_path = self.control_path
+            # Its working directory names its kernel too (`ls -l /proc/PID/cwd`); the
+            # kernel's own was set above, and every path the launcher uses is absolute.
+            os.chdir(self.runtime_dir)
             return dict(self.ready_event, control=self.control_path)
         raise AssertionError("unreachable")
 
@@ -1700,7 +1707,7 @@ def read_spec_line(wait: Optional[float]) -> str:
 def main() -> int:
     line = read_spec_line(float(sys.argv[1]) if len(sys.argv) > 1 else None)
     if not line:
-        return 2
+        return NO_SPEC
     spec = json.loads(line)
     if "attach" in spec:
         return attach(spec["attach"])

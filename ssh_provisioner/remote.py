@@ -39,6 +39,7 @@ from .launcher import (
     CHANNELS,
     LAUNCHER_BEGINS,
     LAUNCHER_CHANNEL,
+    NO_SPEC,
     RUNTIME_DIR_PREFIX,
     prove,
 )
@@ -374,6 +375,11 @@ async def _attach_channel(
     return process, reader
 
 
+class SpareExpired(LaunchError):
+    """The spare launcher gave up waiting just as its spec was on the way: nothing
+    went wrong that a fresh launcher would meet (the session starts one)."""
+
+
 class _LineReader:
     """Bounded line reader: a hostile peer cannot make us buffer without limit.
 
@@ -459,6 +465,7 @@ class RemoteKernel:
         self._exit: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._tasks: list[asyncio.Task[None]] = []
         self._attach_token: str | None = None
+        self._from_spare = False  # started by a spare launcher (see SpareExpired)
         self._stderr_task: asyncio.Task[None] | None = None
         self.handshake: Handshake | None = None
         # Called when the connection is lost; True once it has reattached (see resume).
@@ -504,6 +511,7 @@ class RemoteKernel:
         except (asyncssh.Error, OSError) as exc:
             raise session_open_error(str(host), "the launcher", exc) from exc
         kernel = cls(host, connection, process, kernel_id, via_relay=via_relay)
+        kernel._from_spare = spare is not None
         kernel._attach_token = spec.get("attach_token")
         kernel._stderr_task = asyncio.create_task(kernel._pump_stderr())
         kernel._tasks.append(kernel._stderr_task)
@@ -523,6 +531,8 @@ class RemoteKernel:
             raise
         except (asyncssh.Error, OSError) as exc:
             await kernel.abort()
+            if spare is not None:  # its channel, not the connection, is gone
+                raise SpareExpired(f"the spare launcher on {host} is gone", host=str(host)) from exc
             raise SSHConnectError(
                 f"SSH to {host}: the connection failed while starting kernel {kernel_id}: {exc}",
                 host=str(host),
@@ -576,6 +586,8 @@ class RemoteKernel:
                     host=str(host),
                     stderr_tail=self.stderr_tail,
                 )
+            if status == NO_SPEC and self._from_spare and not self.stderr_tail:
+                raise SpareExpired(f"the spare launcher on {host} had given up", host=str(host))
             printed = self._stdout.preamble.decode(errors="replace").strip()[-200:]
             raise LaunchError(
                 f"launcher on {host} exited with status {status} before its handshake: "

@@ -27,8 +27,16 @@ import asyncssh
 
 from .errors import HostKeyError, KernelUnreachable, SSHConnectError
 from .hosts import Host
+from .link import RemoteProcess
 from .pool import ConnectionPool, Lease
-from .remote import SPARE_WAIT, Handshake, KernelGone, RemoteKernel, start_launcher
+from .remote import (
+    SPARE_WAIT,
+    Handshake,
+    KernelGone,
+    RemoteKernel,
+    SpareExpired,
+    start_launcher,
+)
 from .slurm import JOB_ENDED_STATUS, JobInfo, SlurmJob, SlurmSettings
 from .tunnels import KernelPorts, Target
 
@@ -142,16 +150,27 @@ class KernelSession:
         async def launch(lease: Lease) -> RemoteKernel:
             if settings.slurm is not None:
                 return await self._launch_step(lease, spec, settings.slurm)
+
+            async def start(spare: RemoteProcess | None) -> RemoteKernel:
+                return await RemoteKernel.start(
+                    lease.connection,
+                    settings.host,
+                    python=settings.python,
+                    spec=spec,
+                    kernel_id=settings.kernel_id,
+                    timeout=settings.launch_timeout,
+                    spare=spare,
+                )
+
             spare = lease.take_spare(settings.python) if settings.prewarm else None
-            return await RemoteKernel.start(
-                lease.connection,
-                settings.host,
-                python=settings.python,
-                spec=spec,
-                kernel_id=settings.kernel_id,
-                timeout=settings.launch_timeout,
-                spare=spare,
-            )
+            if spare is not None:
+                try:
+                    return await start(spare)
+                except SpareExpired:  # it gave up waiting as the spec went out
+                    log.debug(
+                        "kernel %s: the spare had given up; a fresh launcher", settings.kernel_id
+                    )
+            return await start(None)
 
         lease, kernel = await self._use(launch, keep=True)
         if settings.prewarm:
