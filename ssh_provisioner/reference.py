@@ -1,6 +1,7 @@
 """The configuration reference, generated from the traits so that the docs cannot drift.
 
-python -m ssh_provisioner.reference      # prints the Markdown table in README.md
+python -m ssh_provisioner.reference                        # prints the table
+python -m ssh_provisioner.reference docs/configuration.md  # updates it there
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import shutil
 import sys
 import tempfile
@@ -15,8 +16,11 @@ from typing import Any
 import pytest
 from jupyter_client.kernelspec import KernelSpecManager
 
+from ssh_provisioner import SSHProvisioner
 from ssh_provisioner.engine import shutdown_engine
+from ssh_provisioner.launcher import RUNTIME_DIR_PREFIX
 
+from .leaks import TAG_VARIABLE, TestMarks, leftover_dirs, leftover_processes, own_listeners
 from .netns import Link, namespace_host
 from .slurm import SlurmCluster, running_cluster, slurm_missing_reason
 from .sshd import (
@@ -67,18 +71,32 @@ def client_key(rig_dir: Path) -> tuple[Path, str]:
     return path, generate_key(path)
 
 
+TEST_USER_CREATED = pytest.StashKey[bool]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The second login user is made once per run, before any worker starts (two
+    pytest-xdist workers must not race to make it, nor one remove it under the other)."""
+    if hasattr(config, "workerinput") or sshd_unavailable_reason() is not None:
+        return
+    config.stash[TEST_USER_CREATED] = ensure_test_user()[1]
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if config.stash.get(TEST_USER_CREATED, False):
+        remove_test_user()
+
+
 @pytest.fixture(scope="session")
-def test_user() -> Iterator[str]:
+def test_user() -> str:
     reason = sshd_unavailable_reason()
     if reason:
         _unavailable(reason)
-    user, created = ensure_test_user()
+    user, _ = ensure_test_user()  # made by pytest_configure: here only found
     problem = user_can_run_kernel(user, sys.executable)
     if problem:
         _unavailable(problem)
-    yield user
-    if created:
-        remove_test_user()
+    return user
 
 
 @pytest.fixture(scope="session")
@@ -177,6 +195,17 @@ def connect_options(daemon: SSHDaemon, key: Path, **extra: Any) -> dict[str, Any
     }
 
 
+def rig_config(daemon: SSHDaemon, key: Path, login: str = "root", **extra: Any) -> dict[str, Any]:
+    """The one way to write a provisioner config for a rig host: ``login`` there with
+    the rig's key, the rig's known_hosts, this interpreter as the host's Python."""
+    return {
+        "hosts": [daemon.destination(login)],
+        "connect_options": connect_options(daemon, key),
+        "remote_python": sys.executable,
+        **extra,
+    }
+
+
 KernelSpecFactory = Callable[..., tuple[KernelSpecManager, str]]
 
 
@@ -228,11 +257,7 @@ def two_session_host(
     """A host whose sshd allows 2 sessions per connection (MaxSessions; OpenSSH's
     default is 10), and a provisioner config for it as root."""
     daemon = start_sshd(tmp_path / "two", "127.0.0.10", client_key[1] + "\n", max_sessions=2)
-    config = {
-        "hosts": [daemon.destination("root")],
-        "connect_options": connect_options(daemon, client_key[0]),
-        "remote_python": sys.executable,
-    }
+    config = rig_config(daemon, client_key[0])
     yield daemon, config
     daemon.stop()
 
@@ -240,13 +265,7 @@ def two_session_host(
 @pytest.fixture
 def host_config(host_a: SSHDaemon, client_key: tuple[Path, str], login: str) -> dict[str, Any]:
     """Provisioner config for a kernel on host A as the parametrized login."""
-    return {
-        "hosts": [host_a.destination(login)],
-        "connect_options": connect_options(host_a, client_key[0]),
-        "remote_python": sys.executable,
-        "launch_timeout": 30.0,
-        "orphan_timeout": 5.0,
-    }
+    return rig_config(host_a, client_key[0], login, launch_timeout=30.0, orphan_timeout=5.0)
 
 
 @pytest.fixture(autouse=True)
@@ -256,44 +275,43 @@ async def _close_engine() -> AsyncIterator[None]:
     await asyncio.to_thread(shutdown_engine)
 
 
-RUNTIME_DIR_GLOB = "jupyter-sshp-*"
-REMOTE_MARKERS = (b"ssh_provisioner_launcher", b"jupyter-sshp-")
-
-
 def remote_leftovers() -> dict[str, Any]:
-    """What a kernel could leave on a loopback host: processes and runtime dirs."""
-    from .helpers import cmdlines_containing
-
-    pids = sorted({pid for marker in REMOTE_MARKERS for pid in cmdlines_containing(marker)})
-    pids = [pid for pid in pids if pid != os.getpid()]
-    dirs = sorted(str(p) for p in Path(tempfile.gettempdir()).glob(RUNTIME_DIR_GLOB))
-    return {"processes": pids, "runtime_dirs": dirs}
+    """Every runtime dir of this package's launchers on the machine, whoever made it."""
+    dirs = sorted(str(p) for p in Path(tempfile.gettempdir()).glob(RUNTIME_DIR_PREFIX + "*"))
+    return {"runtime_dirs": dirs}
 
 
 @pytest.fixture
-async def no_leaks() -> AsyncIterator[None]:
-    """Fails the test if it leaves a launcher, kernel, runtime dir or 127.0.0.1 listener."""
-    from .helpers import tcp_listeners, wait_until
+async def no_leaks(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[TestMarks]:
+    """Fails the test if it leaves a launcher, kernel, runtime dir or 127.0.0.1 listener
+    of its own (tests/leaks.py: other kernels on the machine are not judged)."""
+    from .helpers import wait_until
 
-    loopback = "0100007F"  # 127.0.0.1 in /proc/net/tcp byte order
-    before_listeners = {entry for entry in tcp_listeners() if entry[0] == loopback}
-    before = remote_leftovers()
-    yield
+    marks = TestMarks(secrets.token_hex(6))
+    monkeypatch.setenv(TAG_VARIABLE, marks.tag)
+    launch = SSHProvisioner.pre_launch
+
+    async def recording(self: SSHProvisioner, **kwargs: Any) -> dict[str, Any]:
+        marks.kernel_ids.add(str(self.kernel_id)[:8])
+        result: dict[str, Any] = await launch(self, **kwargs)
+        return result
+
+    monkeypatch.setattr(SSHProvisioner, "pre_launch", recording)
+    listening_before = own_listeners()
+    yield marks
     await asyncio.to_thread(shutdown_engine)
 
-    def clean() -> bool:  # what was there before may have gone meanwhile
-        listeners = {entry for entry in tcp_listeners() if entry[0] == loopback}
-        now = remote_leftovers()
-        return all(set(now[kind]) <= set(before[kind]) for kind in now) and (
-            listeners <= before_listeners
+    def clean() -> bool:
+        return not (
+            leftover_processes(marks) or leftover_dirs(marks) or own_listeners() - listening_before
         )
 
     try:
         await wait_until(clean, 10.0, "the kernel's processes, dirs and listeners to go")
     except AssertionError:
-        listeners = {e for e in tcp_listeners() if e[0] == loopback} - before_listeners
         raise AssertionError(
-            f"left behind: {remote_leftovers()} (before: {before}); new listeners: {listeners}"
+            f"left behind: processes {leftover_processes(marks)}, runtime dirs "
+            f"{leftover_dirs(marks)}, listeners {own_listeners() - listening_before}"
         ) from None
 
 
@@ -307,12 +325,7 @@ def host_behind_a_link(
         daemon = start_sshd(
             tmp_path / "ns-host", link.address, client_key[1] + "\n", netns=link.namespace
         )
-        config = {
-            "hosts": [daemon.destination("root")],
-            "connect_options": connect_options(daemon, client_key[0]),
-            "remote_python": sys.executable,
-            "keepalive_interval": 1.0,
-        }
+        config = rig_config(daemon, client_key[0], keepalive_interval=1.0)
         try:
             yield link, config
         finally:

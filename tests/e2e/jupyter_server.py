@@ -162,3 +162,38 @@ def start_server(
                 message = f"jupyter server did not start:\n{server.log()[-3000:]}"
                 raise RuntimeError(message) from None
             time.sleep(0.1)
+
+
+def write_kernelspec(
+    jupyter_path: Path, name: str, config: dict[str, Any], **metadata: Any
+) -> None:
+    directory = jupyter_path / "kernels" / name
+    directory.mkdir(parents=True)
+    spec = {
+        "argv": ["python3", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": f"Remote {name}",
+        "language": "python",
+        "metadata": {
+            "kernel_provisioner": {"provisioner_name": "ssh-provisioner", "config": config},
+            **metadata,
+        },
+    }
+    (directory / "kernel.json").write_text(json.dumps(spec))
+
+
+async def iopub_connected(channels: Channels) -> None:
+    """Nudge until IOPub delivers (as JupyterLab does): after a (re)start the SUB socket
+    reconnects on its own schedule, and PUB drops what is sent before it has."""
+    for _ in range(50):
+        msg_id = channels.send("shell", "kernel_info_request", {})
+        try:
+            while True:
+                message = await channels.receive(timeout=0.5)
+                if (
+                    message["channel"] == "iopub"
+                    and message["parent_header"].get("msg_id") == msg_id
+                ):
+                    return
+        except TimeoutError:
+            continue
+    raise AssertionError("IOPub never delivered")

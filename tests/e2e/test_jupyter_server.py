@@ -21,27 +21,9 @@ from ssh_provisioner.throwaway import free_port
 from ..conftest import remote_leftovers
 from ..helpers import SLEEPING_CELL, process_alive, wait_until
 from ..netns import Link
-from ..slurm import SlurmCluster
-from .jupyter_server import Channels, Server, start_server
+from .jupyter_server import Channels, Server, iopub_connected, start_server, write_kernelspec
 
 pytestmark = [pytest.mark.sshd, pytest.mark.usefixtures("no_leaks")]
-
-
-def write_kernelspec(
-    jupyter_path: Path, name: str, config: dict[str, Any], **metadata: Any
-) -> None:
-    directory = jupyter_path / "kernels" / name
-    directory.mkdir(parents=True)
-    spec = {
-        "argv": ["python3", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": f"Remote {name}",
-        "language": "python",
-        "metadata": {
-            "kernel_provisioner": {"provisioner_name": "ssh-provisioner", "config": config},
-            **metadata,
-        },
-    }
-    (directory / "kernel.json").write_text(json.dumps(spec))
 
 
 @pytest.fixture
@@ -56,24 +38,6 @@ def server(tmp_path: Path, jupyter_path: Path) -> Iterator[Server]:
     running = start_server(tmp_path, jupyter_path)
     yield running
     running.stop()
-
-
-async def iopub_connected(channels: Channels) -> None:
-    """Nudge until IOPub delivers (as JupyterLab does): after a (re)start the SUB socket
-    reconnects on its own schedule, and PUB drops what is sent before it has."""
-    for _ in range(50):
-        msg_id = channels.send("shell", "kernel_info_request", {})
-        try:
-            while True:
-                message = await channels.receive(timeout=0.5)
-                if (
-                    message["channel"] == "iopub"
-                    and message["parent_header"].get("msg_id") == msg_id
-                ):
-                    return
-        except TimeoutError:
-            continue
-    raise AssertionError("IOPub never delivered")
 
 
 async def kernel_pid(channels: Channels) -> int:
@@ -202,7 +166,7 @@ async def test_a_cut_link_loses_no_output_on_the_websocket(
 ) -> None:
     """The link to the host is cut for 12 s after a cell's first line: the browser's
     websocket gets every line the cell printed meanwhile, its reply and its idle."""
-    from ..integration.test_lossless import COUNTING_CELL, LINES, OUTAGE, resilient
+    from ..kit import COUNTING_CELL, LINES, OUTAGE, resilient
 
     link, config = host_behind_a_link
     path = tmp_path / "share" / "jupyter"
@@ -405,44 +369,5 @@ async def test_a_start_that_fails_tells_the_user_which_host_and_why(
         assert closed in message
         assert "refused" in message
         assert await server.request("GET", "/api/kernels") == []
-    finally:
-        server.stop()
-
-
-@pytest.mark.slurm
-async def test_a_slurm_kernel_through_jupyter_server(
-    tmp_path: Path, slurm_config: dict[str, Any], slurm_cluster: SlurmCluster
-) -> None:
-    """POST a session with the Slurm kernelspec: the kernel runs on a compute node in
-    its own job; a restart keeps the job; deleting the session ends the job."""
-    path = tmp_path / "share" / "jupyter"
-    write_kernelspec(path, "slurm", slurm_config)
-    server = start_server(tmp_path, path)
-    try:
-        session = await server.request(
-            "POST", "/api/sessions",
-            {"path": "gpu.ipynb", "type": "notebook", "kernel": {"name": "slurm"}},
-        )  # fmt: skip
-        kernel_id = session["kernel"]["id"]
-        channels = await server.channels(kernel_id)
-        try:
-            await iopub_connected(channels)
-            code = "import os, socket; print(socket.gethostname(), os.environ['SLURM_JOB_ID'])"
-            messages = await channels.collect(channels.execute(code))
-            host, job = next(m for m in messages if m["msg_type"] == "stream")["content"][
-                "text"
-            ].split()
-            assert host in ("node1", "node2", "node3")
-            assert [row["id"] for row in slurm_cluster.jobs()] == [job]
-            await server.request("POST", f"/api/kernels/{kernel_id}/restart")
-            await iopub_connected(channels)
-            messages = await channels.collect(channels.execute(code))
-            text = next(m for m in messages if m["msg_type"] == "stream")["content"]["text"]
-            assert text.split()[1] == job
-        finally:
-            channels.close()
-        await server.request("DELETE", f"/api/sessions/{session['id']}")
-        assert await server.request("GET", "/api/kernels") == []
-        assert slurm_cluster.jobs() == []
     finally:
         server.stop()

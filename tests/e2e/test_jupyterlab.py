@@ -16,8 +16,7 @@ import pytest
 
 from ..conftest import IN_CI
 from ..sshd import SSHDaemon
-from .jupyter_server import Server, start_server
-from .test_jupyter_server import write_kernelspec
+from .jupyter_server import Server, start_server, write_kernelspec
 
 if TYPE_CHECKING:
     from playwright.async_api import BrowserContext, Locator, Page, WebSocket

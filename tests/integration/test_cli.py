@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 from jupyter_client.kernelspec import KernelSpecManager
@@ -17,30 +16,10 @@ from jupyter_client.manager import AsyncKernelManager
 
 from ..conftest import connect_options
 from ..helpers import execute
+from ..kit import BIN, cli, option_args
 from ..sshd import SSHDaemon, free_port, generate_key
 
 pytestmark = pytest.mark.sshd
-BIN = Path(sys.executable).parent
-
-
-def cli(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 120
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(BIN / "ssh-provisioner"), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
-        check=False,
-    )
-
-
-def option_args(options: dict[str, Any]) -> list[str]:
-    args = []
-    for key, value in options.items():
-        args += ["--connect-option", f"{key}={json.dumps(value)}"]
-    return args
 
 
 @pytest.fixture

@@ -28,12 +28,12 @@ from ssh_provisioner.engine import get_engine
 
 from ..conftest import KernelSpecFactory
 from ..helpers import SLEEPING_CELL
+from ..kit import VENV_BIN, cli_env
 from ..sshd import SSHDaemon
 
 pytestmark = [pytest.mark.sshd, pytest.mark.usefixtures("no_leaks")]
 
 HOSTNAME = "host-a"  # the first trio host's own (UTS namespace) hostname
-VENV_BIN = str(Path(sys.executable).parent)
 WHERE = "import socket; print('on', socket.gethostname())"
 IDLE_TIMEOUT = 1.0
 KEEPALIVE = 5.0
@@ -72,18 +72,6 @@ def wait_for(predicate: Any, timeout: float, what: str) -> None:
 
 def no_connection_after_idle(daemon: SSHDaemon) -> None:
     wait_for(lambda: ssh_connections(daemon) == 0, IDLE_TIMEOUT + 10, "the idle connection to go")
-
-
-def cli_env(ksm: Any) -> dict[str, str]:
-    kernels_dir = Path(ksm.kernel_dirs[0])
-    return {
-        **os.environ,
-        "JUPYTER_PATH": str(kernels_dir.parent),
-        "JUPYTER_RUNTIME_DIR": str(kernels_dir.parent / "runtime"),
-        "JUPYTER_PLATFORM_DIRS": "1",
-        "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}",
-        "PYTHONWARNINGS": "ignore",
-    }
 
 
 def run_cli(argv: list[str], ksm: Any, timeout: float = 120, **kwargs: Any) -> str:

@@ -40,14 +40,23 @@ from ..helpers import (
     start_failing,
     wait_until,
 )
+from ..kit import (
+    LINES,
+    PROCESS_A,
+    Message,
+    cli,
+    counting_cell,
+    follow,
+    host_python,
+    idle,
+    kernel_pid,
+    printed_line,
+    running_kernel,
+    take_over,
+)
 from ..netns import Link, namespace_host
 from ..second_factor import ACCEPTED, MFA_SSHD_CONFIG, Master, SecondFactor, second_factor_host
 from ..sshd import SSHDaemon, start_sshd
-from .test_cli import cli
-from .test_host_pythons import host_python
-from .test_lifecycle import kernel_pid, running_kernel
-from .test_lossless import LINES, Message, counting_cell, follow, idle, printed_line
-from .test_resilience import PROCESS_A, take_over
 
 pytestmark = [pytest.mark.sshd, pytest.mark.usefixtures("no_leaks")]
 __all__ = ["second_factor_host"]  # a fixture, used by name

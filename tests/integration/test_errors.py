@@ -20,7 +20,7 @@ from ssh_provisioner import (
     SSHConnectError,
 )
 
-from ..conftest import KernelSpecFactory, connect_options
+from ..conftest import KernelSpecFactory, connect_options, rig_config
 from ..helpers import start_failing
 from ..sshd import SSHDaemon, free_port, generate_key
 
@@ -29,12 +29,7 @@ pytestmark = [pytest.mark.sshd, pytest.mark.usefixtures("no_leaks")]
 
 @pytest.fixture
 def root_config(host_a: SSHDaemon, client_key: tuple[Path, str]) -> dict[str, Any]:
-    return {
-        "hosts": [host_a.destination("root")],
-        "connect_options": connect_options(host_a, client_key[0]),
-        "remote_python": sys.executable,
-        "launch_timeout": 20.0,
-    }
+    return rig_config(host_a, client_key[0], launch_timeout=20.0)
 
 
 async def test_unknown_host_name(make_kernelspec: KernelSpecFactory, root_config: dict) -> None:

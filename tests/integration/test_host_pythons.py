@@ -7,52 +7,16 @@ interpreter or ipykernel fails the test; it never skips."""
 
 from __future__ import annotations
 
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from ..conftest import IN_CI, KernelSpecFactory, connect_options
+from ..conftest import KernelSpecFactory, connect_options
 from ..helpers import execute, interrupt_a_running_cell
+from ..kit import HOST_PYTHONS, host_python, running_kernel
 from ..sshd import SSHDaemon
-from .test_lifecycle import running_kernel
 
 pytestmark = [pytest.mark.sshd, pytest.mark.usefixtures("no_leaks")]
-
-HOST_PYTHONS = ("3.6", "3.7", "3.8", "3.9", "3.10", "3.11", "3.12", "3.13")
-HOSTPY_DIR = Path(__file__).resolve().parents[2] / ".hostpy"
-
-
-def pyenv_root() -> Path:
-    root = os.environ.get("PYENV_ROOT")
-    if not root:
-        try:
-            root = subprocess.run(
-                ["pyenv", "root"], capture_output=True, text=True, check=True
-            ).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            root = str(Path.home() / ".pyenv")
-    return Path(root)
-
-
-def host_python(minor: str) -> tuple[str, Path]:
-    """(interpreter, its ipykernel dir), or fail (CI) / skip (elsewhere)."""
-    versions = sorted(
-        pyenv_root().glob(f"versions/{minor}.*/bin/python{minor}"),
-        key=lambda p: [int(part) for part in p.parts[-3].split(".") if part.isdigit()],
-    )
-    site = HOSTPY_DIR / minor
-    problem = None
-    if not versions:
-        problem = f"no Python {minor} under {pyenv_root()}/versions"
-    elif not (site / ".done").is_file():
-        problem = f"no ipykernel for Python {minor} in {site}: run .ci/host-pythons"
-    if problem:
-        if IN_CI:
-            pytest.fail(problem)
-        pytest.skip(problem)
-    return str(versions[-1]), site
 
 
 @pytest.mark.parametrize("transport", ["tcp", "ipc"])

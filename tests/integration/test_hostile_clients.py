@@ -18,12 +18,11 @@ from typing import Any
 import pytest
 from jupyter_client.session import Session
 
-from ..conftest import KernelSpecFactory, connect_options
+from ..conftest import KernelSpecFactory, rig_config
 from ..helpers import execute
+from ..kit import cut_for, resilient, running_kernel
 from ..netns import Link
 from ..sshd import SSHDaemon
-from .test_lifecycle import running_kernel
-from .test_lossless import cut_for, resilient
 
 pytestmark = [pytest.mark.sshd, pytest.mark.usefixtures("no_leaks")]
 
@@ -95,12 +94,7 @@ def cpu_seconds(pid: int) -> float:
 
 @pytest.fixture
 def root_on_host_a(host_a: SSHDaemon, client_key: tuple[Path, str]) -> dict[str, Any]:
-    return {
-        "hosts": [host_a.destination("root")],
-        "connect_options": connect_options(host_a, client_key[0]),
-        "remote_python": sys.executable,
-        "launch_timeout": 30.0,
-    }
+    return rig_config(host_a, client_key[0], launch_timeout=30.0)
 
 
 async def test_idle_subscriptions_of_another_user_cannot_bloat_the_launcher(

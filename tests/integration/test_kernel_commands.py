@@ -21,8 +21,8 @@ from ssh_provisioner import ProvisionerConfigError
 
 from ..conftest import KernelSpecFactory, connect_options
 from ..helpers import execute, interrupt_a_running_cell, process_alive
+from ..kit import running_kernel
 from ..sshd import TEST_USER, SSHDaemon
-from .test_lifecycle import running_kernel
 
 pytestmark = [pytest.mark.sshd, pytest.mark.usefixtures("no_leaks")]
 

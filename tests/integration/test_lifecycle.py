@@ -7,8 +7,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
@@ -28,38 +27,11 @@ from ..helpers import (
     process_alive,
     wait_until,
 )
+from ..kit import kernel_pid, running_kernel
+from ..leaks import launchers_under, own_listeners
 from ..sshd import SSHDaemon
 
 pytestmark = [pytest.mark.sshd, pytest.mark.usefixtures("no_leaks")]
-
-
-@asynccontextmanager
-async def running_kernel(
-    make_kernelspec: KernelSpecFactory,
-    config: dict[str, Any],
-    manager_class: type[AsyncKernelManager] = AsyncKernelManager,
-    manager_options: dict[str, Any] | None = None,
-    **spec: Any,
-) -> AsyncIterator[tuple[AsyncKernelManager, AsyncKernelClient]]:
-    ksm, name = make_kernelspec(config, **spec)
-    km = manager_class(kernel_name=name, kernel_spec_manager=ksm, **(manager_options or {}))
-    km.shutdown_wait_time = 4.0
-    await km.start_kernel()
-    kc = km.client()
-    kc.start_channels()
-    try:
-        await kc.wait_for_ready(timeout=30)
-        yield km, kc
-    finally:
-        kc.stop_channels()
-        # also when the kernel is already gone: shutdown_kernel runs cleanup_resources
-        if not km.context.closed:  # unless the test shut it down itself
-            await km.shutdown_kernel()
-
-
-async def kernel_pid(kc: AsyncKernelClient) -> int:
-    out, _ = await execute(kc, "import os; print(os.getpid())")
-    return int(out)
 
 
 async def test_kernel_runs_under_ssh_as_the_login_user(
@@ -246,7 +218,7 @@ async def test_shutdown_leaves_nothing_on_either_side(
         local = km.get_connection_info()
         local_ports = {local[f"{c}_port"] for c in ("shell", "iopub", "stdin", "control", "hb")}
         remote_ports = set(info["endpoints"].values())
-        assert local_ports <= listening_ports()
+        assert local_ports <= own_listeners()  # this process holds them
         assert remote_ports <= listening_ports()
         key = km.session.key
         assert cmdlines_containing(key) == [], "the session key is on a command line"
@@ -256,7 +228,9 @@ async def test_shutdown_leaves_nothing_on_either_side(
     assert not process_alive(info["pid"])
     assert not process_alive(info["launcher_pid"])
     assert not Path(info["runtime_dir"]).exists()
-    assert not (local_ports | remote_ports) & listening_ports()
+    # (the kernel that held the remote ports is gone, above; another test may bind the
+    # same numbers since, on this shared machine)
+    assert not local_ports & own_listeners()
     assert not os.path.exists(km.connection_file)
 
 
@@ -286,14 +260,14 @@ async def test_cleanup_is_idempotent(
 
 
 async def test_second_start_uses_the_prepared_launcher(
-    make_kernelspec: KernelSpecFactory, host_config: dict[str, Any]
+    make_kernelspec: KernelSpecFactory, host_config: dict[str, Any], host_a: SSHDaemon
 ) -> None:
     """Warm starts skip the login shell: a spare launcher waits on the pooled connection."""
     async with running_kernel(make_kernelspec, host_config) as (km1, _):
         first = (await km1.provisioner.get_provisioner_info())["launcher_pid"]
 
         def spare_pids() -> set[int]:
-            return set(cmdlines_containing(b"ssh_provisioner_launcher")) - {first}
+            return launchers_under(host_a.process.pid) - {first}
 
         await wait_until(lambda: len(spare_pids()) == 1, 10, "a spare launcher")
         (spare,) = spare_pids()
@@ -304,7 +278,7 @@ async def test_second_start_uses_the_prepared_launcher(
 
 
 async def test_prewarm_can_be_disabled(
-    make_kernelspec: KernelSpecFactory, host_config: dict[str, Any]
+    make_kernelspec: KernelSpecFactory, host_config: dict[str, Any], host_a: SSHDaemon
 ) -> None:
     config = {**host_config, "prewarm_launcher": False}
     async with running_kernel(make_kernelspec, config) as (km, _):
@@ -313,12 +287,13 @@ async def test_prewarm_can_be_disabled(
         # spares are scheduled synchronously in launch_kernel: none scheduled, none made
         assert not pool._preparing
         assert not any(entry.spares for entries in pool._entries.values() for entry in entries)
-        assert set(cmdlines_containing(b"ssh_provisioner_launcher")) == {launcher}
+        assert launchers_under(host_a.process.pid) == {launcher}
 
 
 async def test_an_unused_spare_launcher_exits_by_itself(
     make_kernelspec: KernelSpecFactory,
     host_config: dict[str, Any],
+    host_a: SSHDaemon,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A spare waits SPARE_WAIT seconds for a spec (over a link cut for good nothing
@@ -328,10 +303,10 @@ async def test_an_unused_spare_launcher_exits_by_itself(
     monkeypatch.setattr(remote, "SPARE_WAIT", 1.0)
     async with running_kernel(make_kernelspec, host_config) as (km, _):
         launcher = (await km.provisioner.get_provisioner_info())["launcher_pid"]
-        await wait_until(lambda: len(cmdlines_containing(b"ssh_provisioner_launcher")) == 2,
-                         10, "the spare launcher")  # fmt: skip
+        mine = host_a.process.pid
+        await wait_until(lambda: len(launchers_under(mine)) == 2, 10, "the spare launcher")
         await wait_until(
-            lambda: set(cmdlines_containing(b"ssh_provisioner_launcher")) == {launcher},
+            lambda: launchers_under(mine) == {launcher},
             10,
             "the unused spare to exit",
         )

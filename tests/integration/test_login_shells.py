@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import KernelSpecFactory, connect_options
+from ..conftest import KernelSpecFactory, rig_config
 from ..helpers import execute
+from ..kit import running_kernel
 from ..sshd import SSHDaemon, temporary_user
-from .test_lifecycle import running_kernel
 
 pytestmark = [pytest.mark.sshd, pytest.mark.usefixtures("no_leaks")]
 
@@ -35,12 +35,7 @@ async def test_a_login_shell_that_prints_does_not_stop_a_kernel(
     with temporary_user("sshp-chatty") as user:
         home = Path(pwd.getpwnam(user).pw_dir)
         (home / ".bashrc").write_text(bashrc)
-        config = {
-            "hosts": [host_a.destination(user)],
-            "connect_options": connect_options(host_a, client_key[0]),
-            "remote_python": sys.executable,
-            "pool_idle_timeout": 0,
-        }
+        config = rig_config(host_a, client_key[0], user, pool_idle_timeout=0)
         async with running_kernel(make_kernelspec, config) as (km, kc):
             out, _ = await execute(kc, "import getpass; print(getpass.getuser())")
             assert out.strip() == user

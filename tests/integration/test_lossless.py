@@ -7,89 +7,36 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import nbformat
 import pytest
-from jupyter_client.asynchronous import AsyncKernelClient
 from jupyter_client.manager import AsyncKernelManager
 from nbclient import NotebookClient
 
 from ..conftest import KernelSpecFactory
 from ..helpers import execute, wait_until
+from ..kit import (
+    COUNTING_CELL,
+    LINES,
+    OUTAGE,
+    VENV_BIN,
+    Message,
+    cli_env,
+    counting_cell,
+    cut_for,
+    follow,
+    host_python,
+    idle,
+    printed_line,
+    printing,
+    resilient,
+    running_kernel,
+)
 from ..netns import Link
-from .test_clients import VENV_BIN, cli_env
-from .test_host_pythons import host_python
-from .test_lifecycle import running_kernel
 
 pytestmark = [pytest.mark.sshd, pytest.mark.usefixtures("no_leaks")]
-
-LINES = 200
-
-
-def counting_cell(interval: float) -> str:
-    return (
-        "import time\n"
-        f"for i in range({LINES}):\n"
-        "    print(i, flush=True)\n"
-        f"    time.sleep({interval})\n"
-    )
-
-
-# 200 numbered lines over about 10 s: a cut after the first line lasts past the end of
-# the cell, so most of its output, its `idle` and its reply are all sent during the cut.
-COUNTING_CELL = counting_cell(0.05)
-OUTAGE = 12.0  # seconds the link is down, from the cut
-
-
-def resilient(config: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    return {
-        **config,
-        "connect_timeout": 2.0,
-        "orphan_timeout": 60.0,
-        "reconnect_timeout": 60.0,
-        **extra,
-    }
-
-
-async def cut_for(link: Link, km: AsyncKernelManager, seconds: float) -> None:
-    """Cut the link (no FIN, no RST), wait for keepalives to notice, restore it
-    ``seconds`` after the cut."""
-    lease = km.provisioner._session._lease
-    link.down()
-    cut = time.monotonic()
-    await wait_until(lambda: lease.connection.is_closed(), 15, "keepalives to notice the cut")
-    assert await km.provisioner.poll() is None  # unreachable, not dead
-    await asyncio.sleep(max(0.0, cut + seconds - time.monotonic()))  # the outage itself
-    link.up()
-
-
-Message = dict[str, Any]
-
-
-async def follow(
-    kc: AsyncKernelClient, msg_id: str, messages: list[Message], until: Callable[[Message], bool]
-) -> None:
-    """Add ``msg_id``'s IOPub messages to ``messages`` until one is ``until``."""
-    deadline = time.monotonic() + 60
-    while not (messages and until(messages[-1])):
-        message = await kc.get_iopub_msg(timeout=max(0.1, deadline - time.monotonic()))
-        if message["parent_header"].get("msg_id") == msg_id:
-            messages.append(message)
-
-
-def printed_line(line: int) -> Callable[[Message], bool]:
-    return lambda m: m["msg_type"] == "stream" and str(line) in m["content"]["text"].split()
-
-
-def printing(message: Message) -> bool:
-    return bool(message["msg_type"] == "stream")
-
-
-def idle(message: Message) -> bool:
-    return message["msg_type"] == "status" and message["content"]["execution_state"] == "idle"
 
 
 @pytest.mark.parametrize(

@@ -256,15 +256,16 @@ async def test_failover_then_recovery_after_the_cooldown(
 ) -> None:
     d = host_d.destination("root")
     config = with_host(trio_config, host_d, [d, trio_config["hosts"][0]])
-    config.update(policy="first-available", host_cooldown=1.0)
+    # (long enough to outlast a start on a loaded machine, which the check below follows)
+    config.update(policy="first-available", host_cooldown=5.0)
     host_d.stop()
+    entry = HostEntry.parse(d)
     async with kernel_on(make_kernelspec, config) as (_, _, hostname):
         assert hostname == "host-a"  # host-d refused: passed over
-    entry = HostEntry.parse(d)
-    state = get_engine().placement
-    assert "refused" in (state.unhealthy_reason(entry) or "")
+        state = get_engine().placement
+        assert "refused" in (state.unhealthy_reason(entry) or "")
     host_d.start()
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 10
     while state.unhealthy_reason(entry) is not None:
         assert time.monotonic() < deadline, "the cooldown did not end"
         await asyncio.sleep(0.05)

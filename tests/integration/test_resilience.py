@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 from jupyter_client.provisioning import KernelProvisionerFactory
 
@@ -27,11 +26,12 @@ from ssh_provisioner import HostSelectionError, KernelUnreachable
 from ssh_provisioner.engine import shutdown_engine
 from ssh_provisioner.session import State
 
-from ..conftest import KernelSpecFactory, connect_options
-from ..helpers import cmdlines_containing, execute, listening_ports, process_alive, wait_until
+from ..conftest import KernelSpecFactory, rig_config
+from ..helpers import execute, process_alive, wait_until
+from ..kit import PROCESS_A, running_kernel, take_over
+from ..leaks import launchers_under, own_listeners
 from ..netns import Link
 from ..sshd import SSHDaemon, start_sshd
-from .test_lifecycle import running_kernel
 
 pytestmark = [pytest.mark.sshd, pytest.mark.usefixtures("no_leaks")]
 
@@ -54,13 +54,7 @@ def flaky_host(tmp_path: Path, client_key: tuple[Path, str]) -> Iterator[SSHDaem
 
 @pytest.fixture
 def flaky_config(flaky_host: SSHDaemon, client_key: tuple[Path, str]) -> dict[str, Any]:
-    return {
-        "hosts": [flaky_host.destination("root")],
-        "connect_options": connect_options(flaky_host, client_key[0]),
-        "remote_python": sys.executable,
-        "orphan_timeout": 60.0,
-        "reconnect_timeout": 30.0,
-    }
+    return rig_config(flaky_host, client_key[0], orphan_timeout=60.0, reconnect_timeout=30.0)
 
 
 async def test_a_running_cell_survives_an_sshd_restart(
@@ -111,46 +105,6 @@ async def test_an_unreachable_kernel_counts_as_dead_then_is_reaped(
         assert time.monotonic() - started >= 1.0  # it tried to reconnect first
         # the launcher kills its orphan after orphan_timeout: nothing is left on the host
         await wait_until(lambda: not process_alive(pid), 15, "the orphaned kernel to be killed")
-
-
-PROCESS_A = """
-import asyncio, json, os, sys
-from jupyter_client.kernelspec import KernelSpecManager
-from jupyter_client.manager import AsyncKernelManager
-
-async def main():
-    ksm = KernelSpecManager(kernel_dirs=[sys.argv[1]])
-    km = AsyncKernelManager(
-        kernel_name=sys.argv[2], kernel_spec_manager=ksm, transport_encryption=sys.argv[4]
-    )
-    await km.start_kernel()
-    kc = km.client()
-    kc.start_channels()
-    await kc.wait_for_ready(timeout=30)
-    await kc.execute("secret = 'kept across processes'", reply=True, timeout=30)
-    info = await km.provisioner.get_provisioner_info()
-    info["connection_info"]["key"] = info["connection_info"]["key"].decode()
-    with open(sys.argv[3], "w") as f:
-        json.dump(info, f)
-    os._exit(0)  # gone without a shutdown, as a crashed server would be
-
-asyncio.run(main())
-"""
-
-
-async def take_over(
-    ksm: KernelSpecManager, name: str, info: dict[str, Any], **manager_options: Any
-) -> AsyncKernelManager:
-    """What a new server does with a kernel its crashed predecessor started: a manager
-    whose provisioner reattaches with the saved provisioner info."""
-    km = AsyncKernelManager(kernel_name=name, kernel_spec_manager=ksm, **manager_options)
-    km.kernel_id = info["kernel_id"]
-    km.provisioner = KernelProvisionerFactory.instance().create_provisioner_instance(
-        info["kernel_id"], km.kernel_spec, parent=km
-    )
-    await km.provisioner.load_provisioner_info(info)
-    km.load_connection_info(km.provisioner.connection_info)
-    return km
 
 
 @pytest.mark.parametrize("encryption", ["disabled", "required"])
@@ -450,7 +404,7 @@ async def test_local_ports_stay_ours_and_a_request_sent_in_the_outage_is_answere
 
 
 async def test_a_cancelled_start_leaves_nothing_here_or_there(
-    make_kernelspec: KernelSpecFactory, flaky_config: dict[str, Any]
+    make_kernelspec: KernelSpecFactory, flaky_config: dict[str, Any], flaky_host: SSHDaemon
 ) -> None:
     """A start cancelled while the launcher runs on the host (a browser tab closed, a
     server stopping) leaves no kernel, launcher, local port or leased connection."""
@@ -458,21 +412,18 @@ async def test_a_cancelled_start_leaves_nothing_here_or_there(
 
     ksm, name = make_kernelspec({**flaky_config, "pool_idle_timeout": 0})
     km = AsyncKernelManager(kernel_name=name, kernel_spec_manager=ksm)
-    before = listening_ports()
+    before = own_listeners()
     start = asyncio.ensure_future(km.start_kernel())
-    await wait_until(
-        lambda: bool(cmdlines_containing(b"ssh_provisioner_launcher")), 30, "the launcher"
-    )
+    mine = flaky_host.process.pid
+    await wait_until(lambda: bool(launchers_under(mine)), 30, "the launcher")
     start.cancel()
     with pytest.raises(asyncio.CancelledError):
         await start
     await km.cleanup_resources()
     pool = get_engine().pool
     await wait_until(lambda: pool.open_connections == 0, 10, "the connection to close")
-    await wait_until(
-        lambda: not cmdlines_containing(b"ssh_provisioner_launcher"), 10, "the launcher to go"
-    )
-    assert listening_ports() <= before
+    await wait_until(lambda: not launchers_under(mine), 10, "the launcher to go")
+    assert own_listeners() <= before
 
 
 async def test_closing_the_engine_during_a_reconnect_is_quiet(

@@ -22,10 +22,10 @@ import zmq
 from ssh_provisioner import HostKeyError, LaunchError, LaunchTimeout
 from ssh_provisioner.launcher import LAUNCHER_BEGINS
 
-from ..conftest import KernelSpecFactory
+from ..conftest import KernelSpecFactory, rig_config
 from ..helpers import execute, start_failing
+from ..kit import INTRUDER, running_kernel
 from ..sshd import SSHDaemon, generate_key, start_sshd
-from .test_lifecycle import running_kernel
 
 pytestmark = [pytest.mark.sshd, pytest.mark.usefixtures("no_leaks")]
 
@@ -162,27 +162,6 @@ async def test_tcp_endpoints_listen_on_loopback_only(
                 assert address == "0100007F"
 
 
-INTRUDER = """
-import json, socket, struct, sys
-results = []
-host = sys.argv[2] if len(sys.argv) > 2 else "127.0.0.1"
-for channel, resume in (("iopub", False), ("shell", True)):  # a new stream; a guessed one
-    s = socket.create_connection((host, int(sys.argv[1])), timeout=10)
-    hello = {"hello": "n", "stream": "s", "channel": channel, "resume": resume, "received": 0}
-    s.sendall(json.dumps(hello).encode() + b"\\n")
-    s.makefile("rb").readline()  # the relay's nonce and proof
-    subscribe = b"\\x00\\x01\\x01"  # what a SUB socket would send
-    try:
-        s.sendall(json.dumps({"proof": "0" * 64}).encode() + b"\\n"
-                  + struct.pack(">cQI", b"D", 0, len(subscribe)) + subscribe)
-        # accepted, the kernel's ZMTP greeting (or a resume answer) would come back
-        results.append("closed" if s.recv(65536) == b"" else "answered")
-    except OSError:
-        results.append("closed")
-print(" ".join(results))
-"""
-
-
 async def test_a_host_user_at_the_relay_reaches_nothing(
     make_kernelspec: KernelSpecFactory, host_config: dict[str, Any], test_user: str
 ) -> None:
@@ -238,16 +217,10 @@ async def test_hostile_launcher_output(
 async def test_a_changed_host_key_is_refused_on_reconnect(
     make_kernelspec: KernelSpecFactory, client_key: tuple[Path, str], tmp_path: Path
 ) -> None:
-    from ..conftest import connect_options
 
     daemon: SSHDaemon = start_sshd(tmp_path / "host", "127.0.0.8", client_key[1] + "\n")
     try:
-        config = {
-            "hosts": [daemon.destination("root")],
-            "connect_options": connect_options(daemon, client_key[0]),
-            "remote_python": sys.executable,
-            "pool_idle_timeout": 0,
-        }
+        config = rig_config(daemon, client_key[0], pool_idle_timeout=0)
         async with running_kernel(make_kernelspec, config):
             pass
         daemon.stop()

@@ -22,12 +22,10 @@ from ssh_provisioner import SlurmError
 from ssh_provisioner.engine import get_engine
 
 from ..conftest import KernelSpecFactory
+from ..e2e.jupyter_server import iopub_connected, start_server, write_kernelspec
 from ..helpers import SLEEPING_CELL, execute, wait_until
+from ..kit import INTRUDER, PROCESS_A, cli, option_args, running_kernel, take_over
 from ..slurm import SlurmCluster, pids_in_netns
-from .test_cli import cli, option_args
-from .test_lifecycle import running_kernel
-from .test_resilience import PROCESS_A, take_over
-from .test_security import INTRUDER
 
 pytestmark = [pytest.mark.sshd, pytest.mark.slurm, pytest.mark.usefixtures("no_leaks")]
 
@@ -633,3 +631,41 @@ async def test_a_job_whose_server_died_in_the_queue_ends_by_itself(
             out, _ = await execute(kc, "print('kept')")
             assert out.strip() == "kept"
     cluster.wait_queue_empty(20)
+
+
+async def test_a_slurm_kernel_through_jupyter_server(
+    tmp_path: Path, slurm_config: dict[str, Any], slurm_cluster: SlurmCluster
+) -> None:
+    """POST a session with the Slurm kernelspec: the kernel runs on a compute node in
+    its own job; a restart keeps the job; deleting the session ends the job."""
+    path = tmp_path / "share" / "jupyter"
+    write_kernelspec(path, "slurm", slurm_config)
+    server = start_server(tmp_path, path)
+    try:
+        session = await server.request(
+            "POST", "/api/sessions",
+            {"path": "gpu.ipynb", "type": "notebook", "kernel": {"name": "slurm"}},
+        )  # fmt: skip
+        kernel_id = session["kernel"]["id"]
+        channels = await server.channels(kernel_id)
+        try:
+            await iopub_connected(channels)
+            code = "import os, socket; print(socket.gethostname(), os.environ['SLURM_JOB_ID'])"
+            messages = await channels.collect(channels.execute(code))
+            host, job = next(m for m in messages if m["msg_type"] == "stream")["content"][
+                "text"
+            ].split()
+            assert host in ("node1", "node2", "node3")
+            assert [row["id"] for row in slurm_cluster.jobs()] == [job]
+            await server.request("POST", f"/api/kernels/{kernel_id}/restart")
+            await iopub_connected(channels)
+            messages = await channels.collect(channels.execute(code))
+            text = next(m for m in messages if m["msg_type"] == "stream")["content"]["text"]
+            assert text.split()[1] == job
+        finally:
+            channels.close()
+        await server.request("DELETE", f"/api/sessions/{session['id']}")
+        assert await server.request("GET", "/api/kernels") == []
+        assert slurm_cluster.jobs() == []
+    finally:
+        server.stop()

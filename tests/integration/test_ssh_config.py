@@ -16,9 +16,9 @@ from ssh_provisioner import HostKeyError
 
 from ..conftest import KernelSpecFactory
 from ..helpers import execute, start_failing
+from ..kit import running_kernel
 from ..netns import namespace_host
 from ..sshd import SSHDaemon, generate_key, start_sshd
-from .test_lifecycle import running_kernel
 
 pytestmark = [pytest.mark.sshd, pytest.mark.usefixtures("no_leaks")]
 

@@ -15,9 +15,9 @@ from ssh_provisioner import AuthenticationError
 
 from ..conftest import KernelSpecFactory, connect_options
 from ..helpers import execute, start_failing
+from ..kit import running_kernel
 from ..second_factor import ACCEPTED, PROMPT, SecondFactor, second_factor_host
 from ..sshd import SSHDaemon
-from .test_lifecycle import running_kernel
 
 pytestmark = [pytest.mark.sshd, pytest.mark.usefixtures("no_leaks")]
 

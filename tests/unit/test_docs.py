@@ -1,8 +1,10 @@
-"""The README's configuration reference and the example kernelspecs stay true."""
+"""The configuration reference (docs/configuration.md) and the example kernelspecs stay
+true; the README's links lead somewhere."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -15,12 +17,22 @@ ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((ROOT / "kernelspecs").glob("*/kernel.json"))
 
 
-def test_readme_config_reference_is_generated_from_the_traits() -> None:
-    readme = (ROOT / "README.md").read_text()
-    start, end = readme.index(BEGIN), readme.index(END) + len(END)
-    assert readme[start:end] == config_reference(), (
-        "README is stale: paste the output of `python -m ssh_provisioner.reference`"
+def test_the_config_reference_is_generated_from_the_traits() -> None:
+    text = (ROOT / "docs" / "configuration.md").read_text()
+    start, end = text.index(BEGIN), text.index(END) + len(END)
+    assert text[start:end] == config_reference(), (
+        "docs/configuration.md is stale: run "
+        "`python -m ssh_provisioner.reference docs/configuration.md`"
     )
+
+
+@pytest.mark.parametrize("name", ["README.md", "CONTRIBUTING.md", *sorted(
+    str(path.relative_to(ROOT)) for path in (ROOT / "docs").glob("*.md")
+)])  # fmt: skip
+def test_relative_links_lead_to_files(name: str) -> None:
+    text = (ROOT / name).read_text()
+    for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", text):
+        assert (ROOT / name).parent.joinpath(target).exists(), f"{name}: {target}"
 
 
 def test_there_are_examples() -> None:
