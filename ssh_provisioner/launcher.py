@@ -137,6 +137,23 @@ def process_tree(root: int) -> Dict[int, int]:
     return found
 
 
+def raise_descriptor_limit() -> int:
+    """The launcher serves every client connection of its kernel (and whoever else
+    connects to its relay): its soft descriptor limit goes up to the hard one (at most
+    DESCRIPTORS_WANTED).  Returns the limit now in force."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = DESCRIPTORS_WANTED if hard == resource.RLIM_INFINITY else min(hard, DESCRIPTORS_WANTED)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError):
+            pass
+    return DESCRIPTORS_WANTED if soft == resource.RLIM_INFINITY else soft
+
+
 def become_subreaper() -> None:
     """Descendants orphaned by a wrapper that exits (or a kernel that daemonizes) are
     re-parented to this launcher, so they stay in its tree and end with it (Linux)."""
@@ -476,7 +493,9 @@ class Supervisor:
                 "hostname": socket.gethostname(),
                 "launcher_pid": os.getpid(),
             }
+            descriptors = raise_descriptor_limit()  # the kernel, started above, keeps its own
             self.stream_relay = Relay(self.spec, self.transport, endpoints, self.runtime_dir)
+            self.stream_relay.unproven_max = max(UNPROVEN_MIN, min(UNPROVEN_MAX, descriptors // 4))
             self.ready_event["relay"] = self.stream_relay.address
             self.ready_event["relay_host"] = self.stream_relay.host
             self.listen_for_reattach()
@@ -763,8 +782,9 @@ HANDSHAKE_LINE_MAX = 4096
 # the token yet are few (the oldest goes first) and short-lived, and streams per kernel
 # channel are capped, so that no flood takes the launcher to its descriptor limit.
 HANDSHAKE_TIMEOUT = 5.0
-UNPROVEN_MAX = 64
+UNPROVEN_MIN, UNPROVEN_MAX = 64, 1024  # a quarter of the descriptor limit, within these
 STREAMS_PER_CHANNEL_MAX = 64
+DESCRIPTORS_WANTED = 65536
 ACCEPT_BACKOFF = 0.2  # out of descriptors: the listener stays readable; wait, don't spin
 LINK_OUTPUT_HIGH = 256 * 1024  # frame more of the stream once the channel took this in
 TO_KERNEL_HIGH = 1024 * 1024  # stop reading the channel while the kernel lags this much
@@ -1037,6 +1057,7 @@ class Relay:
         self.accept_resumes_at = None  # type: Optional[float]
         self.at_limit = set()  # type: Set[str]  # streams whose pause at the limit was logged
         self.refusals_logged = {}  # type: Dict[str, float]  # channel: when
+        self.unproven_max = UNPROVEN_MIN
         self.linger = float(spec.get("stream_linger") or 120)
         self.streams = {}  # type: Dict[str, RelayStream]
         self.links = set()  # type: Set[RelayLink]
@@ -1146,8 +1167,11 @@ class Relay:
                 self.accept_resumes_at = time.monotonic() + ACCEPT_BACKOFF
             return
         unproven = [link for link in self.links if link.phase != "open"]
-        if len(unproven) >= UNPROVEN_MAX:  # a flood: the oldest makes room
-            self.drop_link(min(unproven, key=lambda link: link.since))
+        if len(unproven) >= self.unproven_max:
+            # A flood: the oldest silent connection makes room (a real client speaks
+            # within a round trip of connecting), else the oldest of all.
+            silent = [link for link in unproven if link.phase == "hello" and not link.inbuf]
+            self.drop_link(min(silent or unproven, key=lambda link: link.since))
         sock.setblocking(False)
         if sock.family == socket.AF_INET:  # small frames must not wait for an ACK (Nagle)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

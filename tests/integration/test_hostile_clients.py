@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -166,16 +167,24 @@ async def test_floods_of_connections_leave_the_kernel_working(
     host_behind_a_link: tuple[Link, dict[str, Any]],
     test_user: str,
     caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
 ) -> None:
-    """A host user holds 1,100 connections to the relay's port, and a local user 600 to
-    the kernel's local control port: the user's client works through a blip, a new
-    client works (its control connection refused with a logged reason), the launcher
-    stays below 10% of a core, and reattaches afterwards."""
+    """On a host whose processes may open 1,024 descriptors (a common default), a host
+    user holds 1,100 connections to the relay's port, and a local user 600 to the
+    kernel's local control port: the user's client works through a blip, a new client
+    works (its control connection refused with a logged reason), the launcher stays
+    below 10% of a core, and reattaches afterwards."""
     caplog.set_level(logging.INFO)
     link, config = host_behind_a_link
-    async with running_kernel(make_kernelspec, resilient(config)) as (km, kc):
+    python = tmp_path / "python-with-1024-descriptors"
+    python.write_text(f'#!/bin/sh\nulimit -n 1024\nexec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    config = resilient(config, remote_python=str(python))
+    async with running_kernel(make_kernelspec, config) as (km, kc):
         info = await km.provisioner.get_provisioner_info()
         launcher, relay = int(info["launcher_pid"]), int(info["handshake"]["relay"])
+        limits = Path(f"/proc/{launcher}/limits").read_text()
+        assert re.search(r"Max open files\s+1024\s+1024", limits), limits
         on_host = ["ip", "netns", "exec", link.namespace]
         as_user = ["runuser", "-u", test_user, "--", sys.executable, "-c", CONNECTION_HOLDER]
         control = km.get_connection_info()["control_port"]
