@@ -154,7 +154,11 @@ class Master:
         return pid
 
     def pid(self) -> int | None:
-        checked = self.ssh("-O", "check", self.alias)
+        # A master that is going away can accept the control connection and then close
+        # it unanswered ("master hello exchange failed"); ssh then falls back to
+        # connecting to the host itself, which hangs on a cut link.  No proxy can be
+        # reached that way, so that fallback fails at once and the answer is "gone".
+        checked = self.ssh("-o", "ProxyCommand=false", "-O", "check", self.alias)
         found = re.search(r"pid=(\d+)", checked.stderr)
         return int(found.group(1)) if checked.returncode == 0 and found else None
 
