@@ -14,6 +14,7 @@ from .hosts import HostEntry
 from .kbdint import KBDINT, parse_rules
 from .master import MODES as MASTER_MODES
 from .master import USE_CONTROL_MASTER
+from .payload import ENTRIES, payload, payload_line
 from .slurm import SlurmSettings
 from .sshconfig import ALLOW_UNCHECKED
 
@@ -216,6 +217,21 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example:\n  ssh-provisioner demo",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    payload = commands.add_parser(
+        "payload",
+        help="print the exact program a host runs (for a security review)",
+        description="Print what the remote shell runs for a kernel: the command line "
+        "(no secret is ever on it) and the payload its stdin's first line carries, "
+        "JSON-encoded; the launch spec with the kernel's keys follows as the second line "
+        "and is never printed. Nothing is written to the host's disk.",
+        epilog="examples:\n  ssh-provisioner payload\n  ssh-provisioner payload --entry reattach"
+        "\n  ssh-provisioner payload --line  # the bytes sent, as sent",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    payload.add_argument("--entry", choices=sorted(ENTRIES), default="launch")
+    payload.add_argument(
+        "--line", action="store_true", help="print the stdin line itself (JSON), not its program"
+    )
     return parser
 
 
@@ -229,6 +245,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _list()
         if args.command == "check":
             return _check(parser, args)
+        if args.command == "payload":
+            return _payload(args)
         if args.command == "demo":
             from .demo import run_demo
 
@@ -243,6 +261,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ssh-provisioner {args.command}: {exc}", file=sys.stderr)
         return 1
     raise AssertionError(f"unhandled command {args.command}")
+
+
+def _payload(args: argparse.Namespace) -> int:
+    if args.line:
+        sys.stdout.buffer.write(payload_line(args.entry))
+        return 0
+    from .remote import launcher_command
+
+    print(f"# the command the login shell runs:\n# {launcher_command('PYTHON')}")
+    print("# then stdin, line 1: this program (JSON-encoded); line 2: the launch spec\n")
+    print(payload(args.entry), end="")
+    return 0
 
 
 def _install(args: argparse.Namespace) -> int:

@@ -39,9 +39,9 @@ from .errors import (
     SessionLimitError,
     SSHConnectError,
 )
+from .host.spec import DEFAULT_OUTAGE_BUFFER, MIN_OUTAGE_BUFFER
 from .hosts import HostEntry
 from .kbdint import AUTH_COOLDOWN, KBDINT, parse_rules
-from .launcher import DEFAULT_OUTAGE_BUFFER, MIN_OUTAGE_BUFFER
 from .master import MODES as MASTER_MODES
 from .master import USE_CONTROL_MASTER, mode_of
 from .placement import PlacementRequest

@@ -10,17 +10,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import functools
-import hmac
 import json
 import logging
 import posixpath
-import secrets
 import shlex
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from importlib import resources
 from typing import Any
 
 import asyncssh
@@ -33,17 +29,13 @@ from .errors import (
     SSHProvisionerError,
     session_open_error,
 )
+from .host import wire
+from .host.spec import LaunchSpec
+from .host.supervisor import RUNTIME_DIR_PREFIX
+from .host.wire import CHANNELS, LAUNCHER_CHANNEL
 from .hosts import Host
-from .launcher import (
-    BOOTSTRAP,
-    CHANNELS,
-    LAUNCHER_BEGINS,
-    LAUNCHER_CHANNEL,
-    NO_SPEC,
-    RUNTIME_DIR_PREFIX,
-    prove,
-)
 from .link import ByteReader, RemoteProcess, SSHLink, StreamChannel
+from .payload import BOOTSTRAP, LAUNCHER_BEGINS, NO_SPEC, payload_line
 
 log = logging.getLogger(__name__)
 
@@ -102,11 +94,6 @@ class Handshake:
         )
 
 
-@functools.cache
-def launcher_source() -> str:
-    return resources.files("ssh_provisioner").joinpath("launcher.py").read_text("utf-8")
-
-
 def launcher_command(python: str) -> str:
     # exec: the shell gives its place to Python, one process fewer to signal or orphan.
     # -S: the launcher needs only the stdlib, and site start-up is a fifth of Python's.
@@ -115,14 +102,16 @@ def launcher_command(python: str) -> str:
     return "exec " + shlex.join([python, "-I", "-S", "-c", BOOTSTRAP, f"{SPARE_WAIT:g}"])
 
 
-async def start_launcher(connection: SSHLink, python: str, *, spare: bool = False) -> RemoteProcess:
-    """Exec the launcher and send it its source; it then waits for a spec on stdin.
+async def start_launcher(
+    connection: SSHLink, python: str, *, spare: bool = False, entry: str = "launch"
+) -> RemoteProcess:
+    """Exec the launcher and send it its payload; it then waits for a spec on stdin.
 
     Also used ahead of time, to keep a spare launcher past the login shell's and
     Python's start-up (a login shell that runs conda or pyenv init costs 100+ ms).
     """
     process = await connection.start_process(launcher_command(python), spare=spare)
-    process.stdin.write(json.dumps(launcher_source()).encode() + b"\n")
+    process.stdin.write(payload_line(entry))
     return process
 
 
@@ -243,12 +232,11 @@ async def _open_control_channel(
     reach but through its relay (``via_relay``: a Slurm compute node)."""
     if connection.holds_sessions and not via_relay:
         try:
-            process = await start_launcher(connection, python)
+            process = await start_launcher(connection, python, entry="reattach")
         except (asyncssh.Error, OSError) as exc:
             raise session_open_error(str(host), f"reattaching kernel {kernel_id}", exc) from exc
-        process.stdin.write(
-            json.dumps({"attach": {"control": handshake.control, "hello": nonce}}).encode() + b"\n"
-        )
+        request = {"attach": {"control": handshake.control, "hello": nonce}}
+        process.stdin.write(wire.encode_line(request))
         return process, _LineReader(process.stdout, after_login=str(host))
     if not isinstance(handshake.relay, int):
         raise KernelGone(
@@ -268,33 +256,20 @@ async def _open_control_channel(
         ) from exc
     reader = _LineReader(stream.stdout)
     try:
-        relay_nonce = secrets.token_hex(16)
-        hello = {
-            "hello": relay_nonce,
-            "stream": secrets.token_hex(12),
-            "channel": LAUNCHER_CHANNEL,
-            "resume": False,
-            "received": 0,
-        }
-        stream.write(json.dumps(hello).encode() + b"\n")
+        relay_nonce = wire.new_nonce()
+        stream.write(wire.encode_line(wire.hello(relay_nonce, wire.new_nonce(), LAUNCHER_CHANNEL)))
         line = await asyncio.wait_for(reader.readline(), timeout)
         try:
             answer = json.loads(line or b"{}")
-            theirs = str(answer["nonce"])
-            trusted = hmac.compare_digest(
-                str(answer["proof"]), prove(token, "relay", relay_nonce, theirs)
-            )
-        except (ValueError, KeyError, TypeError):
-            trusted = False
-        if not trusted:
+            proof = wire.answer(token, "relay", relay_nonce, answer)
+        except (ValueError, AttributeError, wire.ProtocolError):
             raise KernelGone(
                 f"kernel {kernel_id} on {host}: the relay at port {handshake.relay} is not "
                 f"its launcher's (it could not prove it knows the token)",
                 host=str(host),
-            )
-        proof = {"proof": prove(token, "client", theirs, relay_nonce)}
-        stream.write(json.dumps(proof).encode() + b"\n")
-        stream.write(json.dumps({"hello": nonce}).encode() + b"\n")
+            ) from None
+        stream.write(wire.encode_line(proof))
+        stream.write(wire.encode_line({"hello": nonce}))
     except BaseException:
         stream.close()
         raise
@@ -319,7 +294,7 @@ async def _attach_channel(
     forward is ever opened to its kernel endpoints."""
     if not handshake.control or not token:
         raise KernelGone(f"kernel {kernel_id} on {host} cannot be reattached", host=str(host))
-    nonce = secrets.token_hex(16)
+    nonce = wire.new_nonce()
     process, reader = await _open_control_channel(
         connection, host, python, handshake, token, kernel_id, timeout, nonce, via_relay
     )
@@ -336,14 +311,14 @@ async def _attach_channel(
 
     try:
         challenge = await next_event()
-        if "challenge" not in challenge:
+        if "proof" not in challenge:
             raise KernelGone(
                 f"kernel {kernel_id} on {host} is gone: {challenge.get('message', challenge)}",
                 host=str(host),
             )
-        theirs = str(challenge["challenge"])
-        expected = prove(token, "launcher", nonce, theirs)
-        if not hmac.compare_digest(str(challenge.get("proof", "")), expected):
+        try:
+            answer = wire.answer(token, "launcher", nonce, challenge)
+        except wire.ProtocolError:
             log.error(
                 "kernel %s on %s: the process at %s could not prove it is the kernel's "
                 "launcher (another user's?); not reattaching",
@@ -353,9 +328,8 @@ async def _attach_channel(
                 f"kernel {kernel_id} on {host}: the control socket {handshake.control} is "
                 f"not its launcher's (it could not prove it knows the token)",
                 host=str(host),
-            )
-        answer = {"proof": prove(token, "client", theirs, nonce)}
-        process.stdin.write(json.dumps(answer).encode() + b"\n")
+            ) from None
+        process.stdin.write(wire.encode_line(answer))
         attached = await next_event()
         if attached.get("event") != "attached":
             raise KernelGone(
@@ -502,10 +476,11 @@ class RemoteKernel:
             spec = {**spec, "detach": "in_place"}
         elif not connection.holds_sessions:
             spec = {**spec, "detach": True}
+        spec_line = LaunchSpec(spec).to_line()  # checked before anything starts
         try:
             if command is not None:
                 process = await connection.start_process(command)
-                process.stdin.write(json.dumps(launcher_source()).encode() + b"\n")
+                process.stdin.write(payload_line("launch"))
             else:
                 process = spare or await start_launcher(connection, python)
         except (asyncssh.Error, OSError) as exc:
@@ -516,7 +491,7 @@ class RemoteKernel:
         kernel._stderr_task = asyncio.create_task(kernel._pump_stderr())
         kernel._tasks.append(kernel._stderr_task)
         try:
-            process.stdin.write(json.dumps(spec).encode() + b"\n")
+            process.stdin.write(spec_line)
             try:
                 event = await asyncio.wait_for(kernel._read_handshake(python), timeout)
             except TimeoutError:

@@ -29,8 +29,9 @@ from typing import Any
 import asyncssh
 
 from .errors import ProvisionerConfigError, SlurmError
-from .launcher import BOOTSTRAP, PROLOGUE_CWD
+from .host.supervisor import PROLOGUE_CWD
 from .link import CommandResult, SSHLink
+from .payload import BOOTSTRAP
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import hmac
-import json
 import logging
 import secrets
 import time
@@ -33,17 +31,8 @@ from typing import Any, cast
 import asyncssh
 
 from .errors import TunnelError
-from .launcher import (
-    ACK_EVERY,
-    CHANNELS,
-    FRAME_ACK,
-    FRAME_CLOSE,
-    FRAME_DATA,
-    FRAME_HEADER,
-    FRAME_PAYLOAD_MAX,
-    HANDSHAKE_LINE_MAX,
-    prove,
-)
+from .host import wire
+from .host.wire import CHANNELS, FRAME_ACK, FRAME_CLOSE, FRAME_DATA, StreamEnd
 from .link import SSHLink
 
 log = logging.getLogger(__name__)
@@ -165,11 +154,8 @@ class _Link(asyncio.Protocol):
         self._side: _ChannelSide | None = None  # the current channel
         self._target: Target | None = None
         self._watch = FirstMessageWatch() if channel == "iopub" else None
-        self._out = bytearray()  # client -> kernel bytes the relay has not confirmed
-        self._out_acked = 0
-        self._out_framed = 0  # bytes of _out framed on the current channel
-        self._received = 0  # kernel -> client bytes passed on
-        self._told = 0  # _received as the relay last heard it
+        # client -> kernel bytes the relay has not confirmed; kernel -> client passed on
+        self._end = StreamEnd()
         self._inbuf = bytearray()
         self._phase = ""  # of the current channel: "proof" -> ("resumed") -> "open"
         self._nonce = ""
@@ -192,10 +178,10 @@ class _Link(asyncio.Protocol):
         self._ports.accepted(self)
 
     def data_received(self, data: bytes) -> None:
-        self._out += data
+        self._end.unacked += data
         if self.state is LinkState.OPEN:
             self._send_data()
-        if len(self._out) >= CLIENT_BUFFER_LIMIT:
+        if len(self._end.unacked) >= CLIENT_BUFFER_LIMIT:
             self._pause_reading()
 
     def eof_received(self) -> bool:
@@ -231,7 +217,7 @@ class _Link(asyncio.Protocol):
 
     def resume_client(self, side: _ChannelSide) -> None:
         open_ = side is self._side and self.state is LinkState.OPEN
-        if open_ and len(self._out) < CLIENT_BUFFER_LIMIT:
+        if open_ and len(self._end.unacked) < CLIENT_BUFFER_LIMIT:
             self._resume_reading()
 
     async def relay(self, target: Target, resume: bool = False) -> None:
@@ -259,36 +245,22 @@ class _Link(asyncio.Protocol):
             side.channel.close()  # closed or suspended while the channel opened
             return
         self._side, self._inbuf, self._phase = side, bytearray(), "proof"
-        self._nonce = secrets.token_hex(16)
-        hello = {
-            "hello": self._nonce,
-            "stream": self.sid,
-            "channel": self.channel,
-            "resume": resume,
-            "received": self._received,
-        }
-        side.channel.write(json.dumps(hello).encode() + b"\n")
+        self._nonce = wire.new_nonce()
+        hello = wire.hello(self._nonce, self.sid, self.channel, resume, self._end.received)
+        side.channel.write(wire.encode_line(hello))
 
     def from_relay(self, side: _ChannelSide, data: bytes) -> None:
         if side is not self._side or self.state is LinkState.CLOSED:
             return
         self._inbuf += data
-        while self._phase != "open":
-            end = self._inbuf.find(b"\n")
-            if end < 0:
-                if len(self._inbuf) > HANDSHAKE_LINE_MAX:
-                    self._refuse("an overlong handshake line")
-                return
-            line = bytes(self._inbuf[:end])
-            del self._inbuf[: end + 1]
-            try:
-                message = json.loads(line)
-            except ValueError:
-                self._refuse("a handshake line that is not JSON")
-                return
-            if not self._handshake(side, message):
-                return
-        self._read_frames()
+        try:
+            while self._phase != "open":
+                message = wire.take_line(self._inbuf)
+                if message is None or not self._handshake(side, message):
+                    return
+            self._read_frames()
+        except wire.ProtocolError as exc:
+            self._refuse(str(exc))
 
     def _handshake(self, side: _ChannelSide, message: dict[str, Any]) -> bool:
         target = self._target
@@ -298,12 +270,12 @@ class _Link(asyncio.Protocol):
             if "error" in message and "proof" not in message:  # e.g. too many streams
                 self._ports.refused(self, f"the relay refused it: {message['error']}")
                 return False
-            expected = prove(target.token, "relay", self._nonce, str(message.get("nonce")))
-            if not hmac.compare_digest(str(message.get("proof")), expected):
+            try:
+                proof = wire.answer(target.token, "relay", self._nonce, message)
+            except wire.ProtocolError:
                 self._refuse("a relay that cannot prove it knows the kernel's token")
                 return False
-            proof = prove(target.token, "client", str(message["nonce"]), self._nonce)
-            side.channel.write(json.dumps({"proof": proof}).encode() + b"\n")
+            side.channel.write(wire.encode_line(proof))
             self._created = True
             if self._resume:
                 self._phase = "resumed"  # the relay says next how far it got
@@ -335,9 +307,9 @@ class _Link(asyncio.Protocol):
         self._open_failed = False
         self._phase = "open"
         self.state = LinkState.OPEN
-        self._out_framed = 0
+        self._end.rewind()
         self._send_data()
-        if len(self._out) < CLIENT_BUFFER_LIMIT:
+        if len(self._end.unacked) < CLIENT_BUFFER_LIMIT:
             self._resume_reading()
 
     def _refuse(self, why: str) -> None:
@@ -346,25 +318,18 @@ class _Link(asyncio.Protocol):
         self.close()
 
     def _read_frames(self) -> None:
-        buffer = self._inbuf
-        header = FRAME_HEADER.size
-        while len(buffer) >= header:
-            kind, ack, size = FRAME_HEADER.unpack_from(buffer)
-            if len(buffer) < header + size:
-                return
-            payload = bytes(buffer[header : header + size])
-            del buffer[: header + size]
-            self._confirm(ack)
+        for kind, acknowledged, payload in wire.take_frames(self._inbuf):
+            self._confirm(acknowledged)
             if kind == FRAME_DATA:
                 self._to_client(payload)
             elif kind == FRAME_CLOSE:
                 self.close()  # the kernel closed its side
                 return
-        if self._received - self._told >= ACK_EVERY:
-            self._write_frame(FRAME_ACK, b"")
+        if self._end.ack_due:
+            self._write(self._end.frame(FRAME_ACK))
 
     def _to_client(self, data: bytes) -> None:
-        self._received += len(data)
+        self._end.took(data)
         if self._watch is not None and self._watch.feed(data):
             self._watch = None
             self._ports.subscribed(self)
@@ -372,25 +337,18 @@ class _Link(asyncio.Protocol):
             self._transport.write(data)
 
     def _confirm(self, received: int) -> None:
-        confirmed = received - self._out_acked
-        if 0 < confirmed <= len(self._out):
-            del self._out[:confirmed]
-            self._out_acked = received
-            self._out_framed = max(0, self._out_framed - confirmed)
-            if self.state is LinkState.OPEN and len(self._out) < CLIENT_BUFFER_LIMIT:
-                self._resume_reading()
+        confirmed = self._end.confirm(received)
+        open_ = self.state is LinkState.OPEN
+        if confirmed and open_ and len(self._end.unacked) < CLIENT_BUFFER_LIMIT:
+            self._resume_reading()
 
-    def _write_frame(self, kind: bytes, payload: bytes) -> None:
+    def _write(self, frame: bytes) -> None:
         if self._side is not None:
-            frame = FRAME_HEADER.pack(kind, self._received, len(payload))
-            self._side.channel.write(frame + payload)
-            self._told = self._received
+            self._side.channel.write(frame)
 
     def _send_data(self) -> None:
-        while self._out_framed < len(self._out):
-            chunk = bytes(self._out[self._out_framed : self._out_framed + FRAME_PAYLOAD_MAX])
-            self._write_frame(FRAME_DATA, chunk)
-            self._out_framed += len(chunk)
+        while self._side is not None and self._end.unframed:
+            self._write(self._end.next_data())
 
     def channel_lost(self, side: _ChannelSide) -> None:
         if side is self._side:
@@ -426,7 +384,7 @@ class _Link(asyncio.Protocol):
         if side is not None and side.channel is not None:
             if self._phase == "open":  # the relay closes the kernel's side
                 with contextlib.suppress(OSError, asyncssh.Error):
-                    side.channel.write(FRAME_HEADER.pack(FRAME_CLOSE, self._received, 0))
+                    side.channel.write(self._end.frame(FRAME_CLOSE))
             side.channel.close()
         self.state = LinkState.CLOSED
         if self._transport is not None:

@@ -18,7 +18,7 @@ from jupyter_client.kernelspec import KernelSpecManager
 
 from ssh_provisioner import SSHProvisioner
 from ssh_provisioner.engine import shutdown_engine
-from ssh_provisioner.launcher import RUNTIME_DIR_PREFIX
+from ssh_provisioner.host.supervisor import RUNTIME_DIR_PREFIX
 
 from .leaks import TAG_VARIABLE, TestMarks, leftover_dirs, leftover_processes, own_listeners
 from .netns import Link, namespace_host

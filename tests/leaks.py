@@ -25,10 +25,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ssh_provisioner.launcher import RUNTIME_DIR_PREFIX
+from ssh_provisioner.host.supervisor import RUNTIME_DIR_PREFIX
+from ssh_provisioner.payload import LAUNCHER_BEGINS
 
 TAG_VARIABLE = "KERNEL_SSHP_TEST"
-LAUNCHER_MARK = b"ssh_provisioner_launcher"  # the launcher's code name, in its cmdline
+LAUNCHER_MARK = LAUNCHER_BEGINS.encode()  # in every launcher's cmdline (BOOTSTRAP)
 KERNEL_MARK = RUNTIME_DIR_PREFIX.encode()  # a kernel's connection file is in a runtime dir
 LOOPBACK = "0100007F"  # 127.0.0.1 in /proc/net/tcp byte order
 

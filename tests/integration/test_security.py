@@ -20,7 +20,7 @@ import pytest
 import zmq
 
 from ssh_provisioner import HostKeyError, LaunchError, LaunchTimeout
-from ssh_provisioner.launcher import LAUNCHER_BEGINS
+from ssh_provisioner.payload import LAUNCHER_BEGINS
 
 from ..conftest import KernelSpecFactory, rig_config
 from ..helpers import execute, start_failing
@@ -117,7 +117,7 @@ async def test_secrets_stay_out_of_command_lines_and_logs(
 
 
 def kernel_tcp_listeners(pid: int) -> set[int]:
-    from ssh_provisioner.launcher import process_tree, socket_inodes, tcp_listeners
+    from ssh_provisioner.host.process import process_tree, socket_inodes, tcp_listeners
 
     owned = socket_inodes([pid, *process_tree(pid)])
     listeners = tcp_listeners(set(range(1, 65536))) or {}
@@ -148,7 +148,7 @@ async def test_ipc_channels_are_private_and_not_on_tcp(
 async def test_tcp_endpoints_listen_on_loopback_only(
     make_kernelspec: KernelSpecFactory, host_config: dict[str, Any]
 ) -> None:
-    from ssh_provisioner.launcher import tcp_listeners
+    from ssh_provisioner.host.process import tcp_listeners
 
     async with running_kernel(make_kernelspec, host_config) as (km, _):
         info = await km.provisioner.get_provisioner_info()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ssh_provisioner.launcher import OrphanClock
+from ssh_provisioner.host.orphan import OrphanClock
 
 GONE, TERMINATE, KILL = OrphanClock.GONE, OrphanClock.TERMINATE, OrphanClock.KILL
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import socket
 import threading
 from collections.abc import Iterator
@@ -16,17 +15,21 @@ from typing import Any
 import pytest
 from jupyter_client.session import Session
 
-from ssh_provisioner.launcher import (
+from ssh_provisioner.host.relay import Relay
+from ssh_provisioner.host.spec import LaunchSpec
+from ssh_provisioner.host.wire import (
     FRAME_CLOSE,
     FRAME_DATA,
     FRAME_HEADER,
-    MessageCutter,
-    Relay,
-    message_type,
+    answer,
+    encode_line,
+    hello,
+    new_nonce,
     prove,
-    stream_notice,
-    zmtp_frames,
+    take_frames,
+    take_line,
 )
+from ssh_provisioner.host.zmtp import MessageCutter, message_type, stream_notice, zmtp_frames
 
 TOKEN = "0123456789abcdef0123456789abcdef"  # noqa: S105  (a test token)
 KEY = "a-session-key"
@@ -117,7 +120,15 @@ class FakeKernel:
 def relay(tmp_path: Path) -> Iterator[tuple[Relay, FakeKernel]]:
     kernel = FakeKernel(str(tmp_path / "shell"))
     endpoints = {"shell": str(tmp_path / "shell")}
-    spec = {"attach_token": TOKEN, "connection": {"key": KEY}, "stream_linger": 30}
+    spec = LaunchSpec(
+        {
+            "argv": ["a-kernel"],
+            "kernel_id": "k",
+            "attach_token": TOKEN,
+            "connection": {"key": KEY},
+            "stream_linger": 30,
+        }
+    )
     runtime = tmp_path / "runtime"
     runtime.mkdir(mode=0o700)
     relay = Relay(spec, "ipc", endpoints, str(runtime))
@@ -139,59 +150,46 @@ def _close_sockets() -> Iterator[None]:
 
 
 class Client:
-    """The provisioner's side of one channel, spoken by hand."""
+    """The provisioner's side of one channel, on the wire module the provisioner uses;
+    frames are written by hand, to send the relay any acknowledgement."""
 
     def __init__(self, relay: Relay) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         OPEN_SOCKETS.append(self.sock)
         self.sock.settimeout(5)
         self.sock.connect(relay.address)
-        self.buffer = b""
+        self.buffer = bytearray()
+
+    def more(self) -> None:
+        data = self.sock.recv(65536)
+        if not data:
+            raise ConnectionError("closed")
+        self.buffer += data
 
     def line(self) -> dict[str, Any]:
-        while b"\n" not in self.buffer:
-            data = self.sock.recv(65536)
-            if not data:
-                raise ConnectionError("closed")
-            self.buffer += data
-        line, _, self.buffer = self.buffer.partition(b"\n")
-        return dict(json.loads(line))
+        while (message := take_line(self.buffer)) is None:
+            self.more()
+        return message
 
     def send_line(self, message: dict[str, Any]) -> None:
-        self.sock.sendall(json.dumps(message).encode() + b"\n")
+        self.sock.sendall(encode_line(message))
 
     def open(self, sid: str, resume: bool = False, received: int = 0, token: str = TOKEN) -> None:
-        nonce = os.urandom(8).hex()
-        self.send_line(
-            {
-                "hello": nonce,
-                "stream": sid,
-                "channel": "shell",
-                "resume": resume,
-                "received": received,
-            }
-        )
+        nonce = new_nonce()
+        self.send_line(hello(nonce, sid, "shell", resume, received))
         reply = self.line()
-        assert reply["proof"] == prove(TOKEN, "relay", nonce, reply["nonce"])  # the relay knows it
-        self.send_line({"proof": prove(token, "client", reply["nonce"], nonce)})
+        proof = answer(TOKEN, "relay", nonce, reply)  # raises unless the relay knows the token
+        if token != TOKEN:
+            proof = {"proof": prove(token, "client", reply["nonce"], nonce)}
+        self.send_line(proof)
 
     def frame(self, kind: bytes, received: int, payload: bytes = b"") -> None:
         self.sock.sendall(FRAME_HEADER.pack(kind, received, len(payload)) + payload)
 
-    def fill(self, size: int) -> None:
-        while len(self.buffer) < size:
-            data = self.sock.recv(65536)
-            if not data:
-                raise ConnectionError("closed")
-            self.buffer += data
-
     def read_frame(self) -> tuple[bytes, int, bytes]:
-        self.fill(FRAME_HEADER.size)
-        kind, ack, size = FRAME_HEADER.unpack_from(self.buffer)
-        self.fill(FRAME_HEADER.size + size)
-        payload = self.buffer[FRAME_HEADER.size : FRAME_HEADER.size + size]
-        self.buffer = self.buffer[FRAME_HEADER.size + size :]
-        return kind, ack, payload
+        while (frame := next(take_frames(self.buffer), None)) is None:
+            self.more()
+        return frame
 
     def closed(self) -> bool:
         try:
