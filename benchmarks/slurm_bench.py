@@ -66,7 +66,7 @@ async def starts(ksm: KernelSpecManager, rounds: int) -> dict[str, list[float]]:
         async with kernel(ksm, "local", times["local"]):
             pass
         async with kernel(ksm, "slurm", times["slurm"]) as kc:
-            job = kc.parent.provisioner._job  # type: ignore[union-attr]
+            job = kc.parent.provisioner.seat.job  # type: ignore[union-attr]
             times["queue"].append(job.queue_wait or 0.0)
     return times
 

@@ -12,10 +12,11 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
+from .errors import HostSelectionError, SSHConnectError
 from .hosts import HostEntry
 from .policies import HostPolicy, Placement
 
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 
 # Runs a probe command on a host; returns its output, or None if it failed (never raises).
 Prober = Callable[[HostEntry, str], Coroutine[Any, Any, str | None]]
+T = TypeVar("T")
 
 
 @dataclass
@@ -158,3 +160,68 @@ class _View:
 
     def next_turn(self, entries: Sequence[HostEntry]) -> int:
         return self.state.next_turn(entries)
+
+
+@dataclass(frozen=True)
+class Tries:
+    """How one start goes through the hosts: ``attempts`` hosts at most, each one that
+    cannot be reached passed over for ``cooldown`` seconds."""
+
+    kernel_id: str
+    attempts: int
+    cooldown: float
+    prober: Prober
+    probe_ttl: float
+
+
+async def start_with_failover(
+    state: PlacementState,
+    request: PlacementRequest,
+    tries: Tries,
+    start: Callable[[Placement], Awaitable[T]],
+) -> tuple[T, Placement]:
+    """(engine loop) Place the kernel and ``start`` it there; a host that cannot be
+    reached (SSHConnectError) is marked unhealthy and the next choice is tried.  The
+    error names every host tried and why, or the one host's own error."""
+    previous = request.prefer
+    failures: list[tuple[str, SSHConnectError]] = []
+    skipped: list[tuple[str, str]] = []
+    for _ in range(max(1, tries.attempts)):
+        placement, skipped = await state.choose(request, tries.prober, tries.probe_ttl)
+        if placement is None:
+            break
+        entry = placement.entry
+        started = time.perf_counter()
+        try:
+            result = await start(placement)
+        except SSHConnectError as exc:
+            state.release(entry)
+            state.mark_unhealthy(entry, str(exc), tries.cooldown)
+            failures.append((entry.name, exc))
+            request.exclude.add(entry.name)
+            request.prefer = None
+            continue
+        except BaseException:
+            state.release(entry)
+            raise
+        if previous is not None and previous.name != entry.name:
+            log.warning(
+                "kernel %s: restarted on %s, its host %s could not take it back",
+                tries.kernel_id, entry.name, previous.name,
+            )  # fmt: skip
+        log.info(
+            "kernel %s placed on %s in %.0f ms",
+            tries.kernel_id, entry.name, (time.perf_counter() - started) * 1000,
+        )  # fmt: skip
+        return result, placement
+    if len(failures) == 1 and not skipped:
+        raise failures[0][1]  # one host, one cause: its own precise error
+    lines = [f"  {name}: {exc}" for name, exc in failures]
+    lines += [f"  {name}: skipped, {reason}" for name, reason in skipped]
+    error = HostSelectionError(
+        f"kernel {tries.kernel_id}: no host could take it (policy {request.policy.name}):\n"
+        + "\n".join(lines or ["  (no candidate hosts)"])
+    )
+    if failures:
+        raise error from failures[-1][1]
+    raise error

@@ -44,14 +44,14 @@ from .hosts import HostEntry
 from .kbdint import AUTH_COOLDOWN, KBDINT, parse_rules
 from .master import MODES as MASTER_MODES
 from .master import USE_CONTROL_MASTER, mode_of
-from .placement import PlacementRequest
+from .placement import PlacementRequest, Tries
 from .policies import HostPolicy, Placement, load_policy
 from .pool import Lease, check_connect_options
 from .remote import Handshake, run_probe
-from .session import KernelSession, SessionSettings, cancel_job
+from .seat import KernelSeat
+from .session import SessionSettings
 from .slurm import SlurmJob, SlurmSettings
 from .sshconfig import ALLOW_UNCHECKED
-from .tunnels import KernelPorts
 
 # Forwarded from the launch request whatever forward_env says: what a kernel needs from
 # its client.  Everything else in the request env is the *server's* environment.
@@ -274,15 +274,9 @@ class SSHProvisioner(KernelProvisionerBase):
         except ProvisionerConfigError as exc:
             raise ProvisionerConfigError(f"{where}: {exc}") from exc
         self._plan: LaunchPlan | None = None
-        self._session: KernelSession | None = None
-        self._placement: Placement | None = None
-        self._reserved: HostEntry | None = None
-        self._handshake: Handshake | None = None
-        self._reaped = False
-        self._ports: KernelPorts | None = None  # bound at the first start, kept until cleanup
+        self.seat = KernelSeat(str(self.kernel_id))  # what outlives restarts (see seat)
         self._standalone_key: bytes | None = None
         self._curve: CurveKeys | None = None
-        self._job: SlurmJob | None = None  # a Slurm kernel's job, kept across restarts
 
     def _with_defaults(self, entry: HostEntry) -> HostEntry:
         if entry.max_kernels is None and self.max_kernels > 0:
@@ -343,7 +337,7 @@ class SSHProvisioner(KernelProvisionerBase):
 
     @property
     def has_process(self) -> bool:
-        return self._session is not None and not self._reaped
+        return self.seat.has_process
 
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
         """Called by KernelManager.pre_start_kernel on every start and restart.
@@ -397,104 +391,51 @@ class SSHProvisioner(KernelProvisionerBase):
             raise RuntimeError("launch_kernel called before pre_launch")
         plan = self._plan
         connection = self._connection_fields()
-        candidates = self._candidates(plan.pinned_host, plan.labels)
+        seat = self.seat
+        previous = seat.placement.entry if seat.placement and self.restart_same_host else None
+        request = PlacementRequest(
+            self._candidates(plan.pinned_host, plan.labels), self._policy, prefer=previous
+        )
+        tries = Tries(
+            str(self.kernel_id),
+            self.max_launch_attempts,
+            self.host_cooldown,
+            self._probe,
+            self.probe_ttl,
+        )
 
-        async def start() -> tuple[KernelSession, Placement]:
-            fresh = self._ports is None
-            ports = self._ports = self._ports or await KernelPorts.open()
-            try:
-                return await self._place_and_start(plan, cmd, candidates, connection, ports)
-            except BaseException:
-                if fresh:
-                    self._ports = None
-                    await asyncio.shield(ports.aclose())
-                raise
+        def spec(placement: Placement) -> dict[str, Any]:
+            return self._launch_spec(plan, cmd, placement, connection)
 
-        session, placement = await get_engine().run(start())
-        self._session, self._placement, self._reaped = session, placement, False
-        self._reserved = placement.entry  # the host's slot, given back by cleanup
+        started = time.perf_counter()
+        session = await get_engine().run(seat.start(request, tries, self._settings, spec))
+        handshake = session.handshake
+        entry = seat.placement.entry if seat.placement else None
+        self.log.info(
+            "kernel %s on %s (%s): pid %d, %s transport, ready in %.0f ms",
+            self.kernel_id,
+            entry.name if entry else "?",
+            handshake.hostname if handshake else "?",
+            handshake.pid if handshake else 0,
+            entry.override("remote_transport", self.remote_transport) if entry else "?",
+            (time.perf_counter() - started) * 1000,
+        )
         self.connection_info = self._local_connection_info(session.local_ports)
         return self.connection_info
-
-    async def _place_and_start(
-        self,
-        plan: LaunchPlan,
-        cmd: list[str],
-        candidates: list[HostEntry],
-        connection: dict[str, Any],
-        ports: KernelPorts,
-    ) -> tuple[KernelSession, Placement]:
-        """(engine loop) Choose a host and start the kernel there, trying the next host
-        when one cannot be reached."""
-        state = get_engine().placement
-        previous = self._placement.entry if self._placement and self.restart_same_host else None
-        request = PlacementRequest(candidates, self._policy, prefer=previous)
-        failures: list[tuple[str, SSHConnectError]] = []
-        skipped: list[tuple[str, str]] = []
-        for _ in range(max(1, self.max_launch_attempts)):
-            placement, skipped = await state.choose(request, self._probe, self.probe_ttl)
-            if placement is None:
-                break
-            entry = placement.entry
-            session = KernelSession(self._settings(entry), get_engine().pool, ports, self._job)
-            started = time.perf_counter()
-            try:
-                await session.start(self._launch_spec(plan, cmd, placement, connection))
-                self._job = session.job
-            except SSHConnectError as exc:
-                self._job = session.job
-                state.release(entry)
-                state.mark_unhealthy(entry, str(exc), self.host_cooldown)
-                failures.append((entry.name, exc))
-                request.exclude.add(entry.name)
-                request.prefer = None
-                continue
-            except BaseException:
-                self._job = session.job
-                state.release(entry)
-                raise
-            if previous is not None and previous.name != entry.name:
-                self.log.warning(
-                    "kernel %s: restarted on %s, its host %s could not take it back",
-                    self.kernel_id,
-                    entry.name,
-                    previous.name,
-                )
-            handshake = session.handshake
-            self.log.info(
-                "kernel %s on %s (%s): pid %d, %s transport, ready in %.0f ms",
-                self.kernel_id,
-                entry.name,
-                handshake.hostname if handshake else "?",
-                handshake.pid if handshake else 0,
-                entry.override("remote_transport", self.remote_transport),
-                (time.perf_counter() - started) * 1000,
-            )
-            return session, placement
-        if len(failures) == 1 and not skipped:
-            raise failures[0][1]  # one host, one cause: its own precise error
-        lines = [f"  {name}: {exc}" for name, exc in failures]
-        lines += [f"  {name}: skipped, {reason}" for name, reason in skipped]
-        error = HostSelectionError(
-            f"kernel {self.kernel_id}: no host could take it (policy {self._policy.name}):\n"
-            + "\n".join(lines or ["  (no candidate hosts)"])
-        )
-        if failures:
-            raise error from failures[-1][1]
-        raise error
 
     async def poll(self) -> int | None:
         """Called by KernelManager.is_alive (and so the KernelRestarter): no round trip,
         no hop to the engine (the session's state is read as it is)."""
-        return self._session.poll() if self._session is not None else 0
+        session = self.seat.session
+        return session.poll() if session is not None else 0
 
     async def wait(self) -> int | None:
         """Called by KernelManager while shutting down; callers bound it with a timeout."""
-        session = self._session
+        session = self.seat.session
         if session is None:
             return 0
         status = await get_engine().run(session.wait())
-        self._reaped = True
+        self.seat.reaped = True
         return status
 
     async def send_signal(self, signum: int) -> None:
@@ -509,7 +450,7 @@ class SSHProvisioner(KernelProvisionerBase):
             raise ProvisionerConfigError(
                 f"kernel {self.kernel_id}: {signum!r} is not a signal number"
             ) from None
-        session = self._session
+        session = self.seat.session
         if session is None:
             return
         try:
@@ -530,7 +471,7 @@ class SSHProvisioner(KernelProvisionerBase):
         await self._end(signal.SIGTERM)
 
     async def _end(self, signum: int) -> None:
-        session = self._session
+        session = self.seat.session
         if session is not None:
             await get_engine().run(session.end(signum))
 
@@ -543,37 +484,11 @@ class SSHProvisioner(KernelProvisionerBase):
         kernel is up; otherwise they are closed.  A Slurm kernel's job is cancelled,
         unless this is a restart (the next kernel runs in the same job).
         """
-        session, self._session = self._session, None
-        self._reaped = True
-        reserved, self._reserved = self._reserved, None
-        ports = None
-        if not restart:
-            ports, self._ports = self._ports, None
-        if session is None and reserved is None and ports is None and (restart or not self._job):
+        seat = self.seat
+        if seat.session is None and (restart or (seat.ports is None and seat.job is None)):
+            seat.reaped = True  # nothing to release: no hop to the engine
             return
-
-        job = None if restart else self._job
-        if job is not None:
-            self._job = None
-        entry = self._placement.entry if self._placement else None
-
-        async def close() -> None:
-            try:
-                if session is not None:
-                    await session.aclose()
-            finally:
-                if job is not None and entry is not None:
-                    options = self._connect_options(entry)
-                    await cancel_job(
-                        get_engine().pool, entry.host, options, job,
-                        idle_timeout=self.pool_idle_timeout,
-                    )  # fmt: skip
-                if reserved is not None:
-                    get_engine().placement.release(reserved)
-                if ports is not None:
-                    await ports.aclose()
-
-        await get_engine().run(close())
+        await get_engine().run(seat.release(restart, self._connect_options, self.pool_idle_timeout))
 
     async def get_provisioner_info(self) -> dict[str, Any]:
         """Called by applications that persist kernels (to reattach from another process).
@@ -584,9 +499,9 @@ class SSHProvisioner(KernelProvisionerBase):
         info as privately as a connection file.
         """
         info: dict[str, Any] = await super().get_provisioner_info()
-        session = self._session
-        handshake = session.handshake if session is not None else self._handshake
-        entry = self._placement.entry if self._placement else None
+        seat = self.seat
+        session, handshake = seat.session, seat.last_handshake()
+        entry = seat.placement.entry if seat.placement else None
         info["host"] = entry.name if entry else None
         info["remote_transport"] = (
             entry.override("remote_transport", self.remote_transport) if entry else None
@@ -607,8 +522,8 @@ class SSHProvisioner(KernelProvisionerBase):
         if session is not None:
             info["attach_token"] = session.attach_token
             info["local_ports"] = dict(session.local_ports)
-        if self._job is not None:
-            info["slurm_job_id"] = self._job.job_id
+        if seat.job is not None:
+            info["slurm_job_id"] = seat.job.job_id
         return info
 
     async def load_provisioner_info(self, provisioner_info: dict[str, Any]) -> None:
@@ -633,30 +548,17 @@ class SSHProvisioner(KernelProvisionerBase):
         saved_ports = provisioner_info.get("local_ports") or None
         job_id = provisioner_info.get("slurm_job_id")
         if job_id and self._slurm is not None:
-            self._job = SlurmJob(
+            self.seat.job = SlurmJob(
                 str(job_id), self._slurm, kernel_id=str(self.kernel_id), login=entry.name
             )
-
-        async def attach() -> KernelSession:
-            ports = await KernelPorts.open(saved_ports)
-            try:
-                session = KernelSession(self._settings(entry), get_engine().pool, ports, self._job)
-                await session.attach(handshake, token)
-            except BaseException:
-                await asyncio.shield(ports.aclose())
-                raise
-            get_engine().placement.adopt(entry)
-            self._ports = ports
-            return session
-
-        session = await get_engine().run(attach())
+        session = await get_engine().run(
+            self.seat.adopt(entry, self._settings(entry), handshake, token, saved_ports)
+        )
         if saved_ports and session.local_ports != saved_ports:
             self.log.warning(
                 "kernel %s: local ports %s were taken; now %s (connection_info updated)",
                 self.kernel_id, saved_ports, session.local_ports,
             )  # fmt: skip
-        self._placement, self._reserved = Placement(entry), entry
-        self._session, self._handshake, self._reaped = session, handshake, False
         saved_info = provisioner_info.get("connection_info") or {}
         self._curve = CurveKeys.from_connection_info(saved_info)
         adopt(self.parent, self._curve)
@@ -674,8 +576,7 @@ class SSHProvisioner(KernelProvisionerBase):
 
     def resolve_path(self, path: str) -> str | None:
         """Resolve ``path`` against the kernel's working directory on the host."""
-        session = self._session
-        handshake = session.handshake if session is not None else self._handshake
+        handshake = self.seat.last_handshake()
         if handshake is None:
             return None
         if path == "~" or path.startswith("~/"):

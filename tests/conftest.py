@@ -24,14 +24,16 @@ from .leaks import TAG_VARIABLE, TestMarks, leftover_dirs, leftover_processes, o
 from .netns import Link, namespace_host
 from .slurm import SlurmCluster, running_cluster, slurm_missing_reason
 from .sshd import (
+    TEST_USER,
     SSHDaemon,
     SSHDUnavailable,
-    ensure_test_user,
     generate_key,
-    remove_test_user,
+    hold_test_user,
+    release_test_user,
     running_sshd,
     sshd_unavailable_reason,
     start_sshd,
+    test_user_exists,
     user_can_run_kernel,
 )
 
@@ -71,20 +73,21 @@ def client_key(rig_dir: Path) -> tuple[Path, str]:
     return path, generate_key(path)
 
 
-TEST_USER_CREATED = pytest.StashKey[bool]()
+TEST_USER_HELD = pytest.StashKey[bool]()
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """The second login user is made once per run, before any worker starts (two
-    pytest-xdist workers must not race to make it, nor one remove it under the other)."""
+    """The second login user is held once per run, before any worker starts (two
+    pytest-xdist workers must not race to make it, nor one remove it under the other);
+    another checkout's session may hold it too (see hold_test_user)."""
     if hasattr(config, "workerinput") or sshd_unavailable_reason() is not None:
         return
-    config.stash[TEST_USER_CREATED] = ensure_test_user()[1]
+    config.stash[TEST_USER_HELD] = bool(hold_test_user())
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    if config.stash.get(TEST_USER_CREATED, False):
-        remove_test_user()
+    if config.stash.get(TEST_USER_HELD, False):
+        release_test_user()
 
 
 @pytest.fixture(scope="session")
@@ -92,7 +95,9 @@ def test_user() -> str:
     reason = sshd_unavailable_reason()
     if reason:
         _unavailable(reason)
-    user, _ = ensure_test_user()  # made by pytest_configure: here only found
+    user = TEST_USER  # held by pytest_configure
+    if not test_user_exists():
+        _unavailable(f"no user {user}: pytest_configure could not make it")
     problem = user_can_run_kernel(user, sys.executable)
     if problem:
         _unavailable(problem)

@@ -143,7 +143,7 @@ def resilient(config: dict[str, Any], **extra: Any) -> dict[str, Any]:
 async def cut_for(link: Link, km: AsyncKernelManager, seconds: float) -> None:
     """Cut the link (no FIN, no RST), wait for keepalives to notice, restore it
     ``seconds`` after the cut."""
-    lease = km.provisioner._session._lease
+    lease = km.provisioner.seat.session._lease
     link.down()
     cut = time.monotonic()
     await wait_until(lambda: lease.connection.is_closed(), 15, "keepalives to notice the cut")

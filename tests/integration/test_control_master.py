@@ -217,7 +217,7 @@ async def test_a_dead_master_leaves_the_kernel_unreachable_until_a_new_one_opens
     async with running_kernel(make_kernelspec, config) as (km, kc):
         pid = await kernel_pid(kc)
         master.kill()
-        session = km.provisioner._session  # type: ignore[attr-defined]
+        session = km.provisioner.seat.session  # type: ignore[attr-defined]
         await wait_until(lambda: session.state.value == "unreachable", 10, "unreachable")
         assert await km.provisioner.poll() is None  # not dead: unreachable
         master.open()
@@ -252,7 +252,7 @@ async def test_with_the_master_gone_auto_asks_the_second_factor_once(
         assert caplog.text.count("not asking") == 1
         assert f"ssh -F {master.config} -fN {ALIAS}" in caplog.text  # what to do
         master.open()  # as told: the kernel is reached through it at the next try
-        session = km.provisioner._session  # type: ignore[attr-defined]
+        session = km.provisioner.seat.session  # type: ignore[attr-defined]
         await wait_until(lambda: session.state.value == "running", 30, "the reattach")
 
 
@@ -290,7 +290,7 @@ async def test_a_cut_that_ends_the_master_loses_nothing_once_a_new_master_opens(
     master.open()
     config = master_config(master, reconnect_timeout=60.0, orphan_timeout=60.0)
     async with running_kernel(make_kernelspec, config) as (km, kc):
-        session = km.provisioner._session  # type: ignore[attr-defined]
+        session = km.provisioner.seat.session  # type: ignore[attr-defined]
         msg_id = kc.execute(counting_cell(0.1))
         messages: list[Message] = []
         await follow(kc, msg_id, messages, printed_line(50))

@@ -37,11 +37,11 @@ pytestmark = [pytest.mark.sshd, pytest.mark.usefixtures("no_leaks")]
 
 
 def lost(km: AsyncKernelManager) -> bool:
-    return km.provisioner._session.state is not State.RUNNING
+    return km.provisioner.seat.session.state is not State.RUNNING
 
 
 def reattached(km: AsyncKernelManager, old_leases: list[Any]) -> bool:
-    session = km.provisioner._session
+    session = km.provisioner.seat.session
     return session.state is State.RUNNING and session._lease not in old_leases
 
 
@@ -170,7 +170,7 @@ async def test_a_cell_survives_a_cut_link(
             pass
         link.down()
         cut = time.monotonic()
-        lease = km.provisioner._session._lease
+        lease = km.provisioner.seat.session._lease
         await wait_until(lambda: lease.connection.is_closed(), 15, "keepalives to notice")
         assert await km.provisioner.poll() is None  # unreachable, not dead
         await asyncio.sleep(max(0.0, cut + 10 - time.monotonic()))  # the outage itself
@@ -199,7 +199,7 @@ async def test_more_kernels_than_max_sessions_reattach_after_an_sshd_restart(
         ]
         for index, (_, kc) in enumerate(kernels):
             await execute(kc, f"x = {index}")
-        leases = [km.provisioner._session._lease for km, _ in kernels]
+        leases = [km.provisioner.seat.session._lease for km, _ in kernels]
         daemon.stop()
         for lease in leases:
             await wait_until(lambda lease=lease: lease.connection.is_closed(), 10, "loss")
@@ -440,7 +440,7 @@ async def test_closing_the_engine_during_a_reconnect_is_quiet(
     ksm, name = make_kernelspec(settings)
     km = AsyncKernelManager(kernel_name=name, kernel_spec_manager=ksm)
     await km.start_kernel()
-    session = km.provisioner._session
+    session = km.provisioner.seat.session
     # The host's end goes down, this end stays up: a new connection hangs in its SYNs.
     peer = ["ip", "-n", link.namespace, "link", "set", link.veth + "p"]
     subprocess.run([*peer, "down"], check=True, timeout=30)

@@ -165,7 +165,7 @@ async def test_an_outside_scancel_is_reported_with_its_reason_and_restarted_in_a
 
         # the restart waits in the queue for its new job: no kernel until it runs there
         def restarted_in_a_new_job() -> bool:
-            job = km.provisioner._job
+            job = km.provisioner.seat.job
             return job is not None and job.job_id != first["job"] and km.ready.done()
 
         await wait_until(restarted_in_a_new_job, 60, "the kernel restarted in a new job")
@@ -194,7 +194,7 @@ async def test_a_crashed_kernel_is_restarted_in_the_same_job(
         await asyncio.wait_for(restarted.wait(), 20)
 
         def restarted_kernel() -> bool:
-            session = km.provisioner._session
+            session = km.provisioner.seat.session
             handshake = session.handshake if session is not None else None
             return km.ready.done() and handshake is not None and handshake.pid != before["pid"]
 
@@ -328,12 +328,12 @@ async def test_a_queue_timeout_cancels_the_job_and_says_so(
     config = {
         **slurm_config,
         "slurm": {**slurm_config["slurm"], "gpus": 2, "queue_timeout": 3, "mem": "3900"},
-        "launch_timeout": 1.0,  # the queue's time is not the launch's
     }
     async with contextlib.AsyncExitStack() as stack:
         for _ in range(3):  # take every GPU
             await stack.enter_async_context(running_kernel(make_kernelspec, config))
-        ksm, name = make_kernelspec(config)
+        # the queue's time is not the launch's: a second would never do for a queue
+        ksm, name = make_kernelspec({**config, "launch_timeout": 1.0})
         km = AsyncKernelManager(kernel_name=name, kernel_spec_manager=ksm)
         with pytest.raises(SlurmError, match=r"still PENDING \(Resources\) after 3s") as raised:
             await km.start_kernel()
@@ -396,7 +396,7 @@ async def test_a_blip_to_the_login_node_loses_nothing(
         down = subprocess.run(["ip", "link", "set", cluster.login_veth, "down"], check=True)
         assert down.returncode == 0
         try:
-            lease = km.provisioner._session._lease
+            lease = km.provisioner.seat.session._lease
             await wait_until(lambda: lease.connection.is_closed(), 15, "keepalives to notice")
             assert await km.provisioner.poll() is None  # unreachable, not dead
             await asyncio.sleep(8)  # the outage itself
