@@ -15,7 +15,6 @@ import logging
 import posixpath
 import shlex
 import signal
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -276,7 +275,7 @@ async def _open_control_channel(
     return stream, reader
 
 
-async def _attach_channel(
+async def _control_channel(
     connection: SSHLink,
     host: Host,
     python: str,
@@ -347,6 +346,15 @@ async def _attach_channel(
         process.close()
         raise
     return process, reader
+
+
+@dataclass(frozen=True)
+class ChannelEnd:
+    """How the launcher's channel ended: the kernel's exit ``status`` if the launcher
+    said it (or died without a word), else None; ``lost`` if the connection went too."""
+
+    status: int | None
+    lost: bool
 
 
 class SpareExpired(LaunchError):
@@ -442,11 +450,6 @@ class RemoteKernel:
         self._from_spare = False  # started by a spare launcher (see SpareExpired)
         self._stderr_task: asyncio.Task[None] | None = None
         self.handshake: Handshake | None = None
-        # Called when the connection is lost; True once it has reattached (see resume).
-        self.reconnect: Callable[[RemoteKernel], Awaitable[bool]] | None = None
-        # Called when the launcher's channel ends without an exit status while the
-        # connection lives: the kernel's status, once it says why (a Slurm job's end).
-        self.explain_end: Callable[[], Awaitable[int]] | None = None
 
     # -- start -----------------------------------------------------------------------
 
@@ -518,14 +521,13 @@ class RemoteKernel:
         kernel.handshake = event
         if not connection.holds_sessions or via_relay:
             await kernel._leave_session(python, timeout)
-        kernel._tasks.append(asyncio.create_task(kernel._pump_events()))
         return kernel
 
     async def _leave_session(self, python: str, timeout: float) -> None:
         """Supervise the kernel over its relay, and close the session it started in."""
         session = self._process
         try:
-            self._process, self._stdout = await _attach_channel(
+            self._process, self._stdout = await _control_channel(
                 self.connection,
                 self.host,
                 python,
@@ -592,7 +594,7 @@ class RemoteKernel:
     # -- supervision --------------------------------------------------------------------
 
     @classmethod
-    async def attach(
+    async def reattach(
         cls,
         connection: SSHLink,
         host: Host,
@@ -605,7 +607,7 @@ class RemoteKernel:
         via_relay: bool = False,
     ) -> RemoteKernel:
         """A kernel started by another process (or before a restart of this one)."""
-        process, reader = await _attach_channel(
+        process, reader = await _control_channel(
             connection, host, python, handshake, token, kernel_id, timeout, via_relay
         )
         kernel = cls(host, connection, process, kernel_id, via_relay=via_relay)
@@ -613,18 +615,7 @@ class RemoteKernel:
         kernel._attach_token = token
         kernel.handshake = handshake
         kernel._tasks.append(asyncio.create_task(kernel._pump_stderr()))
-        kernel._tasks.append(asyncio.create_task(kernel._pump_events()))
         return kernel
-
-    async def _pump_events(self) -> None:
-        try:
-            await self._follow_launcher()
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            # A bug here must not leave poll() saying "alive" forever.
-            log.exception("kernel %s on %s: lost track of the launcher", self.kernel_id, self.host)
-            self._set_exit(CONNECTION_LOST_STATUS)
 
     async def ended_elsewhere(self, status: int) -> None:
         """The kernel ended without its launcher's word (its Slurm job ended): stop
@@ -639,22 +630,21 @@ class RemoteKernel:
         if not self._exit.done():
             self._exit.set_result(status)
 
-    async def _follow_launcher(self) -> None:
-        status: int | None = None
-        while True:
-            status = await self._read_events()
-            if status is not None:
-                break
-            status = await self._closed_status()
-            if self._process.exit_signal is not None and not self.connection.is_closed():
-                status = await self._reap_after_launcher_death()
-                break
-            lost = status is None and not await self.connection.check_alive()
-            if lost and self.reconnect is not None and await self.reconnect(self):
-                continue  # reattached: read the launcher's events on the new channel
-            if status is None and not lost and self.explain_end is not None:
-                status = await self.explain_end()
-            break
+    async def follow(self) -> ChannelEnd:
+        """Read the launcher's events on the current channel until it ends, and report
+        how it ended.  The session decides what follows: a reattach, Slurm's word, or
+        the end (``exited``)."""
+        status = await self._read_events()
+        if status is not None:
+            return ChannelEnd(status, lost=False)
+        status = await self._closed_status()
+        if self._process.exit_signal is not None and not self.connection.is_closed():
+            return ChannelEnd(await self._reap_after_launcher_death(), lost=False)
+        lost = status is None and not await self.connection.check_alive()
+        return ChannelEnd(status, lost)
+
+    def exited(self, status: int | None) -> None:
+        """The session's verdict: the kernel has ended (``None``: with the connection)."""
         if status is None:
             log.warning(
                 "kernel %s on %s: the SSH connection was lost; treating the kernel as dead",
@@ -678,7 +668,7 @@ class RemoteKernel:
             )
         return None
 
-    async def resume(self, connection: SSHLink, python: str, timeout: float) -> None:
+    async def reattach_channel(self, connection: SSHLink, python: str, timeout: float) -> None:
         """Reattach to the launcher over ``connection`` (after the old one was lost).
 
         Raises KernelGone if the launcher is not there any more (the kernel ended or was
@@ -689,7 +679,7 @@ class RemoteKernel:
                 f"kernel {self.kernel_id} on {self.host} cannot be reattached",
                 host=str(self.host),
             )
-        process, reader = await _attach_channel(
+        process, reader = await _control_channel(
             connection,
             self.host,
             python,

@@ -1,12 +1,11 @@
 """KernelSeat: what a kernel keeps from its first start to its final cleanup.
 
-A kernel has two lifetimes.  An *incarnation* (``KernelSession``) is one launcher and
-the kernel process it runs: a restart ends it and starts another.  The *seat* outlives
+A kernel has two lifetimes.  A *session* (``KernelSession``) is one launcher and the
+kernel process it runs: a restart ends it and starts another.  The *seat* outlives
 them: the five local ports its clients connect to, the host slot placement reserved,
-the Slurm job a restart runs in again, and the handshake of the incarnation it last
-had.  The seat owns them from the first start to the final ``release``;
-``SSHProvisioner`` is glue between jupyter_client's hooks and it.  Runs on the engine's
-loop.
+the Slurm job a restart runs in again, and the handshake of the session it last had.
+The seat owns them from the first start to the final ``release``; ``SSHProvisioner``
+is glue between jupyter_client's hooks and it.  Runs on the engine's loop.
 """
 
 from __future__ import annotations
@@ -29,11 +28,11 @@ class KernelSeat:
     def __init__(self, kernel_id: str) -> None:
         self.kernel_id = kernel_id
         self.ports: KernelPorts | None = None  # bound at the first start, kept to release
-        self.session: KernelSession | None = None  # the incarnation, while there is one
-        self.placement: Placement | None = None  # where the last incarnation ran
+        self.session: KernelSession | None = None  # the session, while there is one
+        self.placement: Placement | None = None  # where the last session ran
         self.job: SlurmJob | None = None  # a Slurm kernel's job, kept across restarts
         self.handshake: Handshake | None = None  # an adopted kernel's, until it restarts
-        self.reaped = False  # the incarnation's exit status has been collected
+        self.reaped = False  # the session's exit status has been collected
         self._slot: HostEntry | None = None  # the host slot to give back
 
     @property
@@ -50,7 +49,7 @@ class KernelSeat:
         settings: Callable[[HostEntry], SessionSettings],
         spec: Callable[[Placement], dict[str, Any]],
     ) -> KernelSession:
-        """A new incarnation, on the host placement picks (the next one if a host
+        """A new session, on the host placement picks (the next one if a host
         cannot be reached); the ports are bound first if this is the first start."""
         fresh = self.ports is None
         ports = self.ports = self.ports or await KernelPorts.open()
@@ -85,11 +84,11 @@ class KernelSeat:
         token: str,
         saved_ports: dict[str, int] | None,
     ) -> KernelSession:
-        """Reattach to an incarnation another process started (its saved info)."""
+        """Reattach to an session another process started (its saved info)."""
         ports = await KernelPorts.open(saved_ports)
         try:
             session = KernelSession(settings, get_engine().pool, ports, self.job)
-            await session.attach(handshake, token)
+            await session.adopt(handshake, token)
         except BaseException:
             await asyncio.shield(ports.aclose())
             raise
@@ -104,7 +103,7 @@ class KernelSeat:
         connect_options: Callable[[HostEntry], dict[str, Any]],
         idle_timeout: float,
     ) -> None:
-        """The incarnation is over: close it and give its slot back.  Unless a restart
+        """The session is over: close it and give its slot back.  Unless a restart
         follows, the ports close and the Slurm job is cancelled too.  Idempotent."""
         session, self.session = self.session, None
         self.reaped = True

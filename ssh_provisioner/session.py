@@ -1,16 +1,33 @@
 """KernelSession: one kernel's remote life, on the engine's loop.
 
-It owns the pooled-connection lease, the launcher channel (``RemoteKernel``), the
-handshake, and where the kernel's local ports (``KernelPorts``, bound by the provisioner
-for the kernel manager's whole life, restarts included) relay to.  It moves through
-explicit states::
+Words, each for one thing here and in docs/how-it-works.md:
+
+kernel     the process the kernelspec's argv starts on the host.
+seat       what a kernel id keeps from its first start to its final cleanup: its local
+           ports, host slot and Slurm job (``seat.KernelSeat``).
+session    one kernel's remote life, from its start to its shutdown or restart (this
+           module); a restart is a new session in the same seat.
+launcher   the stdlib-only program on the host that starts, supervises and relays for
+           one session (``host/``, shipped as one payload).
+relay      the launcher's end of the kernel's client connections (``host/relay``).
+stream     one client connection to a local port, carried to the relay as resumable
+           frames: nothing is lost when its channel is (``host/wire``).
+channel    one SSH channel on a link; a stream is carried by one at a time.
+link       one way to reach a host: our asyncssh connection, or the user's OpenSSH
+           master (``link.SSHLink``).
+reattach   reaching the launcher of a running kernel again: after a lost connection
+           (``_reconnect``: a new link, then reattach) or from another process (``adopt``).
+
+A session owns the pooled-connection lease, the launcher channel (``RemoteKernel``),
+the handshake, and where the seat's local ports relay to.  It moves through explicit
+states::
 
     STARTING -> RUNNING -> UNREACHABLE -> REATTACHING -> RUNNING
                                                     \\-> ABANDONED
     any state -> CLOSED  (aclose)
 
 Each transition is one method.  ``aclose()`` is idempotent and completes even when the
-caller is cancelled.  The provisioner's hooks are thin calls into it.
+caller is cancelled.  The seat calls into it.
 """
 
 from __future__ import annotations
@@ -30,6 +47,7 @@ from .hosts import Host
 from .link import RemoteProcess
 from .pool import ConnectionPool, Lease
 from .remote import (
+    CONNECTION_LOST_STATUS,
     SPARE_WAIT,
     Handshake,
     KernelGone,
@@ -123,6 +141,7 @@ class KernelSession:
         # same allocation), else submitted by start().  The provisioner cancels it.
         self.job = job
         self._job_watch: asyncio.Task[None] | None = None
+        self._following: asyncio.Task[None] | None = None  # the launcher's channel (_follow)
         self._reasons: set[asyncio.Future[None]] = set()
         self._pool = pool
         self._ports = ports
@@ -233,21 +252,21 @@ class KernelSession:
                 )
             raise
 
-    async def attach(self, handshake: Handshake, token: str) -> None:
+    async def adopt(self, handshake: Handshake, token: str) -> None:
         """Take over a kernel that another process (or an earlier server) started."""
         settings = self.settings
 
         async def reattach(lease: Lease) -> RemoteKernel:
-            return await self._attach_launcher(lease, handshake, token, settings.launch_timeout)
+            return await self._reattach_launcher(lease, handshake, token, settings.launch_timeout)
 
         lease, kernel = await self._use(reattach, keep=True)
         self._running(lease, kernel)
 
-    async def _attach_launcher(
+    async def _reattach_launcher(
         self, lease: Lease, handshake: Handshake, token: str, timeout: float
     ) -> RemoteKernel:
         settings = self.settings
-        return await RemoteKernel.attach(
+        return await RemoteKernel.reattach(
             lease.connection,
             settings.host,
             python=settings.python,
@@ -281,16 +300,49 @@ class KernelSession:
     def _running(self, lease: Lease, kernel: RemoteKernel) -> None:
         self._lease, self._kernel = lease, kernel
         self.handshake = kernel.ready
-        self._ports.attach(self._target(lease, kernel))
+        self._ports.relay_to(self._target(lease, kernel))
         self.state = State.RUNNING
-        if self.settings.reconnect_timeout > 0:
-            kernel.reconnect = self._reconnect
         kernel.keep_alive(self.settings.ping_interval)
+        self._following = asyncio.create_task(self._follow(kernel))
         if self.job is not None and self.settings.slurm is not None:
-            kernel.explain_end = self._explain_end
             self._job_watch = asyncio.create_task(
                 self._watch_job(kernel, self.job, self.settings.slurm.poll_interval)
             )
+
+    async def _follow(self, kernel: RemoteKernel) -> None:
+        """Follow the launcher's channel.  When it ends, what the kernel reports decides
+        the next transition: a lost connection is reconnected and reattached (RUNNING ->
+        UNREACHABLE -> ...), a Slurm step's channel that closed without a word is
+        explained by Slurm, and anything else ends the kernel with its status."""
+        try:
+            while True:
+                end = await kernel.follow()
+                if kernel.poll() is not None:
+                    return  # ended meanwhile (its Slurm job ended, it was abandoned)
+                retry = end.lost and self.settings.reconnect_timeout > 0
+                if retry and await self._reconnect(kernel):
+                    continue  # reattached: follow the launcher on the new channel
+                status = end.status
+                slurm = self.job is not None and self.settings.slurm is not None
+                if status is None and not end.lost and slurm:
+                    status = await self._explain_end()
+                kernel.exited(status)
+                return
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # A bug here must not leave poll() saying "alive" forever.
+            log.exception(
+                "kernel %s on %s: lost track of the launcher",
+                self.settings.kernel_id, self.settings.host_name,
+            )  # fmt: skip
+            kernel.exited(CONNECTION_LOST_STATUS)
+
+    async def _stop_following(self) -> None:
+        task, self._following = self._following, None
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
     # -- a Slurm kernel's job ------------------------------------------------------------
 
@@ -392,15 +444,17 @@ class KernelSession:
             settings.kernel_id, settings.host_name, settings.reconnect_timeout,
         )  # fmt: skip
 
-        async def resume(lease: Lease) -> None:
-            await kernel.resume(lease.connection, settings.python, settings.connect_timeout)
+        async def reattach(lease: Lease) -> None:
+            await kernel.reattach_channel(
+                lease.connection, settings.python, settings.connect_timeout
+            )
 
         delay = 0.25
         while (remaining := deadline - time.monotonic()) > 0:
             self.state = State.REATTACHING
             try:
                 lease, _ = await self._use(
-                    resume, connect_timeout=min(settings.connect_timeout, remaining), keep=True
+                    reattach, connect_timeout=min(settings.connect_timeout, remaining), keep=True
                 )
             except (HostKeyError, KernelGone) as exc:
                 log.error("kernel %s: not reattaching: %s", settings.kernel_id, exc)
@@ -417,7 +471,7 @@ class KernelSession:
                     lease.release()
                     return False
                 self._lease = lease
-                self._ports.attach(self._target(lease, kernel))
+                self._ports.relay_to(self._target(lease, kernel))
                 self.state = State.RUNNING
                 log.warning(
                     "kernel %s on %s: reattached after %.1fs",
@@ -476,6 +530,7 @@ class KernelSession:
             self.settings.kernel_id, self.settings.host_name,
         )  # fmt: skip
         self.state = State.ABANDONED
+        await self._stop_following()  # a reconnect in flight ends here
         if self._kernel is not None:
             await self._kernel.abandon()
         self._ports.detach()
@@ -505,10 +560,12 @@ class KernelSession:
         try:
             if kernel is not None:
                 if reachable:
-                    await kernel.aclose()
-                else:  # cancels a reattach in flight before its forwards are dropped
+                    await kernel.aclose()  # the launcher's exit event ends _follow
+                else:  # a reattach in flight ends before its forwards are dropped
+                    await self._stop_following()
                     await kernel.abandon()
         finally:
+            await self._stop_following()
             self._ports.detach()
             if self._lease is not None:
                 self._lease.release()
@@ -523,7 +580,9 @@ class KernelSession:
         settings = self.settings
 
         async def end(lease: Lease) -> None:
-            kernel = await self._attach_launcher(lease, handshake, token, settings.connect_timeout)
+            kernel = await self._reattach_launcher(
+                lease, handshake, token, settings.connect_timeout
+            )
             await kernel.aclose()  # SIGKILL through its launcher, which then cleans up
 
         async def attempt() -> bool:

@@ -457,7 +457,7 @@ class KernelPorts:
             channel: server.sockets[0].getsockname()[1] for channel, server in self._servers.items()
         }
 
-    def attach(self, target: Target) -> None:
+    def relay_to(self, target: Target) -> None:
         """Relay to ``target`` from now on.  Suspended links resume on the launcher that
         holds their streams.  New links: IOPub first, the rest once the kernel has sent
         IOPub's clients a message (so it knows them as subscribers)."""

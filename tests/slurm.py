@@ -10,6 +10,7 @@ namespaces.  See ../shared/SLURM-FACTS.md for why each setting is what it is.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import secrets
 import shlex
@@ -32,10 +33,28 @@ GPUS_PER_NODE = 2
 CPUS_PER_NODE = 4
 MEMORY_PER_NODE_MB = 4000
 # Below the ephemeral range: a port of Slurm's must never be one a kernel or a test
-# picked (slurmctld listens in this namespace, on the bridge's address; each slurmd in
-# its node's), and not Slurm's defaults (6817/6818), which a system instance may hold.
-SLURMCTLD_PORT = 16817
+# picked, and not Slurm's defaults (6817/6818), which a system instance may hold.  Each
+# slurmd listens in its node's namespace; slurmctld listens in this one, on every
+# address, so another checkout's cluster on this machine needs another port: the first
+# free one from SLURMCTLD_PORTS, claimed under a lock until slurmctld holds it.
+SLURMCTLD_PORTS = range(16817, 17817, 2)
 SLURMD_PORT = 16818
+_CONTROLLER_PORT_LOCK = "/run/lock/ssh-provisioner-tests-slurmctld.lock"
+
+
+@contextlib.contextmanager
+def _claimed_controller_port() -> Iterator[int]:
+    with open(_CONTROLLER_PORT_LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for port in SLURMCTLD_PORTS:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+                try:
+                    probe.bind(("0.0.0.0", port))  # as slurmctld binds
+                except OSError:
+                    continue
+            yield port
+            return
+        raise RuntimeError(f"no free slurmctld port in {SLURMCTLD_PORTS}")
 
 
 def slurm_missing_reason() -> str | None:
@@ -314,19 +333,20 @@ def running_cluster(directory: Path, authorized_keys: str) -> Iterator[SlurmClus
         key.chmod(0o400)
         munge_socket = munge_dir / "munge.socket"
         (directory / "state").mkdir()
-        ports = (SLURMCTLD_PORT, SLURMD_PORT)
-        _write_conf(cluster, ports, munge_socket)
+        with _claimed_controller_port() as controller_port:
+            ports = (controller_port, SLURMD_PORT)
+            _write_conf(cluster, ports, munge_socket)
 
-        cluster.daemons["munged"] = _spawn(
-            [
-                "/usr/sbin/munged", "-F", "--force", f"--key-file={key}",
-                f"--socket={munge_socket}", f"--pid-file={munge_dir / 'munged.pid'}",
-                f"--log-file={munge_dir / 'munged.log'}", f"--seed-file={munge_dir / 'seed'}",
-            ],
-            directory / "munged.out",
-        )  # fmt: skip
-        _wait(munge_socket.exists, 10, "munged")
-        cluster.start_controller()
+            cluster.daemons["munged"] = _spawn(
+                [
+                    "/usr/sbin/munged", "-F", "--force", f"--key-file={key}",
+                    f"--socket={munge_socket}", f"--pid-file={munge_dir / 'munged.pid'}",
+                    f"--log-file={munge_dir / 'munged.log'}", f"--seed-file={munge_dir / 'seed'}",
+                ],
+                directory / "munged.out",
+            )  # fmt: skip
+            _wait(munge_socket.exists, 10, "munged")
+            cluster.start_controller()
         for node in cluster.nodes:
             script = " && ".join(
                 [

@@ -380,7 +380,7 @@ class Supervisor:
             self.events.put(("line", (generation, raw.decode("utf-8", "replace"))))
         self.events.put(("eof", generation))
 
-    def attach(self, conn: socket.socket, reader: Any) -> None:
+    def take_client(self, conn: socket.socket, reader: Any) -> None:
         self.generation += 1
         self.client = conn
         with CLIENT.lock:
@@ -435,7 +435,7 @@ class Supervisor:
             elif kind == "eof" and value == self.generation:  # the current client left
                 clock.left(time.monotonic())
             elif kind == "attach":
-                self.attach(*value)
+                self.take_client(*value)
                 clock.attached(time.monotonic())
                 log("a client reattached")
             elif kind == "exit":

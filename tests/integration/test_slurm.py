@@ -238,11 +238,16 @@ async def test_gpu_jobs_spread_over_nodes_and_a_fourth_waits_in_the_queue(
             await wait_until(
                 lambda: any(job["state"] == "PENDING" for job in cluster.jobs()), 20, "pending"
             )
-            await asyncio.sleep(2)  # it stays pending: every GPU is taken
             pending = [job for job in cluster.jobs() if job["state"] == "PENDING"]
             assert len(pending) == 1
+            # Slurm's scheduler names the reason once it has tried the job; the start
+            # logs it as it changes, and stays pending: every GPU is taken.
+            line = f"Slurm job {pending[0]['id']} is PENDING (reason: Resources)"
+            await wait_until(lambda: line in caplog.text, 30, "the pending reason logged")
+            assert [job["id"] for job in cluster.jobs() if job["state"] == "PENDING"] == [
+                pending[0]["id"]
+            ]
             assert not starting.done()
-            assert f"Slurm job {pending[0]['id']} is PENDING (reason: Resources)" in caplog.text
             freed_km, freed = places[0]
             await freed_km.shutdown_kernel()
             await asyncio.wait_for(starting, 60)
