@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -267,11 +268,14 @@ def _payload(args: argparse.Namespace) -> int:
     if args.line:
         sys.stdout.buffer.write(payload_line(args.entry))
         return 0
-    from .remote import launcher_command
+    from .control import launcher_command
 
-    print(f"# the command the login shell runs:\n# {launcher_command('PYTHON')}")
-    print("# then stdin, line 1: this program (JSON-encoded); line 2: the launch spec\n")
-    print(payload(args.entry), end="")
+    try:
+        print(f"# the command the login shell runs:\n# {launcher_command('PYTHON')}")
+        print("# then stdin, line 1: this program (JSON-encoded); line 2: the launch spec\n")
+        print(payload(args.entry), end="", flush=True)
+    except BrokenPipeError:  # `| head`: the reader has seen enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 

@@ -39,6 +39,7 @@ from .errors import (
     SessionLimitError,
     SSHConnectError,
 )
+from .handshake import Handshake
 from .host.spec import DEFAULT_OUTAGE_BUFFER, MIN_OUTAGE_BUFFER
 from .hosts import HostEntry
 from .kbdint import AUTH_COOLDOWN, KBDINT, parse_rules
@@ -47,9 +48,9 @@ from .master import USE_CONTROL_MASTER, mode_of
 from .placement import PlacementRequest, Tries
 from .policies import HostPolicy, Placement, load_policy
 from .pool import Lease, check_connect_options
-from .remote import Handshake, run_probe
+from .remote import run_probe
 from .seat import KernelSeat
-from .session import SessionSettings
+from .settings import SessionSettings
 from .slurm import SlurmJob, SlurmSettings
 from .sshconfig import ALLOW_UNCHECKED
 

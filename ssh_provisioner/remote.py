@@ -20,6 +20,7 @@ from typing import Any
 
 import asyncssh
 
+from .control import control_channel, start_launcher
 from .errors import (
     LaunchError,
     LaunchTimeout,
@@ -28,90 +29,19 @@ from .errors import (
     SSHProvisionerError,
     session_open_error,
 )
-from .host import wire
+from .handshake import Handshake, KernelGone, LineReader
 from .host.spec import LaunchSpec
 from .host.supervisor import RUNTIME_DIR_PREFIX
-from .host.wire import CHANNELS, LAUNCHER_CHANNEL
 from .hosts import Host
-from .link import ByteReader, RemoteProcess, SSHLink, StreamChannel
-from .payload import BOOTSTRAP, LAUNCHER_BEGINS, NO_SPEC, payload_line
+from .link import RemoteProcess, SSHLink
+from .payload import NO_SPEC, payload_line
 
 log = logging.getLogger(__name__)
 
-MAX_LINE = 1 << 20  # a handshake or event line longer than this is hostile or broken
-PREAMBLE_MAX = 4 << 20  # what a login shell may print before the launcher (skipped)
-PREAMBLE_SAMPLE = 4096  # of it, kept for the log and errors
 STDERR_TAIL_LINES = 40
 CLOSE_GRACE = 5.0
-# A launcher waiting for its spec (a spare) exits after this many seconds: over a link
-# cut for good no EOF would ever end it.  The next start makes a new spare.
-SPARE_WAIT = 600.0
 COMMAND_NOT_FOUND = 127
 CONNECTION_LOST_STATUS = 255  # what ssh(1) reports when the link, not the command, failed
-LOOPBACK = "127.0.0.1"
-
-
-class KernelGone(SSHProvisionerError):
-    """Reattaching found no launcher: the kernel has ended."""
-
-
-@dataclass(frozen=True)
-class Handshake:
-    """What the launcher reports once the kernel listens on all five endpoints."""
-
-    pid: int
-    pgid: int
-    launcher_pid: int
-    endpoints: dict[str, int | str]
-    runtime_dir: str
-    connection_file: str
-    cwd: str
-    home: str
-    hostname: str
-    control: str = ""  # the launcher's reattach socket
-    relay: int | str = ""  # the launcher's relay: a port on the host's loopback, or a path
-    relay_host: str = LOOPBACK  # where the relay's port listens (a Slurm node's address)
-
-    @classmethod
-    def from_event(cls, event: dict[str, Any]) -> Handshake:
-        endpoints = event["endpoints"]
-        if not isinstance(endpoints, dict) or set(endpoints) != set(CHANNELS):
-            raise ValueError("endpoints must name the five kernel channels")
-        return cls(
-            pid=int(event["pid"]),
-            pgid=int(event["pgid"]),
-            launcher_pid=int(event["launcher_pid"]),
-            endpoints={k: v if isinstance(v, str) else int(v) for k, v in endpoints.items()},
-            runtime_dir=str(event["runtime_dir"]),
-            connection_file=str(event["connection_file"]),
-            cwd=str(event["cwd"]),
-            home=str(event["home"]),
-            hostname=str(event["hostname"]),
-            control=str(event.get("control") or ""),
-            relay=relay if isinstance(relay := event.get("relay") or "", str) else int(relay),
-            relay_host=str(event.get("relay_host") or LOOPBACK),
-        )
-
-
-def launcher_command(python: str) -> str:
-    # exec: the shell gives its place to Python, one process fewer to signal or orphan.
-    # -S: the launcher needs only the stdlib, and site start-up is a fifth of Python's.
-    # -I: isolated, so a json.py in the login user's home (the cwd) is never imported,
-    # and PYTHON* variables do not reach the launcher (the kernel still gets them).
-    return "exec " + shlex.join([python, "-I", "-S", "-c", BOOTSTRAP, f"{SPARE_WAIT:g}"])
-
-
-async def start_launcher(
-    connection: SSHLink, python: str, *, spare: bool = False, entry: str = "launch"
-) -> RemoteProcess:
-    """Exec the launcher and send it its payload; it then waits for a spec on stdin.
-
-    Also used ahead of time, to keep a spare launcher past the login shell's and
-    Python's start-up (a login shell that runs conda or pyenv init costs 100+ ms).
-    """
-    process = await connection.start_process(launcher_command(python), spare=spare)
-    process.stdin.write(payload_line(entry))
-    return process
 
 
 async def run_probe(connection: SSHLink, host: Host, command: str, timeout: float) -> str | None:
@@ -130,224 +60,6 @@ async def run_probe(connection: SSHLink, host: Host, command: str, timeout: floa
     return str(result.stdout or "")
 
 
-class _SupervisionStream:
-    """The launcher's control socket reached through its relay (LAUNCHER_CHANNEL), for a
-    link whose sessions are scarce: a RemoteProcess with no process of its own (the
-    launcher's "exit" event tells how the kernel ended), and the stream session that
-    feeds it."""
-
-    def __init__(self) -> None:
-        self._stdout = asyncio.StreamReader()
-        self._stderr = asyncio.StreamReader()
-        self._stderr.feed_eof()  # the kernel's output stays with the launcher
-        self._channel: StreamChannel | None = None
-        self._closing = False
-        self._closed = asyncio.Event()
-
-    # as the stream's session
-    def connection_made(self, chan: StreamChannel) -> None:
-        self._channel = chan
-
-    def session_started(self) -> None:
-        pass
-
-    def data_received(self, data: bytes, datatype: int | None) -> None:
-        if not self._stdout.at_eof():
-            self._stdout.feed_data(data)
-
-    def eof_received(self) -> bool:
-        self._stdout.feed_eof()
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._stdout.feed_eof()
-        self._closed.set()
-
-    def pause_writing(self) -> None:
-        pass  # a few control lines: nothing to hold back
-
-    def resume_writing(self) -> None:
-        pass
-
-    # as the launcher's process
-    @property
-    def stdin(self) -> _SupervisionStream:
-        return self
-
-    def write(self, data: bytes) -> None:
-        if self._channel is None or self.is_closing():
-            raise BrokenPipeError("the launcher's supervision stream is closed")
-        self._channel.write(data)
-
-    def write_eof(self) -> None:
-        if self._channel is not None and not self.is_closing():
-            self._channel.write_eof()
-
-    @property
-    def stdout(self) -> ByteReader:
-        return self._stdout
-
-    @property
-    def stderr(self) -> ByteReader:
-        return self._stderr
-
-    @property
-    def exit_status(self) -> int | None:
-        return None
-
-    @property
-    def exit_signal(self) -> tuple[str, bool, str, str] | None:
-        return None
-
-    def is_closing(self) -> bool:
-        return self._closing or self._closed.is_set()
-
-    def close(self) -> None:
-        self._closing = True
-        if self._channel is not None:
-            self._channel.close()
-
-    async def wait_closed(self) -> None:
-        await self._closed.wait()
-
-
-async def _open_control_channel(
-    connection: SSHLink,
-    host: Host,
-    python: str,
-    handshake: Handshake,
-    token: str,
-    kernel_id: str,
-    timeout: float,
-    nonce: str,
-    via_relay: bool,
-) -> tuple[RemoteProcess, _LineReader]:
-    """A channel to the launcher's control socket, its hello (``nonce``) sent.
-
-    Over a link that holds sessions, a session running the launcher in attach mode
-    relays it.  Otherwise (an OpenSSH master: its sessions count against the server's
-    MaxSessions) a stream to the launcher's relay does, after the relay has proved
-    that it knows the token, and this side too.  So does a kernel the login node cannot
-    reach but through its relay (``via_relay``: a Slurm compute node)."""
-    if connection.holds_sessions and not via_relay:
-        try:
-            process = await start_launcher(connection, python, entry="reattach")
-        except (asyncssh.Error, OSError) as exc:
-            raise session_open_error(str(host), f"reattaching kernel {kernel_id}", exc) from exc
-        request = {"attach": {"control": handshake.control, "hello": nonce}}
-        process.stdin.write(wire.encode_line(request))
-        return process, _LineReader(process.stdout, after_login=str(host))
-    if not isinstance(handshake.relay, int):
-        raise KernelGone(
-            f"kernel {kernel_id} on {host} cannot be reached through {connection.description} "
-            f"(its launcher relays on a Unix socket)",
-            host=str(host),
-        )
-    try:
-        stream = await connection.open_tcp(
-            _SupervisionStream, handshake.relay_host, handshake.relay
-        )
-    except (asyncssh.Error, OSError) as exc:
-        raise SSHConnectError(
-            f"SSH to {host}: cannot reach the launcher of kernel {kernel_id} through "
-            f"{connection.description}: {exc}",
-            host=str(host),
-        ) from exc
-    reader = _LineReader(stream.stdout)
-    try:
-        relay_nonce = wire.new_nonce()
-        stream.write(wire.encode_line(wire.hello(relay_nonce, wire.new_nonce(), LAUNCHER_CHANNEL)))
-        line = await asyncio.wait_for(reader.readline(), timeout)
-        try:
-            answer = json.loads(line or b"{}")
-            proof = wire.answer(token, "relay", relay_nonce, answer)
-        except (ValueError, AttributeError, wire.ProtocolError):
-            raise KernelGone(
-                f"kernel {kernel_id} on {host}: the relay at port {handshake.relay} is not "
-                f"its launcher's (it could not prove it knows the token)",
-                host=str(host),
-            ) from None
-        stream.write(wire.encode_line(proof))
-        stream.write(wire.encode_line({"hello": nonce}))
-    except BaseException:
-        stream.close()
-        raise
-    return stream, reader
-
-
-async def _control_channel(
-    connection: SSHLink,
-    host: Host,
-    python: str,
-    handshake: Handshake,
-    token: str,
-    kernel_id: str,
-    timeout: float,
-    via_relay: bool = False,
-) -> tuple[RemoteProcess, _LineReader]:
-    """A new channel relayed to the launcher's control socket, past its "attached" event.
-
-    The launcher proves it knows the token first (an HMAC over both sides' nonces); only
-    then does this side prove it.  Whoever sits at the control path without the token
-    (another user, once the real launcher is gone) learns nothing: not the token, and no
-    forward is ever opened to its kernel endpoints."""
-    if not handshake.control or not token:
-        raise KernelGone(f"kernel {kernel_id} on {host} cannot be reattached", host=str(host))
-    nonce = wire.new_nonce()
-    process, reader = await _open_control_channel(
-        connection, host, python, handshake, token, kernel_id, timeout, nonce, via_relay
-    )
-
-    async def next_event() -> dict[str, Any]:
-        line = await asyncio.wait_for(reader.readline(), timeout)
-        try:
-            event = json.loads(line or b"{}")
-        except ValueError:
-            event = None
-        if not isinstance(event, dict):
-            raise KernelGone(f"kernel {kernel_id} on {host} is gone: {line!r}", host=str(host))
-        return event
-
-    try:
-        challenge = await next_event()
-        if "proof" not in challenge:
-            raise KernelGone(
-                f"kernel {kernel_id} on {host} is gone: {challenge.get('message', challenge)}",
-                host=str(host),
-            )
-        try:
-            answer = wire.answer(token, "launcher", nonce, challenge)
-        except wire.ProtocolError:
-            log.error(
-                "kernel %s on %s: the process at %s could not prove it is the kernel's "
-                "launcher (another user's?); not reattaching",
-                kernel_id, host, handshake.control,
-            )  # fmt: skip
-            raise KernelGone(
-                f"kernel {kernel_id} on {host}: the control socket {handshake.control} is "
-                f"not its launcher's (it could not prove it knows the token)",
-                host=str(host),
-            ) from None
-        process.stdin.write(wire.encode_line(answer))
-        attached = await next_event()
-        if attached.get("event") != "attached":
-            raise KernelGone(
-                f"kernel {kernel_id} on {host} refused the reattach: {attached}", host=str(host)
-            )
-    except KernelGone:
-        process.close()
-        raise
-    except (asyncssh.Error, OSError, ValueError) as exc:  # TimeoutError is an OSError
-        process.close()
-        raise SSHConnectError(
-            f"SSH to {host}: reattaching kernel {kernel_id} failed: {exc}", host=str(host)
-        ) from exc
-    except BaseException:
-        process.close()
-        raise
-    return process, reader
-
-
 @dataclass(frozen=True)
 class ChannelEnd:
     """How the launcher's channel ended: the kernel's exit ``status`` if the launcher
@@ -360,69 +72,6 @@ class ChannelEnd:
 class SpareExpired(LaunchError):
     """The spare launcher gave up waiting just as its spec was on the way: nothing
     went wrong that a fresh launcher would meet (the session starts one)."""
-
-
-class _LineReader:
-    """Bounded line reader: a hostile peer cannot make us buffer without limit.
-
-    ``after_login`` (a launcher's stdout): what a login shell printed before the
-    launcher's first line (LAUNCHER_BEGINS) is skipped, up to PREAMBLE_MAX bytes, and
-    kept in ``preamble`` (its start) for the log and for errors."""
-
-    def __init__(self, stream: ByteReader, *, after_login: str = "") -> None:
-        self._stream = stream
-        self._buffer = bytearray()
-        self._label = after_login  # the host, for the log line
-        self._marker = b"\n" + LAUNCHER_BEGINS.encode() + b"\n" if after_login else b""
-        self.preamble = b""
-
-    async def _skip_login_output(self) -> None:
-        marker, skipped = self._marker, 0
-        while True:
-            found = self._buffer.find(marker)
-            cut = found if found >= 0 else max(0, len(self._buffer) - len(marker) + 1)
-            if len(self.preamble) < PREAMBLE_SAMPLE:
-                self.preamble += bytes(self._buffer[: min(cut, PREAMBLE_SAMPLE)])
-            skipped += cut
-            del self._buffer[:cut]
-            if found >= 0:
-                del self._buffer[: len(marker)]
-                self._marker = b""
-                if skipped:
-                    log.debug(
-                        "%s: skipped %d byte(s) the login shell printed before the launcher: "
-                        "%r", self._label, skipped, self.preamble[:200],
-                    )  # fmt: skip
-                return
-            if skipped > PREAMBLE_MAX:
-                raise ValueError(
-                    f"more than {PREAMBLE_MAX} bytes of output before the launcher's "
-                    f"(the login shell prints {self.preamble[:80]!r}...)"
-                )
-            chunk = await self._stream.read(65536)
-            if not chunk:  # no launcher spoke: all of it was someone else's
-                self._marker = b""
-                self.preamble = (self.preamble + bytes(self._buffer))[:PREAMBLE_SAMPLE]
-                self._buffer.clear()
-                return
-            self._buffer += chunk
-
-    async def readline(self) -> bytes | None:
-        if self._marker:
-            await self._skip_login_output()
-        while True:
-            newline = self._buffer.find(b"\n")
-            if newline >= 0:
-                line = bytes(self._buffer[: newline + 1])
-                del self._buffer[: newline + 1]
-                return line
-            if len(self._buffer) > MAX_LINE:
-                self._buffer.clear()  # the reader may go on with what follows
-                raise ValueError(f"a line longer than {MAX_LINE} bytes")
-            chunk = await self._stream.read(65536)
-            if not chunk:
-                return None
-            self._buffer += chunk
 
 
 class RemoteKernel:
@@ -442,7 +91,7 @@ class RemoteKernel:
         self.connection = connection
         self.kernel_id = kernel_id
         self._process = process
-        self._stdout = _LineReader(process.stdout, after_login=str(host))
+        self._stdout = LineReader(process.stdout, after_login=str(host))
         self._stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
         self._exit: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._tasks: list[asyncio.Task[None]] = []
@@ -527,7 +176,7 @@ class RemoteKernel:
         """Supervise the kernel over its relay, and close the session it started in."""
         session = self._process
         try:
-            self._process, self._stdout = await _control_channel(
+            self._process, self._stdout = await control_channel(
                 self.connection,
                 self.host,
                 python,
@@ -607,7 +256,7 @@ class RemoteKernel:
         via_relay: bool = False,
     ) -> RemoteKernel:
         """A kernel started by another process (or before a restart of this one)."""
-        process, reader = await _control_channel(
+        process, reader = await control_channel(
             connection, host, python, handshake, token, kernel_id, timeout, via_relay
         )
         kernel = cls(host, connection, process, kernel_id, via_relay=via_relay)
@@ -679,7 +328,7 @@ class RemoteKernel:
                 f"kernel {self.kernel_id} on {self.host} cannot be reattached",
                 host=str(self.host),
             )
-        process, reader = await _control_channel(
+        process, reader = await control_channel(
             connection,
             self.host,
             python,
@@ -716,7 +365,7 @@ class RemoteKernel:
             return CONNECTION_LOST_STATUS
 
     async def _pump_stderr(self) -> None:
-        reader = _LineReader(self._process.stderr)
+        reader = LineReader(self._process.stderr)
         with contextlib.suppress(asyncssh.Error, OSError):
             while True:  # drained to the end: an unread channel stalls the launcher
                 try:

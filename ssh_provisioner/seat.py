@@ -14,12 +14,14 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
+from .custody import cancel_job
 from .engine import get_engine
+from .handshake import Handshake
 from .hosts import HostEntry
 from .placement import PlacementRequest, Tries, start_with_failover
 from .policies import Placement
-from .remote import Handshake
-from .session import KernelSession, SessionSettings, cancel_job
+from .session import KernelSession
+from .settings import SessionSettings
 from .slurm import SlurmJob
 from .tunnels import KernelPorts
 

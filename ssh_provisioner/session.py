@@ -37,33 +37,25 @@ import enum
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import asyncssh
 
+from .control import start_launcher
+from .custody import SlurmCustody
 from .errors import HostKeyError, KernelUnreachable, SSHConnectError
-from .hosts import Host
+from .handshake import Handshake, KernelGone
 from .link import RemoteProcess
 from .pool import ConnectionPool, Lease
-from .remote import (
-    CONNECTION_LOST_STATUS,
-    SPARE_WAIT,
-    Handshake,
-    KernelGone,
-    RemoteKernel,
-    SpareExpired,
-    start_launcher,
-)
-from .slurm import JOB_ENDED_STATUS, JobInfo, SlurmJob, SlurmSettings
+from .remote import CONNECTION_LOST_STATUS, RemoteKernel, SpareExpired
+from .settings import SessionSettings
+from .slurm import SlurmJob
 from .tunnels import KernelPorts, Target
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 RECONNECT_BACKOFF_MAX = 2.0  # a link that comes back carries the kernel again at once
-COMPLETING_WAIT = 15.0  # for a Slurm job's final state, to name why it ended
-JOB_CANCEL_CONNECT = 10.0  # seconds to reach the login node to scancel
 
 
 class State(enum.Enum):
@@ -75,59 +67,6 @@ class State(enum.Enum):
     CLOSED = "closed"
 
 
-@dataclass(frozen=True)
-class SessionSettings:
-    """What a session needs to know of the provisioner's configuration, resolved for
-    its host."""
-
-    kernel_id: str
-    host_name: str
-    host: Host
-    connect_options: dict[str, Any] = field(hash=False)
-    python: str
-    connect_timeout: float
-    launch_timeout: float
-    reconnect_timeout: float
-    idle_timeout: float
-    ping_interval: float
-    prewarm: bool
-    slurm: SlurmSettings | None = None  # the kernel runs as a Slurm job, via this login node
-
-
-async def cancel_job(
-    pool: ConnectionPool,
-    host: Host,
-    options: dict[str, Any],
-    job: SlurmJob,
-    *,
-    idle_timeout: float,
-) -> None:
-    """scancel a kernel's job through its login node; if the login node cannot be
-    reached now, as soon as a connection to it is up again (its launcher, if one
-    runs, cancels it after orphan_timeout in any case)."""
-
-    async def cancel(lease: Lease) -> bool:
-        return await job.cancel(lease.connection)
-
-    async def attempt() -> bool:
-        try:
-            _, done = await pool.use(
-                host, options, cancel, connect_timeout=JOB_CANCEL_CONNECT, idle_timeout=idle_timeout
-            )  # the kernelspec's pool_idle_timeout: the connection is not kept longer for this
-        except SSHConnectError as exc:
-            log.warning(
-                "kernel %s: cannot cancel Slurm job %s yet: %s", job.kernel_id, job.job_id, exc
-            )
-            return False
-        return done
-
-    async def later() -> None:
-        await attempt()
-
-    if not await attempt():
-        pool.when_reachable(host, options, later)
-
-
 class KernelSession:
     def __init__(
         self,
@@ -137,12 +76,10 @@ class KernelSession:
         job: SlurmJob | None = None,
     ) -> None:
         self.settings = settings
-        # A Slurm kernel's job: given by the provisioner for a restart (a new step in the
-        # same allocation), else submitted by start().  The provisioner cancels it.
-        self.job = job
+        slurm = settings.slurm
+        self.custody = SlurmCustody(settings, slurm, pool, job) if slurm is not None else None
         self._job_watch: asyncio.Task[None] | None = None
         self._following: asyncio.Task[None] | None = None  # the launcher's channel (_follow)
-        self._reasons: set[asyncio.Future[None]] = set()
         self._pool = pool
         self._ports = ports
         self.state = State.STARTING
@@ -158,6 +95,11 @@ class KernelSession:
     # -- STARTING -> RUNNING ------------------------------------------------------------
 
     @property
+    def job(self) -> SlurmJob | None:
+        """A Slurm kernel's job (the seat keeps it across restarts)."""
+        return self.custody.job if self.custody is not None else None
+
+    @property
     def local_ports(self) -> dict[str, int]:
         return self._ports.numbers
 
@@ -167,8 +109,8 @@ class KernelSession:
         settings = self.settings
 
         async def launch(lease: Lease) -> RemoteKernel:
-            if settings.slurm is not None:
-                return await self._launch_step(lease, spec, settings.slurm)
+            if self.custody is not None:
+                return await self.custody.launch_step(lease, spec)
 
             async def start(spare: RemoteProcess | None) -> RemoteKernel:
                 return await RemoteKernel.start(
@@ -198,59 +140,6 @@ class KernelSession:
                 python, lambda connection: start_launcher(connection, python, spare=True)
             )
         self._running(lease, kernel)
-
-    async def _launch_step(
-        self, lease: Lease, spec: dict[str, Any], slurm: SlurmSettings
-    ) -> RemoteKernel:
-        """The kernel in a new step of its Slurm job, submitted first if there is none
-        (or the last one has ended).  The time in the queue is not launch_timeout's."""
-        settings = self.settings
-        link = lease.connection
-        job = self.job
-        if job is not None and (job.cancelled or (await job.query(link)).ended):
-            log.warning(
-                "kernel %s: its Slurm job %s has ended (%s); submitting a new job",
-                settings.kernel_id, job.job_id, job.last.describe(),
-            )  # fmt: skip
-            job = None
-        submitted = job is None
-        if job is None:
-            job = self.job = await SlurmJob.submit(
-                link, slurm, kernel_id=settings.kernel_id, login=settings.host_name
-            )
-        try:
-            info = await job.wait_running(link, timeout=slurm.queue_timeout)
-            node = info.nodes.split(",")[0]
-            step_spec = {
-                **spec,
-                "relay_bind": await job.address_of(link, node),
-                "cancel_job_when_orphaned": True,
-            }
-            notice = job.walltime_notice(info.time_left)
-            if notice is not None:
-                step_spec["walltime_notice"] = notice
-            return await RemoteKernel.start(
-                link,
-                settings.host,
-                python=settings.python,
-                spec=step_spec,
-                kernel_id=settings.kernel_id,
-                timeout=settings.launch_timeout,
-                command=slurm.step_command(job.job_id, settings.python, SPARE_WAIT),
-            )
-        except BaseException:
-            if submitted:  # a job of this start only: nothing of it may remain
-                self.job = None
-                await asyncio.shield(
-                    cancel_job(
-                        self._pool,
-                        settings.host,
-                        settings.connect_options,
-                        job,
-                        idle_timeout=settings.idle_timeout,
-                    )
-                )
-            raise
 
     async def adopt(self, handshake: Handshake, token: str) -> None:
         """Take over a kernel that another process (or an earlier server) started."""
@@ -304,9 +193,9 @@ class KernelSession:
         self.state = State.RUNNING
         kernel.keep_alive(self.settings.ping_interval)
         self._following = asyncio.create_task(self._follow(kernel))
-        if self.job is not None and self.settings.slurm is not None:
+        if self.custody is not None:
             self._job_watch = asyncio.create_task(
-                self._watch_job(kernel, self.job, self.settings.slurm.poll_interval)
+                self.custody.watch(kernel, lambda: self.state is State.RUNNING)
             )
 
     async def _follow(self, kernel: RemoteKernel) -> None:
@@ -323,9 +212,8 @@ class KernelSession:
                 if retry and await self._reconnect(kernel):
                     continue  # reattached: follow the launcher on the new channel
                 status = end.status
-                slurm = self.job is not None and self.settings.slurm is not None
-                if status is None and not end.lost and slurm:
-                    status = await self._explain_end()
+                if status is None and not end.lost and self.custody is not None:
+                    status = await self.custody.explain_end()
                 kernel.exited(status)
                 return
         except asyncio.CancelledError:
@@ -343,73 +231,6 @@ class KernelSession:
         if task is not None and task is not asyncio.current_task():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-
-    # -- a Slurm kernel's job ------------------------------------------------------------
-
-    async def _query_job(self, job: SlurmJob) -> JobInfo:
-        async def query(lease: Lease) -> JobInfo:
-            return await job.query(lease.connection)
-
-        try:
-            _, info = await self._use(query)
-        except SSHConnectError as exc:
-            return JobInfo("UNKNOWN", detail=str(exc))
-        return info
-
-    async def _watch_job(self, kernel: RemoteKernel, job: SlurmJob, interval: float) -> None:
-        """Every ``interval`` seconds: has the job ended (walltime, preemption, node
-        failure, scancel from outside)?  Then the kernel is dead, and the log says why.
-        A Slurm that does not answer is asked again; the kernel is kept."""
-        while True:
-            try:
-                await asyncio.wait_for(kernel.wait(), interval)
-                return
-            except TimeoutError:
-                pass
-            if self.state is not State.RUNNING:
-                continue  # reconnecting: _reconnect asks Slurm when it cannot reattach
-            info = await self._query_job(job)
-            if info.ended:
-                await kernel.ended_elsewhere(JOB_ENDED_STATUS)
-                self._explain(job, info)
-                return
-
-    def _explain(self, job: SlurmJob, info: JobInfo) -> None:
-        """Log why the job ended once Slurm knows, while the kernel already counts as
-        dead.  aclose does not cancel it: a restart may follow at once."""
-        reason = asyncio.ensure_future(self._log_job_end(job, info))
-        self._reasons.add(reason)
-        reason.add_done_callback(self._reasons.discard)
-
-    async def _log_job_end(self, job: SlurmJob, info: JobInfo) -> None:
-        """Why the job ended.  A job being cancelled or timed out is COMPLETING for a
-        while (its steps are killed): its final state says why, so wait for that."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + COMPLETING_WAIT
-        while info.state in ("COMPLETING", "UNKNOWN") and loop.time() < deadline:
-            await asyncio.sleep(0.5)
-            info = await self._query_job(job)
-        log.warning(
-            "kernel %s on %s: its Slurm job %s has ended: %s; the kernel is dead",
-            self.settings.kernel_id, self.settings.host_name, job.job_id, info.describe(),
-        )  # fmt: skip
-
-    async def _explain_end(self) -> int:
-        """The launcher's relay closed with the login node's connection alive: the
-        step, or the whole job, has ended.  Slurm says which."""
-        job = self.job
-        if job is None:
-            return JOB_ENDED_STATUS
-        info = await self._query_job(job)
-        if info.ended:
-            self._explain(job, info)
-        else:
-            log.warning(
-                "kernel %s on %s: its launcher (a step of Slurm job %s, which is %s) ended "
-                "without a word; the kernel is dead",
-                self.settings.kernel_id, self.settings.host_name, job.job_id, info.describe(),
-            )  # fmt: skip
-        return JOB_ENDED_STATUS
 
     def _target(self, lease: Lease, kernel: RemoteKernel) -> Target:
         ready = kernel.ready
@@ -461,10 +282,11 @@ class KernelSession:
                 break
             except SSHConnectError as exc:
                 log.info("kernel %s: still unreachable: %s", settings.kernel_id, exc)
-                if self.job is not None:
-                    info = await self._query_job(self.job)
+                job = self.job
+                if self.custody is not None and job is not None:
+                    info = await self.custody.query(job)
                     if info.ended:
-                        await self._log_job_end(self.job, info)
+                        await self.custody.log_end(job, info)
                         break
             else:
                 if self.state is not State.REATTACHING:  # closed or abandoned meanwhile

@@ -403,7 +403,7 @@ async def close_open_ports() -> None:
 class KernelPorts:
     """The kernel's local ports and the links accepted on them.
 
-    ``attach(target)`` points them at a kernel.  ``suspend()`` says its connection was
+    ``relay_to(target)`` points them at a kernel.  ``suspend()`` says its connection was
     lost: links keep their streams and resume when the same launcher is attached again.
     ``detach()`` takes the kernel away for good (restart, shutdown): links close, their
     clients reconnect and are held.  ``aclose()`` unbinds.  Runs on the engine's loop."""

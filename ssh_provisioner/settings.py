@@ -1,0 +1,28 @@
+"""SessionSettings: what a session needs of the provisioner's configuration."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .hosts import Host
+from .slurm import SlurmSettings
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    """What a session needs to know of the provisioner's configuration, resolved for
+    its host."""
+
+    kernel_id: str
+    host_name: str
+    host: Host
+    connect_options: dict[str, Any] = field(hash=False)
+    python: str
+    connect_timeout: float
+    launch_timeout: float
+    reconnect_timeout: float
+    idle_timeout: float
+    ping_interval: float
+    prewarm: bool
+    slurm: SlurmSettings | None = None  # the kernel runs as a Slurm job, via this login node
