@@ -50,7 +50,8 @@ from .pool import ConnectionPool, Lease
 from .remote import CONNECTION_LOST_STATUS, RemoteKernel, SpareExpired
 from .settings import SessionSettings
 from .slurm import SlurmJob
-from .tunnels import KernelPorts, Target
+from .streams import Target
+from .tunnels import KernelPorts
 
 log = logging.getLogger(__name__)
 

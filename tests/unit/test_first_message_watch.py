@@ -3,7 +3,7 @@ handshake, in whatever pieces the bytes arrive."""
 
 from __future__ import annotations
 
-from ssh_provisioner.tunnels import FirstMessageWatch
+from ssh_provisioner.streams import FirstMessageWatch
 
 GREETING = b"\xff" + b"\x00" * 8 + b"\x7f" + b"\x03\x01" + b"NULL".ljust(20, b"\x00") + b"\x00" * 32
 

@@ -15,7 +15,8 @@ import pytest
 
 from ssh_provisioner.host.relay import Relay
 from ssh_provisioner.host.spec import LaunchSpec
-from ssh_provisioner.tunnels import KernelPorts, Target
+from ssh_provisioner.streams import Target
+from ssh_provisioner.tunnels import KernelPorts
 
 TOKEN = "0123456789abcdef0123456789abcdef"  # noqa: S105  (a test token)
 S = TypeVar("S")
