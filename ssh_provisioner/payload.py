@@ -35,22 +35,30 @@ ENTRIES = {
 # Runs first in the payload: registers the modules (in dependency order) and their
 # source for tracebacks.  Python >= 3.6, standard library only.
 _LOADER = """\
-import linecache, sys, types
+import sys, types
+
+
+class _Sources:
+    # Gives tracebacks each module's source, when one is printed (linecache.lazycache).
+    def __init__(self, sources):
+        self.sources = dict(sources)
+
+    def get_source(self, name):
+        return self.sources.get(name)
 
 
 def _install(package, modules):
     for name in ("ssh_provisioner", package):
         module = sys.modules[name] = types.ModuleType(name)
         module.__path__ = []
+    loader = _Sources(modules)
     for name, source in modules:
-        filename = name.replace(".", "/") + ".py"
-        linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
         module = sys.modules[name] = types.ModuleType(name)
-        module.__file__, module.__package__ = filename, package
-        exec(compile(source, filename, "exec"), module.__dict__)
+        module.__file__ = name.replace(".", "/") + ".py"
+        module.__package__, module.__loader__ = package, loader
+        exec(compile(source, module.__file__, "exec"), module.__dict__)
     return sys.modules[modules[-1][0]]
 """
-
 
 def _source(module: str) -> str:
     return resources.files(PACKAGE).joinpath(f"{module}.py").read_text("utf-8")
