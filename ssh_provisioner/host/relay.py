@@ -385,7 +385,7 @@ class Relay(Holding):
         if link is None or link.phase != "open":
             return
         while stream.unframed and len(link.outbuf) < LINK_OUTPUT_HIGH:
-            link.outbuf += stream.next_data()
+            stream.next_data_into(link.outbuf)
         if stream.kernel_eof and not stream.unframed and not stream.close_sent:
             link.outbuf += stream.frame(FRAME_CLOSE)
             stream.close_sent = True

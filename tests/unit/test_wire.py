@@ -49,6 +49,11 @@ def test_frames_arrive_whole_in_any_pieces(pieces: int) -> None:
     wire_bytes = b""
     while sender.unframed:
         wire_bytes += sender.next_data()
+    sender.rewind()
+    into = bytearray()
+    while sender.unframed:
+        sender.next_data_into(into)
+    assert bytes(into) == wire_bytes  # the relay's way, byte for byte the same
     assert deliver(wire_bytes, receiver, StreamEnd(), pieces) == data
     assert receiver.received == len(data)
     assert max(len(p) for _, _, p in take_frames(bytearray(wire_bytes))) == FRAME_PAYLOAD_MAX
