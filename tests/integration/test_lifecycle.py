@@ -298,9 +298,9 @@ async def test_an_unused_spare_launcher_exits_by_itself(
 ) -> None:
     """A spare waits SPARE_WAIT seconds for a spec (over a link cut for good nothing
     else would end it); the next start on that connection execs a fresh launcher."""
-    from ssh_provisioner import remote
+    from ssh_provisioner import control
 
-    monkeypatch.setattr(remote, "SPARE_WAIT", 1.0)
+    monkeypatch.setattr(control, "SPARE_WAIT", 1.0)
     async with running_kernel(make_kernelspec, host_config) as (km, _):
         launcher = (await km.provisioner.get_provisioner_info())["launcher_pid"]
         mine = host_a.process.pid
