@@ -56,7 +56,7 @@ class KernelSeat:
         fresh = self.ports is None
         ports = self.ports = self.ports or await KernelPorts.open()
 
-        async def incarnate(placement: Placement) -> KernelSession:
+        async def start_session(placement: Placement) -> KernelSession:
             entry = placement.entry
             session = KernelSession(settings(entry), get_engine().pool, ports, self.job)
             try:
@@ -67,7 +67,7 @@ class KernelSeat:
 
         try:
             session, placement = await start_with_failover(
-                get_engine().placement, request, tries, incarnate
+                get_engine().placement, request, tries, start_session
             )
         except BaseException:
             if fresh:
