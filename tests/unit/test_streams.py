@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import pytest
 
@@ -18,77 +18,11 @@ from ssh_provisioner.host.spec import LaunchSpec
 from ssh_provisioner.streams import Target
 from ssh_provisioner.tunnels import KernelPorts
 
+from ..local_link import LocalLink
+
 TOKEN = "0123456789abcdef0123456789abcdef"  # noqa: S105  (a test token)
 S = TypeVar("S")
 DEADLINE = 10.0
-
-
-class _Channel:
-    """What an asyncssh channel offers a session, over a local socket."""
-
-    def __init__(self, transport: asyncio.Transport) -> None:
-        self._transport = transport
-
-    def write(self, data: bytes) -> None:
-        self._transport.write(data)
-
-    def close(self) -> None:
-        self._transport.close()
-
-    def pause_reading(self) -> None:
-        self._transport.pause_reading()
-
-    def resume_reading(self) -> None:
-        self._transport.resume_reading()
-
-
-class _Adapter(asyncio.Protocol):
-    def __init__(self, session: Any) -> None:
-        self.session = session
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.session.connection_made(_Channel(transport))  # type: ignore[arg-type]
-
-    def data_received(self, data: bytes) -> None:
-        self.session.data_received(data, None)
-
-    def eof_received(self) -> bool:
-        return bool(self.session.eof_received())
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.session.connection_lost(exc)
-
-    def pause_writing(self) -> None:
-        self.session.pause_writing()
-
-    def resume_writing(self) -> None:
-        self.session.resume_writing()
-
-
-class LocalLink:
-    """Stands in for an SSH connection (``SSHLink``): each channel a local socket to
-    the relay.  ``cut()`` loses every channel at once, as a lost connection does."""
-
-    def __init__(self) -> None:
-        self.closed = False
-        self._transports: list[asyncio.BaseTransport] = []
-
-    async def open_unix(self, factory: Callable[[], S], path: str) -> S:
-        if self.closed:
-            raise OSError("the link is down")
-        session = factory()
-        loop = asyncio.get_running_loop()
-        transport, _ = await loop.create_unix_connection(lambda: _Adapter(session), path)
-        self._transports.append(transport)
-        return session
-
-    def is_closed(self) -> bool:
-        return self.closed
-
-    def cut(self) -> None:
-        self.closed = True
-        for transport in self._transports:
-            transport.abort()  # type: ignore[attr-defined]
 
 
 class EchoKernel:
@@ -131,7 +65,7 @@ async def rig(tmp_path: Path) -> AsyncIterator[tuple[KernelPorts, Relay, EchoKer
 
 
 def target(link: LocalLink, relay: Relay) -> Target:
-    return Target(link, str(relay.address), TOKEN, "launcher-1", "kernel k")  # type: ignore[arg-type]
+    return Target(link, str(relay.address), TOKEN, "launcher-1", "kernel k")
 
 
 async def read_exactly(reader: asyncio.StreamReader, size: int) -> bytes:
@@ -186,7 +120,7 @@ async def test_a_new_launcher_ends_the_old_streams_and_relays_new_clients(
         assert await read_exactly(reader, 1) == b"x"
         first.cut()
         ports.suspend()
-        restarted = Target(LocalLink(), str(relay.address), TOKEN, "launcher-2", "kernel k")  # type: ignore[arg-type]
+        restarted = Target(LocalLink(), str(relay.address), TOKEN, "launcher-2", "kernel k")
         ports.relay_to(restarted)
         assert await asyncio.wait_for(reader.read(), DEADLINE) == b""  # closed: reconnect
         again_reader, again = await asyncio.open_connection("127.0.0.1", ports.numbers["shell"])
@@ -222,7 +156,7 @@ async def test_after_a_restart_other_channels_wait_for_iopubs_clients(tmp_path: 
         assert await asyncio.wait_for(before[0].read(), DEADLINE) == b""
         before[1].close()
         subscriber = await asyncio.open_connection("127.0.0.1", ports.numbers["iopub"])
-        restarted = Target(LocalLink(), str(relay.address), TOKEN, "launcher-2", "kernel k")  # type: ignore[arg-type]
+        restarted = Target(LocalLink(), str(relay.address), TOKEN, "launcher-2", "kernel k")
         ports.relay_to(restarted)
         reader, writer = await asyncio.open_connection("127.0.0.1", ports.numbers["shell"])
         writer.write(b"request")
