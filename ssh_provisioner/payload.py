@@ -60,6 +60,7 @@ def _install(package, modules):
     return sys.modules[modules[-1][0]]
 """
 
+
 def _source(module: str) -> str:
     return resources.files(PACKAGE).joinpath(f"{module}.py").read_text("utf-8")
 
