@@ -31,7 +31,7 @@ async def test_a_login_shell_that_prints_does_not_stop_a_kernel(
     caplog: pytest.LogCaptureFixture,
     bashrc: str,
 ) -> None:
-    caplog.set_level(logging.DEBUG, logger="ssh_provisioner.remote")
+    caplog.set_level(logging.DEBUG, logger="ssh_provisioner")
     with temporary_user("sshp-chatty") as user:
         home = Path(pwd.getpwnam(user).pw_dir)
         (home / ".bashrc").write_text(bashrc)
