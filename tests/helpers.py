@@ -106,6 +106,26 @@ async def execute(
     return "".join(chunks), reply["content"]
 
 
+async def past_the_error(kc: AsyncKernelClient, msg_id: str) -> None:
+    """Wait until the kernel is done with the request ``msg_id`` that failed.
+
+    ipykernel aborts an execute_request that reaches it before it has finished with an
+    error it already replied to (ipython/ipykernel#609; a local kernel does the same, and
+    a busy machine widens the window: docs/how-it-works.md, "Interrupts and the next
+    cell"). It publishes the request's idle status only after that, and a next cell sent
+    then is run, as nbclient and JupyterLab send it."""
+
+    async def idle() -> None:
+        while not (
+            (m := await kc.get_iopub_msg(timeout=10))["msg_type"] == "status"
+            and m["parent_header"].get("msg_id") == msg_id
+            and m["content"]["execution_state"] == "idle"
+        ):
+            pass
+
+    await asyncio.wait_for(idle(), 10)
+
+
 async def interrupt_a_running_cell(
     km: AsyncKernelManager, kc: AsyncKernelClient, cell: str = SLEEPING_CELL
 ) -> str:
@@ -119,6 +139,7 @@ async def interrupt_a_running_cell(
     await km.interrupt_kernel()
     reply = await kc.get_shell_msg(timeout=10)
     assert reply["content"]["ename"] == "KeyboardInterrupt"
+    await past_the_error(kc, msg_id)
     return msg_id
 
 

@@ -24,6 +24,7 @@ from ..helpers import (
     cmdlines_containing,
     execute,
     listening_ports,
+    past_the_error,
     process_alive,
     wait_until,
 )
@@ -126,6 +127,7 @@ async def test_interrupt_stops_a_sleeping_cell(
         assert reply["content"]["status"] == "error"
         assert reply["content"]["ename"] == "KeyboardInterrupt"
         assert elapsed < 2.0, f"interrupt took {elapsed:.2f}s"
+        await past_the_error(kc, msg_id)
         out, after = await execute(kc, "print('still alive')")
         assert after["status"] == "ok", after  # (a second SIGINT would show here)
         assert out.strip() == "still alive"
