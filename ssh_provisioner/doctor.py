@@ -12,6 +12,7 @@ from typing import Any
 
 import asyncssh
 
+from .connect import connect
 from .errors import (
     AuthenticationError,
     ControlMasterError,
@@ -22,9 +23,9 @@ from .errors import (
 from .hosts import Host, HostEntry
 from .link import CommandResult, SSHLink
 from .master import locate, mode_of
-from .mux import MasterNotOurs, MuxLink
+from .mux import MuxLink
+from .mux_control import MasterNotOurs
 from .policies import LeastLoad, MostFreeGpuMemory, parse_gpus, parse_load
-from .pool import connect
 from .remote import run_probe
 from .slurm import SlurmSettings
 from .sshconfig import (

@@ -20,7 +20,8 @@ from typing import Any
 
 from .errors import ControlMasterError, ProvisionerConfigError
 from .hosts import Host
-from .mux import MasterNotOurs, MuxLink, master_answers
+from .mux import MuxLink
+from .mux_control import MasterNotOurs, master_answers
 from .sshconfig import config_paths
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,8 @@ from our socket straight to the master, with no process in between.
 
 Nothing is sent to a socket served by another user: the peer's uid (SO_PEERCRED) must
 be ours, or the socket is refused before the hello (a ControlPath in /tmp is a path
-anyone may take once the real master is gone).
+anyone may take once the real master is gone).  The protocol's messages and the control
+connection are mux_control.py's; here are the sessions and streams opened with them.
 """
 
 from __future__ import annotations
@@ -27,347 +28,41 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import socket
-import struct
 from collections.abc import Callable
-from typing import cast
 
 import asyncssh
 
 from .link import CommandResult, RemoteProcess, S, SSHLink, StreamSession
+from .mux_control import (
+    ALIVE_CHECK_TIMEOUT,
+    MUX_C_NEW_SESSION,
+    MUX_C_NEW_STDIO_FWD,
+    MUX_S_SESSION_OPENED,
+    NO_ESCAPE_CHAR,
+    MuxControl,
+    string,
+    u32,
+)
+from .mux_process import MuxProcess, PipeEnd
 
 log = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = 4
-MUX_MSG_HELLO = 0x00000001
-MUX_C_NEW_SESSION = 0x10000002
-MUX_C_ALIVE_CHECK = 0x10000004
-MUX_C_NEW_STDIO_FWD = 0x10000008
-MUX_S_OK = 0x80000001
-MUX_S_PERMISSION_DENIED = 0x80000002
-MUX_S_FAILURE = 0x80000003
-MUX_S_EXIT_MESSAGE = 0x80000004
-MUX_S_ALIVE = 0x80000005
-MUX_S_SESSION_OPENED = 0x80000006
-NO_ESCAPE_CHAR = 0xFFFFFFFF
-PACKET_MAX = 256 * 1024
-ALIVE_CHECK_TIMEOUT = 2.0
 # A session refused while sessions of ours are open on the master is waited for: the
 # server's MaxSessions counts the master's sessions, and ours last only while a kernel
 # starts or a command runs (see SSHLink.holds_sessions).
 SESSION_SLOT_WAIT = 60.0
-EXIT_STATUS_WAIT = 2.0
-CHANNEL_CLOSE_WAIT = 30.0  # under load too: a session counts as ours until then
 # sshd frees a closed channel's session only after it has handled every packet it read
 # with the close: a session asked for just after one of ours ended can still be refused.
 SESSION_RELEASE_LAG = 1.0
 SESSION_RETRY_PAUSE = 0.05
 
 
-class MasterNotOurs(ConnectionError):
-    """The control socket is served by another user's process."""
-
-
-def _u32(value: int) -> bytes:
-    return struct.pack(">I", value)
-
-
-def _string(text: str | bytes) -> bytes:
-    data = text.encode() if isinstance(text, str) else text
-    return _u32(len(data)) + data
-
-
-class _Message:
-    def __init__(self, payload: bytes) -> None:
-        self._data = payload
-        self._at = 0
-
-    def u32(self) -> int:
-        if self._at + 4 > len(self._data):
-            raise ConnectionError("a truncated message from the OpenSSH master")
-        (value,) = struct.unpack_from(">I", self._data, self._at)
-        self._at += 4
-        return int(value)
-
-    def string(self) -> str:
-        size = self.u32()
-        data = self._data[self._at : self._at + size]
-        self._at += size
-        return data.decode("utf-8", "replace")
-
-
-def peer_uid(sock: socket.socket, path: str) -> int:
-    """Who serves the Unix socket: the peer process's uid where the system tells (Linux),
-    else the socket file's owner."""
-    peercred = getattr(socket, "SO_PEERCRED", None)
-    if peercred is not None:
-        _, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, peercred, 12))
-        return int(uid)
-    return os.stat(path).st_uid
-
-
-class _Control:
-    """One connection to the master's control socket, past the hello."""
-
-    def __init__(self, sock: socket.socket, path: str) -> None:
-        self.sock = sock
-        self.path = path
-        self._buffer = bytearray()
-        self._request_id = 0
-
-    @classmethod
-    async def open(cls, path: str) -> _Control:
-        loop = asyncio.get_running_loop()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        try:
-            await loop.sock_connect(sock, path)
-            uid = peer_uid(sock, path)
-            if uid != os.getuid():
-                raise MasterNotOurs(
-                    f"the control socket {path} is served by uid {uid}, not by you "
-                    f"(uid {os.getuid()}): not using it"
-                )
-            control = cls(sock, path)
-            await control.send(_u32(MUX_MSG_HELLO) + _u32(PROTOCOL_VERSION))
-            hello = await control.receive()
-            if hello is None or hello.u32() != MUX_MSG_HELLO:
-                raise ConnectionError(f"{path} is not an OpenSSH master's control socket")
-            version = hello.u32()
-            if version != PROTOCOL_VERSION:
-                raise ConnectionError(
-                    f"the OpenSSH master at {path} speaks mux protocol {version}, "
-                    f"not {PROTOCOL_VERSION}"
-                )
-        except BaseException:
-            sock.close()
-            raise
-        return control
-
-    def next_request(self) -> int:
-        self._request_id += 1
-        return self._request_id
-
-    async def send(self, payload: bytes) -> None:
-        await asyncio.get_running_loop().sock_sendall(self.sock, _u32(len(payload)) + payload)
-
-    async def send_fd(self, fd: int) -> None:
-        """Pass ``fd`` to the master, with the one byte the master reads alongside it."""
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                socket.send_fds(self.sock, [b"\0"], [fd])
-                return
-            except (BlockingIOError, InterruptedError):
-                writable: asyncio.Future[None] = loop.create_future()
-
-                def ready(waiter: asyncio.Future[None] = writable) -> None:
-                    if not waiter.done():
-                        waiter.set_result(None)
-
-                loop.add_writer(self.sock, ready)
-                try:
-                    await writable
-                finally:
-                    loop.remove_writer(self.sock)
-
-    async def receive(self) -> _Message | None:
-        """The next message, or None once the master closed the connection."""
-        loop = asyncio.get_running_loop()
-        while True:
-            if len(self._buffer) >= 4:
-                (size,) = struct.unpack_from(">I", self._buffer)
-                if size > PACKET_MAX:
-                    raise ConnectionError(f"an oversized message from the master at {self.path}")
-                if len(self._buffer) >= 4 + size:
-                    payload = bytes(self._buffer[4 : 4 + size])
-                    del self._buffer[: 4 + size]
-                    return _Message(payload)
-            try:
-                data = await loop.sock_recv(self.sock, 65536)
-            except ConnectionResetError:
-                data = b""
-            if not data:
-                return None
-            self._buffer += data
-
-    async def reply_to(self, request_id: int) -> tuple[int, _Message]:
-        """The kind of the master's answer to ``request_id``, and the rest of it; a
-        refusal raises ChannelOpenError, a master gone raises ConnectionError."""
-        message = await self.receive()
-        if message is None:
-            raise ConnectionError(f"the OpenSSH master at {self.path} closed the connection")
-        kind, answered = message.u32(), message.u32()
-        if answered != request_id:
-            raise ConnectionError(f"the OpenSSH master at {self.path} answered out of order")
-        if kind in (MUX_S_FAILURE, MUX_S_PERMISSION_DENIED):
-            code = (
-                asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED
-                if kind == MUX_S_PERMISSION_DENIED
-                else asyncssh.OPEN_CONNECT_FAILED
-            )
-            reason = f"{message.string()} (OpenSSH master {self.path})"
-            raise asyncssh.ChannelOpenError(code, reason)
-        return kind, message
-
-    async def alive_check(self) -> int:
-        request = self.next_request()
-        await self.send(_u32(MUX_C_ALIVE_CHECK) + _u32(request))
-        kind, message = await self.reply_to(request)
-        if kind != MUX_S_ALIVE:
-            raise ConnectionError(f"the OpenSSH master at {self.path} did not answer")
-        return message.u32()
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-class _PipeEnd(asyncio.Protocol):
-    """Our end of a socket pair whose other end the master holds, as one of a session's
-    stdin, stdout or stderr.  It closes itself once the master's end is closed."""
-
-    def __init__(self) -> None:
-        self.reader = asyncio.StreamReader()
-        self.transport: asyncio.Transport | None = None
-
-    @classmethod
-    async def wrap(cls, sock: socket.socket) -> _PipeEnd:
-        end = cls()
-        await asyncio.get_running_loop().create_unix_connection(lambda: end, sock=sock)
-        return end
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-        self.reader.set_transport(self.transport)  # it pauses reading when it holds a lot
-
-    def data_received(self, data: bytes) -> None:
-        self.reader.feed_data(data)
-
-    def eof_received(self) -> bool:
-        self.reader.feed_eof()
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.reader.feed_eof()
-
-    # as a stdin
-    def write(self, data: bytes) -> None:
-        if self.transport is None or self.transport.is_closing():
-            raise BrokenPipeError("the session's stdin is closed")
-        self.transport.write(data)
-
-    def write_eof(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write_eof()
-
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-
-
-class MuxProcess:
-    """A session opened through the master: a RemoteProcess."""
-
-    def __init__(self, link: MuxLink, control: _Control, ends: list[_PipeEnd]) -> None:
-        self._link = link
-        self._control = control
-        self._ends = ends
-        self._exit_status: int | None = None
-        self._exit_signal: tuple[str, bool, str, str] | None = None
-        self._exited = asyncio.Event()
-        self._closing = False
-        self._closer: asyncio.Task[None] | None = None
-        self._follow = asyncio.get_running_loop().create_task(self._follow_master())
-
-    @property
-    def stdin(self) -> _PipeEnd:
-        return self._ends[0]
-
-    @property
-    def stdout(self) -> asyncio.StreamReader:
-        return self._ends[1].reader
-
-    @property
-    def stderr(self) -> asyncio.StreamReader:
-        return self._ends[2].reader
-
-    @property
-    def exit_status(self) -> int | None:
-        return self._exit_status
-
-    @property
-    def exit_signal(self) -> tuple[str, bool, str, str] | None:
-        return self._exit_signal
-
-    async def _follow_master(self) -> None:
-        try:
-            while (message := await self._control.receive()) is not None:
-                if message.u32() == MUX_S_EXIT_MESSAGE:
-                    message.u32()  # the master's session id
-                    self._exit_status = message.u32()
-                    self._exited.set()
-            if self._exit_status is None and not self._closing:
-                # The channel closed with no exit status: the command died of a signal
-                # (the master passes on no exit-signal), or the master itself is gone.
-                if await self._link.master_alive():
-                    self._exit_signal = ("UNKNOWN", False, "no exit status from the master", "")
-                else:
-                    self._link.lost()
-        except OSError:
-            self._link.lost()
-        finally:
-            self._control.close()  # here: no read of it is pending any more
-            self._link.session_ended(self)
-
-    def is_closing(self) -> bool:
-        return self._closing or self._follow.done()
-
-    def close(self) -> None:
-        """End the session: the master closes its channel once our ends are gone.
-
-        Not before its command's exit status has come, if it is about to (a detached
-        launcher's session, a command that has finished): then sshd has reaped the
-        command, and frees the session as soon as the channel closes.  A session whose
-        command lives on is closed after ``EXIT_STATUS_WAIT``.  It counts as ours (see
-        ``MuxLink.start_process``) until the master has closed the channel."""
-        if self._closing:
-            return
-        self._closing = True
-        self._closer = asyncio.get_running_loop().create_task(self._close())
-
-    async def _close(self) -> None:
-        self.stdin.write_eof()  # a command that reads its stdin ends now (a spare launcher)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._exited.wait(), EXIT_STATUS_WAIT)
-        for end in self._ends:
-            end.close()
-        try:  # the master closes the control connection once sshd closed the channel
-            await asyncio.wait_for(asyncio.shield(self._follow), CHANNEL_CLOSE_WAIT)
-        except TimeoutError:
-            self._follow.cancel()
-
-    def abort(self) -> None:
-        """Close at once (the master is gone, or we let go of it)."""
-        self._closing = True
-        if self._closer is not None:
-            self._closer.cancel()
-        self._follow.cancel()
-        for end in self._ends:
-            end.close()
-
-    async def wait_closed(self) -> None:
-        """Until the master has closed the session's channel (what it relayed is in our
-        ends' buffers by then)."""
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.shield(self._follow)
-
-
 class _MuxStream(asyncio.Protocol):
     """A stdio forward's end in our process, as an asyncssh stream session sees a
     channel: ``write`` and ``close``; the session's callbacks are passed on."""
 
-    def __init__(self, link: MuxLink, control: _Control, session: StreamSession) -> None:
+    def __init__(self, link: MuxLink, control: MuxControl, session: StreamSession) -> None:
         self._link = link
         self._control = control
         self._session = session
@@ -408,16 +103,6 @@ class _MuxStream(asyncio.Protocol):
         self._control.close()
 
 
-async def master_answers(path: str) -> bool:
-    """Does an OpenSSH master of ours answer at ``path`` now?  (Nothing is kept open.)"""
-    try:
-        control = await asyncio.wait_for(_Control.open(path), ALIVE_CHECK_TIMEOUT)
-    except (OSError, TimeoutError):
-        return False
-    control.close()
-    return True
-
-
 class MuxLink(SSHLink):
     """Everything on one host through the user's OpenSSH master.
 
@@ -429,7 +114,7 @@ class MuxLink(SSHLink):
     unix_forwarding = False  # stdio forwarding to a Unix socket came in OpenSSH 9.4
     holds_sessions = False
 
-    def __init__(self, path: str, username: str, watcher: _Control, pid: int) -> None:
+    def __init__(self, path: str, username: str, watcher: MuxControl, pid: int) -> None:
         self.path = path
         self.master_pid = pid
         self._username = username
@@ -444,13 +129,13 @@ class MuxLink(SSHLink):
         self._requests_in_flight = 0
         self._request_settled = asyncio.Event()  # replaced each time one is set
         self._last_session_end = -SESSION_RELEASE_LAG
-        self._held_controls: list[_Control] = []  # of open_socket's sockets
+        self._held_controls: list[MuxControl] = []  # of open_socket's sockets
         self._watch = asyncio.get_running_loop().create_task(self._watch_master())
 
     @classmethod
     async def open(cls, path: str, username: str) -> MuxLink:
         """Connect to the master at ``path``; raises OSError if none answers there."""
-        watcher = await _Control.open(path)
+        watcher = await MuxControl.open(path)
         try:
             pid = await asyncio.wait_for(watcher.alive_check(), ALIVE_CHECK_TIMEOUT)
         except BaseException:
@@ -490,7 +175,7 @@ class MuxLink(SSHLink):
         if self._closed:
             return False
         try:
-            control = await asyncio.wait_for(_Control.open(self.path), ALIVE_CHECK_TIMEOUT)
+            control = await asyncio.wait_for(MuxControl.open(self.path), ALIVE_CHECK_TIMEOUT)
         except (OSError, TimeoutError):
             return False
         try:
@@ -580,18 +265,18 @@ class MuxLink(SSHLink):
 
     async def _open_session(self, command: str) -> MuxProcess:
         self._check_open()
-        control = await _Control.open(self.path)
+        control = await MuxControl.open(self.path)
         ours: list[socket.socket] = []
         try:
             request = control.next_request()
             await control.send(
-                _u32(MUX_C_NEW_SESSION)
-                + _u32(request)
-                + _string("")  # reserved
-                + _u32(0) * 4  # no tty, X11 or agent forwarding; not a subsystem
-                + _u32(NO_ESCAPE_CHAR)
-                + _string("")  # terminal type
-                + _string(command)
+                u32(MUX_C_NEW_SESSION)
+                + u32(request)
+                + string("")  # reserved
+                + u32(0) * 4  # no tty, X11 or agent forwarding; not a subsystem
+                + u32(NO_ESCAPE_CHAR)
+                + string("")  # terminal type
+                + string(command)
             )
             for _ in ("stdin", "stdout", "stderr"):
                 mine, theirs = socket.socketpair()
@@ -603,7 +288,7 @@ class MuxLink(SSHLink):
             kind, _ = await control.reply_to(request)
             if kind != MUX_S_SESSION_OPENED:
                 raise ConnectionError(f"the OpenSSH master at {self.path} opened no session")
-            ends = [await _PipeEnd.wrap(sock) for sock in ours]
+            ends = [await PipeEnd.wrap(sock) for sock in ours]
         except BaseException:
             control.close()
             for sock in ours:
@@ -639,7 +324,7 @@ class MuxLink(SSHLink):
 
     async def open_tcp(self, factory: Callable[[], S], host: str, port: int) -> S:
         self._check_open()
-        control = await _Control.open(self.path)
+        control = await MuxControl.open(self.path)
         mine, theirs = socket.socketpair()
         try:
             await self._request_forward(control, theirs, host, port)
@@ -658,7 +343,7 @@ class MuxLink(SSHLink):
         SSH connection of our own through the master: a ProxyJump hop).  It lives until
         the link is closed."""
         self._check_open()
-        control = await _Control.open(self.path)
+        control = await MuxControl.open(self.path)
         mine, theirs = socket.socketpair()
         try:
             await self._request_forward(control, theirs, host, port)
@@ -670,11 +355,11 @@ class MuxLink(SSHLink):
         return mine
 
     async def _request_forward(
-        self, control: _Control, theirs: socket.socket, host: str, port: int
+        self, control: MuxControl, theirs: socket.socket, host: str, port: int
     ) -> None:
         request = control.next_request()
         await control.send(
-            _u32(MUX_C_NEW_STDIO_FWD) + _u32(request) + _string("") + _string(host) + _u32(port)
+            u32(MUX_C_NEW_STDIO_FWD) + u32(request) + string("") + string(host) + u32(port)
         )
         try:
             await control.send_fd(theirs.fileno())  # the forward's input

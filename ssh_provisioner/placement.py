@@ -27,6 +27,40 @@ Prober = Callable[[HostEntry, str], Coroutine[Any, Any, str | None]]
 T = TypeVar("T")
 
 
+def candidates(
+    entries: list[HostEntry],
+    pinned: str | None,
+    labels: frozenset[str],
+    *,
+    allow_any_host: bool,
+    parse: Callable[[str], HostEntry],
+) -> list[HostEntry]:
+    """The configured hosts a start may use, after KERNEL_SSH_HOST / _LABELS (``parse``
+    makes an entry of a pinned host that is not configured, if ``allow_any_host``)."""
+    if not entries and not pinned:
+        raise HostSelectionError("no hosts configured: set the 'hosts' option")
+    chosen = entries
+    if pinned:
+        chosen = [entry for entry in entries if entry.matches(pinned)]
+        if not chosen:
+            if not allow_any_host:
+                names = ", ".join(entry.name for entry in entries)
+                raise HostSelectionError(
+                    f"KERNEL_SSH_HOST={pinned!r} is not one of the configured hosts "
+                    f"({names}); an admin can set allow_any_host to permit any host"
+                )
+            chosen = [parse(pinned)]
+    if labels:
+        labelled = [entry for entry in chosen if labels <= entry.labels]
+        if not labelled:
+            raise HostSelectionError(
+                f"no host has the labels {sorted(labels)} (KERNEL_SSH_LABELS); hosts: "
+                + ", ".join(f"{e.name} {sorted(e.labels)}" for e in chosen)
+            )
+        chosen = labelled
+    return chosen
+
+
 @dataclass
 class PlacementRequest:
     """One start's constraints; ``exclude`` grows with every host that failed it."""
