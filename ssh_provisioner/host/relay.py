@@ -407,8 +407,9 @@ class Relay(Holding):
             return
         reading = stream is None or len(stream.to_kernel) < TO_KERNEL_HIGH
         self.watch(link.sock, link, reading, bool(link.outbuf))
-        if stream is not None and stream.close_sent and not link.outbuf:
-            self.end_stream(stream)
+        # A stream whose CLOSE went out ends when the client answers with its own (and
+        # its count of what it got), not here: the channel may yet be lost with the
+        # tail of the stream in it, which a resume must send again.
 
     def drop_link(self, link: RelayLink) -> None:
         if link not in self.links:
@@ -419,7 +420,11 @@ class Relay(Holding):
         stream = link.stream
         if stream is not None and stream.link is link:
             stream.link = None
+            if stream.close_sent and not stream.unacked:
+                self.end_stream(stream)  # the client got it all, and the CLOSE with it
+                return
             stream.rewind()
+            stream.close_sent = False  # what was not confirmed goes out again, then CLOSE
             stream.left_at = time.monotonic()
             self.read_if_room(stream)
 

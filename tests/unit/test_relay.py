@@ -266,6 +266,34 @@ def test_the_kernel_closing_ends_the_stream(relay: tuple[Relay, FakeKernel]) -> 
     conn.close()
     assert client.read_frame() == (FRAME_DATA, 1, b"last words")
     assert client.read_frame()[0] == FRAME_CLOSE
+    client.frame(FRAME_CLOSE, 10)  # got it all: the client's CLOSE ends the stream
     done = threading.Event()
     threading.Thread(target=lambda: (client.closed(), done.set()), daemon=True).start()
+    assert done.wait(5)
+
+
+def test_a_stream_the_kernel_closed_resends_its_tail_after_a_lost_channel(
+    relay: tuple[Relay, FakeKernel],
+) -> None:
+    """The channel is lost with the stream's last bytes and its CLOSE in it (a page a
+    dashboard served, cut off by a blip): a resume gets them again."""
+    server, kernel = relay
+    client = Client(server)
+    client.open("s1")
+    client.frame(FRAME_DATA, 0, b"x")
+    conn = kernel.accept()
+    assert recv_exactly(conn, 1) == b"x"
+    conn.sendall(b"the whole page")
+    conn.close()
+    assert client.read_frame() == (FRAME_DATA, 1, b"the whole page")
+    assert client.read_frame()[0] == FRAME_CLOSE
+    client.sock.close()  # lost before it could confirm any of it
+    again = Client(server)
+    again.open("s1", resume=True, received=0)
+    assert again.line()["received"] == 1
+    assert again.read_frame() == (FRAME_DATA, 1, b"the whole page")
+    assert again.read_frame()[0] == FRAME_CLOSE
+    again.frame(FRAME_CLOSE, 14)
+    done = threading.Event()
+    threading.Thread(target=lambda: (again.closed(), done.set()), daemon=True).start()
     assert done.wait(5)
