@@ -44,6 +44,7 @@ class Handshake:
     control: str = ""  # the launcher's reattach socket
     relay: int | str = ""  # the launcher's relay: a port on the host's loopback, or a path
     relay_host: str = LOOPBACK  # where the relay's port listens (a Slurm node's address)
+    cwd_note: str = ""  # why the kernel is not in the folder path_map gave it
 
     @classmethod
     def from_event(cls, event: dict[str, Any]) -> Handshake:
@@ -63,6 +64,7 @@ class Handshake:
             control=str(event.get("control") or ""),
             relay=relay if isinstance(relay := event.get("relay") or "", str) else int(relay),
             relay_host=str(event.get("relay_host") or LOOPBACK),
+            cwd_note=str(event.get("cwd_note") or ""),
         )
 
 

@@ -90,6 +90,7 @@ def launch_spec(
         "stream_linger": options.reconnect_timeout + options.connect_timeout,
         "ready_timeout": options.launch_timeout,
         "connection": connection,
+        "watch_ports": options.forward_ports != "off",
     }
 
 

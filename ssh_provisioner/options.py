@@ -192,6 +192,22 @@ class ProvisionerOptions(LoggingConfigurable):
         "(warm starts reuse it).",
     )
 
+    forward_ports = Union(
+        [CaselessStrEnum(["auto", "off"]), List(Union([Int(), Unicode()]))],
+        default_value="auto",
+        config=True,
+        help="Ports the kernel opens on its host (TensorBoard, a Dask dashboard, "
+        "Streamlit...) forwarded to this machine, each on the same port number when it is "
+        "free here: `auto` (every one), `off`, or a list of ports and ranges "
+        '(`[6006, "8000-8100"]`). The kernel\'s own channels are never forwarded again.',
+    )
+    forward_bind = Unicode(
+        "127.0.0.1",
+        config=True,
+        help="The address of this machine the forwarded ports listen on. Anything but a "
+        "loopback address lets other machines reach the kernel's dashboards.",
+    )
+
     def with_defaults(self, entry: HostEntry) -> HostEntry:
         if entry.max_kernels is None and self.max_kernels > 0:
             return HostEntry(entry.host, self.max_kernels, entry.labels, entry.overrides)

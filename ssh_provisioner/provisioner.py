@@ -6,17 +6,16 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import posixpath
-import secrets
 import signal
 import time
-from typing import Any, cast
+from typing import Any
 
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 from traitlets import TraitError
 
 from .connect import check_connect_options
-from .encryption import CurveKeys, adopt, negotiate
+from .encryption import negotiate
 from .engine import get_engine
 from .errors import (
     KernelUnreachable,
@@ -24,9 +23,11 @@ from .errors import (
     SessionLimitError,
     SSHConnectError,
 )
+from .forwards import ForwardSettings, jupyter_proxy_base
 from .handshake import Handshake
 from .hosts import HostEntry
 from .kbdint import parse_rules
+from .kernel_keys import KernelKeys
 from .launch_plan import LaunchPlan, launch_spec, plan_launch
 from .master import USE_CONTROL_MASTER, mode_of
 from .options import ProvisionerOptions
@@ -73,6 +74,9 @@ class SSHProvisioner(KernelProvisionerBase, ProvisionerOptions):  # type: ignore
                 parse_rules(entry.override("kbdint", []))
                 mode_of({USE_CONTROL_MASTER: entry.override("use_control_master", None)})
             self._slurm = SlurmSettings.parse(self.slurm) if self.slurm else None
+            self._forwards = ForwardSettings.parse(
+                self.forward_ports, self.forward_bind, jupyter_proxy_base(self.parent)
+            )
             check_connect_options(self.connect_options, allow_unchecked=allow)
             for entry in self._entries:
                 check_connect_options(entry.override("connect_options", {}), allow_unchecked=allow)
@@ -80,8 +84,7 @@ class SSHProvisioner(KernelProvisionerBase, ProvisionerOptions):  # type: ignore
             raise ProvisionerConfigError(f"{where}: {exc}") from exc
         self._plan: LaunchPlan | None = None
         self.seat = KernelSeat(str(self.kernel_id))  # what outlives restarts (see seat)
-        self._standalone_key: bytes | None = None
-        self._curve: CurveKeys | None = None
+        self.keys = KernelKeys(self.parent)
 
     # -- host selection ----------------------------------------------------------------
 
@@ -131,7 +134,7 @@ class SSHProvisioner(KernelProvisionerBase, ProvisionerOptions):  # type: ignore
         request_env: dict[str, str] = dict(kwargs.pop("env", None) or {})
         extra_arguments = list(kwargs.pop("extra_arguments", None) or [])
         kwargs.pop("cwd", None)  # a path on *this* machine; remote_cwd applies on the host
-        self._curve = negotiate(
+        self.keys.curve = negotiate(
             self.parent, kwargs.pop("transport_encryption", None), self.kernel_spec.display_name
         )
         argv = list(self.kernel_spec.argv) + extra_arguments
@@ -157,7 +160,7 @@ class SSHProvisioner(KernelProvisionerBase, ProvisionerOptions):  # type: ignore
         if self._plan is None:
             raise RuntimeError("launch_kernel called before pre_launch")
         plan = self._plan
-        connection = self._connection_fields()
+        connection = self.keys.for_host()
         seat = self.seat
         previous = seat.placement.entry if seat.placement and self.restart_same_host else None
         request = PlacementRequest(
@@ -190,7 +193,7 @@ class SSHProvisioner(KernelProvisionerBase, ProvisionerOptions):  # type: ignore
             entry.override("remote_transport", self.remote_transport) if entry else "?",
             (time.perf_counter() - started) * 1000,
         )
-        self.connection_info = self._local_connection_info(session.local_ports)
+        self.connection_info = self.keys.local_connection_info(session.local_ports)
         return self.connection_info
 
     async def poll(self) -> int | None:
@@ -293,6 +296,8 @@ class SSHProvisioner(KernelProvisionerBase, ProvisionerOptions):  # type: ignore
         if session is not None:
             info["attach_token"] = session.attach_token
             info["local_ports"] = dict(session.local_ports)
+            # the ports the kernel opened on its host -> where they are on this machine
+            info["forwarded_ports"] = {str(p): q for p, q in session.forwarded_ports.items()}
         if seat.job is not None:
             info["slurm_job_id"] = seat.job.job_id
         return info
@@ -331,16 +336,8 @@ class SSHProvisioner(KernelProvisionerBase, ProvisionerOptions):  # type: ignore
                 self.kernel_id, saved_ports, session.local_ports,
             )  # fmt: skip
         saved_info = provisioner_info.get("connection_info") or {}
-        self._curve = CurveKeys.from_connection_info(saved_info)
-        adopt(self.parent, self._curve)
-        key = saved_info.get("key")
-        if key and self._session_fields()[0] != _as_bytes(key):
-            parent_session = getattr(self.parent, "session", None)
-            if parent_session is not None:
-                parent_session.key = _as_bytes(key)
-            else:
-                self._standalone_key = _as_bytes(key)
-        self.connection_info = self._local_connection_info(session.local_ports)
+        self.keys.adopt_saved(saved_info)
+        self.connection_info = self.keys.local_connection_info(session.local_ports)
         self.log.info(
             "kernel %s on %s: reattached (pid %d)", self.kernel_id, entry.name, handshake.pid
         )
@@ -370,49 +367,5 @@ class SSHProvisioner(KernelProvisionerBase, ProvisionerOptions):  # type: ignore
             ping_interval=self.liveness_for(entry)[0],
             prewarm=self.prewarm_launcher and self._slurm is None,  # spares: login node's
             slurm=self._slurm,
+            forwards=self._forwards,
         )
-
-    def _session_fields(self) -> tuple[bytes, str, str]:
-        """(key, signature scheme, kernel name): the KernelManager's, or our own when a
-        provisioner runs without one (the key then lives as long as this provisioner)."""
-        session = getattr(self.parent, "session", None)
-        if session is not None:
-            key: bytes = session.key
-        else:
-            if self._standalone_key is None:
-                self._standalone_key = secrets.token_hex(32).encode()
-            key = self._standalone_key
-        scheme = str(getattr(session, "signature_scheme", "hmac-sha256"))
-        return key, scheme, str(getattr(self.parent, "kernel_name", ""))
-
-    def _connection_fields(self) -> dict[str, Any]:
-        """The connection file's secrets and names, as the host's kernel gets them."""
-        key, scheme, kernel_name = self._session_fields()
-        return {
-            "key": key.decode(),
-            "signature_scheme": scheme,
-            "kernel_name": kernel_name,
-            **(self._curve.connection_fields() if self._curve else {}),
-        }
-
-    def _local_connection_info(self, ports: dict[str, int]) -> KernelConnectionInfo:
-        key, scheme, kernel_name = self._session_fields()
-        info = {
-            "transport": "tcp",
-            "ip": "127.0.0.1",
-            "shell_port": ports["shell"],
-            "iopub_port": ports["iopub"],
-            "stdin_port": ports["stdin"],
-            "control_port": ports["control"],
-            "hb_port": ports["hb"],
-            "key": key,
-            "signature_scheme": scheme,
-            "kernel_name": kernel_name,
-            **(self._curve.connection_fields() if self._curve else {}),
-        }
-        # jupyter_client carries the key as bytes (Session.key), whatever the TypedDict says
-        return cast(KernelConnectionInfo, info)
-
-
-def _as_bytes(value: str | bytes) -> bytes:
-    return value if isinstance(value, bytes) else value.encode()

@@ -75,7 +75,12 @@ class SpareExpired(LaunchError):
 
 
 class RemoteKernel:
-    """A kernel started by the launcher on ``host``; owns the launcher's channel."""
+    """A kernel started by the launcher on ``host``; owns the launcher's channel.
+
+    Why one class of this size: every method reads, writes or ends that one channel (its
+    event lines, its stderr tail, its exit), and starting, following, signalling and
+    closing are the channel's life in order.  It reports what happened (``follow``) and
+    never decides what follows: that is the session's."""
 
     def __init__(
         self,
@@ -99,6 +104,8 @@ class RemoteKernel:
         self._from_spare = False  # started by a spare launcher (see SpareExpired)
         self._stderr_task: asyncio.Task[None] | None = None
         self.handshake: Handshake | None = None
+        # The ports the kernel listens on, as the launcher reports each change (watch_ports)
+        self.port_reports: asyncio.Queue[dict[int, str]] = asyncio.Queue()
 
     # -- start -----------------------------------------------------------------------
 
@@ -311,6 +318,9 @@ class RemoteKernel:
                     event = json.loads(line)
                     if event["event"] == "exit":
                         return int(event["status"])
+                    if event["event"] == "ports":
+                        ports = {int(port): str(at) for port, at in event["ports"].items()}
+                        self.port_reports.put_nowait(ports)
         except (ValueError, asyncssh.Error, OSError) as exc:
             log.warning(
                 "kernel %s on %s: launcher channel failed: %s", self.kernel_id, self.host, exc
@@ -435,10 +445,8 @@ class RemoteKernel:
             return
         if not self._process.is_closing():
             name = signal.Signals(signum).name  # by name: numbers differ between systems
-            request = {"op": "signal", "signum": int(signum), "name": name}
-            message = json.dumps(request).encode() + b"\n"
             try:
-                self._process.stdin.write(message)
+                self.tell({"op": "signal", "signum": int(signum), "name": name})
                 return
             except (asyncssh.Error, OSError, BrokenPipeError) as exc:
                 log.info(
@@ -448,6 +456,10 @@ class RemoteKernel:
                     exc,
                 )
         await self._kill_over_exec(signum)
+
+    def tell(self, request: dict[str, Any]) -> None:
+        """A control line to the launcher (host/main.py lists them)."""
+        self._process.stdin.write(json.dumps(request).encode() + b"\n")
 
     async def _kill_over_exec(self, signum: int) -> None:
         if self.via_relay:  # its host is not the one we have a shell on

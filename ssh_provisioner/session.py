@@ -10,7 +10,8 @@ session    one kernel's remote life, from its start to its shutdown or restart (
 launcher   the stdlib-only program on the host that starts, supervises and relays for
            one session (``host/``, shipped as one payload).
 relay      the launcher's end of the kernel's client connections (``host/relay``).
-stream     one client connection to a local port, carried to the relay as resumable
+stream     one client connection to a local port (a channel's, or one the kernel
+           opened: ``forwards``), carried to the relay as resumable
            frames: nothing is lost when its channel is (``host/wire``).
 channel    one SSH channel on a link; a stream is carried by one at a time.
 link       one way to reach a host: our asyncssh connection, or the user's OpenSSH
@@ -33,6 +34,7 @@ caller is cancelled.  The seat calls into it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import time
@@ -44,6 +46,7 @@ import asyncssh
 from .control import start_launcher
 from .custody import SlurmCustody
 from .errors import HostKeyError, KernelUnreachable, SSHConnectError
+from .forwards import ForwardSettings, PortForwards
 from .handshake import Handshake, KernelGone
 from .link import RemoteProcess
 from .pool import ConnectionPool, Lease
@@ -69,6 +72,11 @@ class State(enum.Enum):
 
 
 class KernelSession:
+    """One session of a kernel (see the glossary and the diagram of its states above).
+
+    Why one class of this size: each method is one transition, and keeping them together
+    is what lets them be read against the diagram; a Slurm job's part is custody.py's."""
+
     def __init__(
         self,
         settings: SessionSettings,
@@ -88,6 +96,8 @@ class KernelSession:
         self._kernel: RemoteKernel | None = None
         self.handshake: Handshake | None = None
         self._close_task: asyncio.Task[None] | None = None
+        self._forwards: PortForwards | None = None  # the ports the kernel opened
+        self._forwarding: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         where = f"{self.settings.kernel_id} on {self.settings.host_name}"
@@ -103,6 +113,11 @@ class KernelSession:
     @property
     def local_ports(self) -> dict[str, int]:
         return self._ports.numbers
+
+    @property
+    def forwarded_ports(self) -> dict[int, int]:
+        """The host's ports the kernel opened -> where they are on this machine."""
+        return dict(self._forwards.table) if self._forwards is not None else {}
 
     async def start(self, spec: dict[str, Any]) -> None:
         """Run the launcher with ``spec``, await its handshake and relay the local ports
@@ -194,6 +209,8 @@ class KernelSession:
         self.state = State.RUNNING
         kernel.keep_alive(self.settings.ping_interval)
         self._following = asyncio.create_task(self._follow(kernel))
+        if self.settings.forwards is not None:
+            self._forwarding = asyncio.create_task(self._forward(kernel, self.settings.forwards))
         if self.custody is not None:
             self._job_watch = asyncio.create_task(
                 self.custody.watch(kernel, lambda: self.state is State.RUNNING)
@@ -216,6 +233,7 @@ class KernelSession:
                 if status is None and not end.lost and self.custody is not None:
                     status = await self.custody.explain_end()
                 kernel.exited(status)
+                self._drop_forwards()
                 return
         except asyncio.CancelledError:
             raise
@@ -226,6 +244,29 @@ class KernelSession:
                 self.settings.kernel_id, self.settings.host_name,
             )  # fmt: skip
             kernel.exited(CONNECTION_LOST_STATUS)
+
+    async def _forward(self, kernel: RemoteKernel, settings: ForwardSettings) -> None:
+        """Forward the ports the kernel opens, as the launcher reports them (also after
+        a reattach, when it reports them again)."""
+        label = f"kernel {self.settings.kernel_id} on {self.settings.host_name}"
+
+        def tell(text: str) -> None:
+            with contextlib.suppress(asyncssh.Error, OSError):
+                kernel.tell({"op": "notice", "text": text})
+
+        forwards = self._forwards = PortForwards(
+            self._ports, settings, label, self.settings.host_name, tell
+        )
+        while True:
+            await forwards.update(await kernel.port_reports.get())
+
+    def _drop_forwards(self) -> None:
+        """The kernel has ended (or is let go of): its forwards close."""
+        task, self._forwarding = self._forwarding, None
+        if task is not None:
+            task.cancel()
+        if self._forwards is not None:
+            self._forwards.close()
 
     async def _stop_following(self) -> None:
         task, self._following = self._following, None
@@ -389,6 +430,7 @@ class KernelSession:
                     await kernel.abandon()
         finally:
             await self._stop_following()
+            self._drop_forwards()
             self._ports.detach()
             if self._lease is not None:
                 self._lease.release()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from .forwards import ForwardSettings
 from .hosts import Host
 from .slurm import SlurmSettings
 
@@ -26,3 +27,4 @@ class SessionSettings:
     ping_interval: float
     prewarm: bool
     slurm: SlurmSettings | None = None  # the kernel runs as a Slurm job, via this login node
+    forwards: ForwardSettings | None = None  # forward the ports the kernel opens (or not)

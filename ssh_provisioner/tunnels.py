@@ -8,6 +8,10 @@ connection is *held*: accepted, not read, and relayed as soon as the kernel is b
 So no other local process can take a port during a blip, clients are never refused, and
 the ports in ``connection_info`` never change.
 
+The ports the kernel opens on the host itself (a dashboard) are forwarded the same way
+(``forward``): one more listener whose connections are streams to the relay, held and
+resumed like the kernel's channels, and closed with the kernel (``unforward``).
+
 When the kernel comes back, IOPub goes first: the other channels stay held until the
 kernel has sent a message to every IOPub client connected before (ipykernel >= 7
 welcomes each new subscriber, JEP 65), or ``IOPUB_FIRST_BOUND`` passes.  A PUB socket
@@ -23,6 +27,7 @@ import contextlib
 import logging
 import time
 import weakref
+from collections import defaultdict
 
 from .errors import TunnelError
 from .host.wire import CHANNELS
@@ -37,6 +42,7 @@ MAX_HELD_PER_PORT = 32  # older held connections are closed (their clients recon
 # and launcher sockets.  Past it a new connection is closed, and the log says why.
 MAX_STREAMS_PER_PORT = 64
 REFUSAL_LOG_INTERVAL = 60.0  # seconds between two log lines about refused connections
+GATED = frozenset(CHANNELS) - {"iopub"}  # wait for IOPub's clients after a kernel is back
 
 
 _OPEN_PORTS: weakref.WeakSet[KernelPorts] = weakref.WeakSet()
@@ -57,7 +63,7 @@ class KernelPorts:
 
     def __init__(self) -> None:
         self._servers: dict[str, asyncio.Server] = {}
-        self._held: dict[str, list[ClientStream]] = {channel: [] for channel in CHANNELS}
+        self._held: defaultdict[str, list[ClientStream]] = defaultdict(list)
         self._relayed: set[ClientStream] = set()
         self._suspended: set[ClientStream] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -100,9 +106,46 @@ class KernelPorts:
 
     @property
     def numbers(self) -> dict[str, int]:
-        return {
-            channel: server.sockets[0].getsockname()[1] for channel, server in self._servers.items()
-        }
+        """The kernel's five channels' local ports."""
+        return {channel: self._port_of(channel) for channel in CHANNELS if channel in self._servers}
+
+    def _port_of(self, channel: str) -> int:
+        port: int = self._servers[channel].sockets[0].getsockname()[1]
+        return port
+
+    async def forward(self, channel: str, bind: str, wanted: int) -> int:
+        """Listen on ``bind`` for ``channel`` (a port the kernel opened: ``tcp:PORT``) on
+        port ``wanted`` if it is free, else on a free one; the local port."""
+        if channel in self._servers:
+            return self._port_of(channel)
+        loop = asyncio.get_running_loop()
+
+        def protocol() -> ClientStream:
+            return ClientStream(self, channel)
+
+        try:
+            server = await loop.create_server(protocol, bind, wanted)
+        except OSError:
+            server = await loop.create_server(protocol, bind, 0)
+        if not self._servers:  # closed meanwhile
+            server.close()
+            raise TunnelError("the kernel's ports are closed")
+        self._servers[channel] = server
+        return self._port_of(channel)
+
+    def unforward(self, channel: str) -> None:
+        """Stop forwarding ``channel``: its listener and its streams close."""
+        server = self._servers.pop(channel, None)
+        if server is None:
+            return
+        server.close()
+        for stream in [*self._relayed, *self._suspended, *self._held.pop(channel, [])]:
+            if stream.channel == channel:
+                stream.close()
+
+    @property
+    def forwarded(self) -> list[str]:
+        return [channel for channel in self._servers if channel not in CHANNELS]
 
     def relay_to(self, target: Target) -> None:
         """Relay to ``target`` from now on.  Suspended streams resume on the launcher that
@@ -125,8 +168,8 @@ class KernelPorts:
             )
         else:
             self._gate_open = True
-        for channel in CHANNELS:
-            if channel == "iopub" or self._gate_open:
+        for channel in list(self._held):
+            if channel not in GATED or self._gate_open:
                 self._relay_held(channel)
 
     def suspend(self) -> None:
@@ -182,7 +225,7 @@ class KernelPorts:
             stream.close()
         elif self._streams_on(stream.channel) >= MAX_STREAMS_PER_PORT:
             self.refused(stream, f"the port already relays {MAX_STREAMS_PER_PORT} connections")
-        elif self._target is not None and (stream.channel == "iopub" or self._gate_open):
+        elif self._target is not None and (stream.channel not in GATED or self._gate_open):
             self._relay(stream, self._target)
         else:
             self.hold(stream)
@@ -253,7 +296,7 @@ class KernelPorts:
             )  # fmt: skip
         self._gate_open = True
         self._iopub_expected = 0
-        for channel in CHANNELS:
+        for channel in list(self._held):
             self._relay_held(channel)
 
     def _relay_held(self, channel: str) -> None:

@@ -257,3 +257,20 @@ def cli_env(ksm: Any) -> dict[str, str]:
 # 200 numbered lines over about 10 s: a cut after the first line lasts past the end of
 # the cell, so most of its output, its `idle` and its reply are all sent during the cut.
 COUNTING_CELL = counting_cell(0.05)
+
+
+# A web server in a thread of the kernel, serving a fresh temp dir on the host.
+DASHBOARD_CELL = """
+import functools, http.server, os, shutil, tempfile, threading
+site = tempfile.mkdtemp()
+with open(os.path.join(site, "index.html"), "w") as f:
+    f.write("served on the host")
+with open(os.path.join(site, "big"), "wb") as f:
+    f.write(os.urandom({big}))
+handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=site)
+handler.log_message = lambda *args: None
+server = http.server.ThreadingHTTPServer(({bind!r}, {port}), handler)
+threading.Thread(target=server.serve_forever, daemon=True).start()
+print(server.server_address[1])
+"""
+STOP_DASHBOARD = "server.shutdown(); server.server_close(); shutil.rmtree(site)"

@@ -74,7 +74,7 @@ class Holding:
     bound: int  # outage_buffer
     headroom: int  # for messages never dropped, during an outage
     heard_at: float  # when a proven client's bytes last arrived: the link is up
-    notice_text: str
+    follow_parents: bool  # notices may come: follow each message's parent and status
     connection: Dict[str, Any]  # the kernel's connection info (its key)
     streams: Dict[str, RelayStream]
     at_limit: Set[str]  # streams whose pause at the limit was logged
@@ -148,7 +148,7 @@ class Holding:
                 continue
             stream.unacked += segment
             if ends:
-                if self.notice_text:  # only a kernel with a notice to come pays for this
+                if self.follow_parents:  # only a kernel with notices to come pays for this
                     self.message_kept(stream, cutter.frames)
                 self.notice_dropped(stream)
 

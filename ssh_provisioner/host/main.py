@@ -7,9 +7,12 @@ kernel.  Protocol, one JSON document per line:
 
 stdin   line 1   the payload (consumed by ``payload.BOOTSTRAP``)
         line 2   the launch spec (see ``spec``)
-        then     control lines: ``{"op": "signal", "signum": N}``, ``{"op": "ping"}``
+        then     control lines: ``{"op": "signal", "signum": N}``, ``{"op": "ping"}``,
+                 ``{"op": "notice", "text"}`` (a line for the running cell's output)
 stdout  ready    ``{"event": "ready", "pid", "pgid", "endpoints", ...}``
         error    ``{"event": "error", "reason", "message", "stderr"}``
+        ports    ``{"event": "ports", "ports": {"6006": "127.0.0.1"}}``: the TCP ports
+                 the kernel's processes listen on now (with ``watch_ports``)
         exit     ``{"event": "exit", "status": N}``   (Popen convention: -N = signal)
 
 The kernel's own stdout/stderr are relayed to the launcher's stderr.

@@ -11,7 +11,7 @@ import os
 import socket
 import threading
 import time
-from typing import Any, Dict, List, Optional, Set
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 from .holding import STALL_AFTER, Holding, RelayStream
 from .output import log
@@ -79,7 +79,11 @@ def send_from(sock: socket.socket, buffer: bytearray) -> bool:
 
 
 class Relay(Holding):
-    """Serves resumable streams to the kernel's endpoints, on one thread (selectors)."""
+    """Serves resumable streams to the kernel's endpoints, on one thread (selectors).
+
+    Why one class of this size: its methods are one selector loop's handlers, which
+    share that loop's streams, links and budget without a lock.  What it holds for away
+    clients and drops past the budget is holding.py's; the stream protocol is wire.py's."""
 
     def __init__(
         self, spec: LaunchSpec, transport: str, endpoints: Dict[str, Any], runtime_dir: str
@@ -107,6 +111,12 @@ class Relay(Holding):
         notice = spec.walltime_notice or {}
         self.notice_text = str(notice.get("text") or "")
         self.notice_at = time.monotonic() + float(notice.get("after") or 0) if notice else None
+        # Only a kernel with notices to come pays for following IOPub's parents.
+        self.follow_parents = bool(self.notice_text) or spec.watch_ports
+        self.posted: List[str] = []  # notices from the client (list.append: thread-safe)
+        # The ports the kernel opened on its own ("tcp:6006": where to reach it), set
+        # by the supervisor: a proven client's stream may go to these too.
+        self.forwardable: Dict[str, Tuple[str, int]] = {}
         # A client through an OpenSSH master before 9.4 has no way to a Unix socket.
         if (spec.relay_transport or transport) == "ipc":
             self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -138,6 +148,10 @@ class Relay(Holding):
     def close(self) -> None:
         """Stop within a second; every socket of the relay is closed then."""
         self.running = False
+
+    def post_notice(self, text: str) -> None:
+        """``text`` for the output of the cell running now, within a second (any thread)."""
+        self.posted.append(text)
 
     # -- the loop ----------------------------------------------------------------------
 
@@ -223,10 +237,13 @@ class Relay(Holding):
             self.watch(self.server, self, True, False)
         if self.notice_at is not None and now >= self.notice_at:
             self.notice_at = None
-            log(self.notice_text.strip())
+            self.posted.append(self.notice_text)
+        while self.posted:
+            text = self.posted.pop(0)
+            log(text.strip())
             for stream in self.streams.values():
                 if stream.cutter is not None:
-                    self.queue_notice(stream, self.notice_text)
+                    self.queue_notice(stream, text)
         for link in list(self.links):
             if link.phase != "open" and now - link.since > HANDSHAKE_TIMEOUT:
                 self.drop_link(link)
@@ -314,7 +331,9 @@ class Relay(Holding):
             stream.told = stream.received
             self.acknowledge(stream, int(hello.get("received") or 0))
         else:
-            if sid in self.streams or channel not in self.endpoints:
+            if sid in self.streams or (
+                channel not in self.endpoints and channel not in self.forwardable
+            ):
                 self.drop_link(link)
                 return
             stream = RelayStream(sid, channel, self.connect_kernel(channel))
@@ -342,6 +361,17 @@ class Relay(Holding):
         threading.Thread(target=bridge, args=(*args, passed_on), daemon=True).start()
 
     def connect_kernel(self, channel: str) -> socket.socket:
+        if channel in self.forwardable:  # a port the kernel opened (a dashboard)
+            try:
+                sock = socket.create_connection(self.forwardable[channel], timeout=5)
+            except OSError as exc:
+                # Closed since it was reported: the client's connection ends at once,
+                # as a refused one does (a stream whose other end is at EOF).
+                log("relay: %s: %s" % (channel, exc))
+                sock, gone = socket.socketpair()
+                gone.close()
+            sock.setblocking(False)
+            return sock
         endpoint = self.endpoints[channel]
         if self.transport == "ipc":
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -38,6 +38,8 @@ FIELDS: Tuple[Tuple[str, Tuple[type, ...], Any], ...] = (
     ("detach", (bool, str), False),  # leave the SSH session: True, or "in_place" (Slurm)
     ("cancel_job_when_orphaned", (bool,), False),  # scancel the Slurm job of an orphan
     ("walltime_notice", (dict, type(None)), None),  # {"after": s, "text": ...}
+    ("watch_ports", (bool,), False),  # report the ports the kernel opens (forward_ports)
+    ("mapped_cwd", (str, type(None)), None),  # the notebook's folder here, by path_map
 )
 
 
@@ -68,6 +70,8 @@ class LaunchSpec:
     detach: Any  # bool, or "in_place"
     cancel_job_when_orphaned: bool
     walltime_notice: Optional[Dict[str, Any]]
+    watch_ports: bool
+    mapped_cwd: Optional[str]
 
     def __init__(self, values: Dict[str, Any]) -> None:
         self.values = self.check(values)

@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Set
 
 from .orphan import OrphanClock
 from .output import CLIENT, emit, log
+from .ports import PortWatch, reachable_at
 from .process import (
     become_subreaper,
     endpoint_listening,
@@ -66,6 +67,13 @@ def name_is_signal(name: Any) -> bool:
 
 
 class Supervisor:
+    """The kernel process's whole life on the host: runtime dir, process group, ports
+    audit, control socket, relay and orphan clock.
+
+    Why one class of this size: they all end together in one ``finish`` that must see
+    each of them, from whichever thread notices the end first; the helpers that need no
+    such state are process.py's, orphan.py's and output.py's."""
+
     def __init__(self, spec: LaunchSpec) -> None:
         self.spec = spec
         self.transport = spec.transport
@@ -87,6 +95,9 @@ class Supervisor:
         self.orphaned = False
         self.client: Optional[socket.socket] = None  # attached over the control socket
         self.prologue_cwd = os.environ.pop(PROLOGUE_CWD, "")  # not the kernel's to see
+        self.port_watch: Optional[PortWatch] = None
+        self.kernel_ports: Dict[int, str] = {}  # the kernel's own listeners: port -> address
+        self.cwd_note = ""  # why the kernel is not in its mapped folder
 
     # -- setup -------------------------------------------------------------------
 
@@ -124,7 +135,15 @@ class Supervisor:
         return env
 
     def kernel_cwd(self) -> str:
-        # remote_cwd, else where a Slurm prologue's `cd` left its shell, else home
+        # The notebook's folder as path_map maps it, if it is here; else remote_cwd,
+        # else where a Slurm prologue's `cd` left its shell, else home.
+        mapped = self.spec.mapped_cwd
+        if mapped:
+            if os.path.isdir(mapped):
+                return mapped
+            self.cwd_note = "%s (the notebook's folder, by path_map) is not a directory here" % (
+                mapped
+            )
         cwd = os.path.expanduser(self.spec.cwd or self.prologue_cwd or "~")
         if not os.path.isdir(cwd):
             raise LaunchFailed(
@@ -303,6 +322,7 @@ class Supervisor:
                 "home": os.path.expanduser("~"),
                 "hostname": socket.gethostname(),
                 "launcher_pid": os.getpid(),
+                "cwd_note": self.cwd_note,
             }
             descriptors = raise_descriptor_limit()  # the kernel, started above, keeps its own
             self.stream_relay = Relay(self.spec, self.transport, endpoints, self.runtime_dir)
@@ -311,6 +331,12 @@ class Supervisor:
             self.ready_event["relay_host"] = self.stream_relay.host
             self.listen_for_reattach()
             self.stream_relay.control_path = self.control_path
+            if self.spec.watch_ports:
+                own = set(endpoints.values()) if self.transport == "tcp" else set()
+                self.port_watch = PortWatch(
+                    os.getpid(), own, lambda ports: self.events.put(("ports", ports))
+                )
+                self.port_watch.start()
             # Its working directory names its kernel too (`ls -l /proc/PID/cwd`); the
             # kernel's own was set above, and every path the launcher uses is absolute.
             os.chdir(self.runtime_dir)
@@ -386,6 +412,8 @@ class Supervisor:
         with CLIENT.lock:
             CLIENT.write = conn.sendall
         emit(dict(self.ready_event, event="attached"))
+        if self.kernel_ports:
+            self.emit_ports()
         threading.Thread(
             target=self.read_client, args=(reader, self.generation), daemon=True
         ).start()
@@ -401,6 +429,8 @@ class Supervisor:
             message = json.loads(line)
             if message.get("op") == "signal":
                 self.signal_kernel(message)
+            elif message.get("op") == "notice" and self.stream_relay is not None:
+                self.stream_relay.post_notice(str(message["text"]))
         except (ValueError, TypeError, KeyError, OverflowError) as exc:
             log("ignored a malformed control line: %s" % exc)
 
@@ -438,8 +468,20 @@ class Supervisor:
                 self.take_client(*value)
                 clock.attached(time.monotonic())
                 log("a client reattached")
+            elif kind == "ports":
+                self.kernel_ports = value
+                if self.stream_relay is not None:  # before the client hears of them
+                    self.stream_relay.forwardable = {
+                        "tcp:%d" % port: (reachable_at(address), port)
+                        for port, address in value.items()
+                    }
+                self.emit_ports()
             elif kind == "exit":
                 return int(value)
+
+    def emit_ports(self) -> None:
+        ports = {str(port): address for port, address in sorted(self.kernel_ports.items())}
+        emit({"event": "ports", "ports": ports})
 
     def signal_kernel(self, message: Dict[str, Any]) -> None:
         """Deliver a signal, named (numbers differ between systems) or numbered."""
@@ -486,6 +528,8 @@ class Supervisor:
             passed_on.wait(max(0.0, deadline - time.monotonic()))
 
     def cleanup(self) -> None:
+        if self.port_watch is not None:
+            self.port_watch.stop()
         if self.pgid:
             # Whatever the kernel left behind has lost its owner.
             self.end_everything()

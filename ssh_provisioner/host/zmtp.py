@@ -125,7 +125,11 @@ def parent_of(frames: List[bytes]) -> bytes:
 
 def execution_state(frames: List[bytes]) -> Optional[str]:
     """ "busy" or "idle" for a status message, else None."""
-    if message_type(frames) != "status":
+    try:  # most messages are no status: the header is parsed only if it may be one
+        header = frames[frames.index(b"<IDS|MSG>") + 2]
+    except (ValueError, IndexError):
+        return None
+    if b'"status"' not in header or message_type(frames) != "status":
         return None
     try:
         content = json.loads(frames[frames.index(b"<IDS|MSG>") + 5].decode("utf-8"))

@@ -10,6 +10,8 @@ import json
 import logging
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,16 @@ from ssh_provisioner.engine import get_engine
 from ..conftest import KernelSpecFactory
 from ..e2e.jupyter_server import iopub_connected, start_server, write_kernelspec
 from ..helpers import SLEEPING_CELL, execute, wait_until
-from ..kit import INTRUDER, PROCESS_A, cli, option_args, running_kernel, take_over
+from ..kit import (
+    DASHBOARD_CELL,
+    INTRUDER,
+    PROCESS_A,
+    STOP_DASHBOARD,
+    cli,
+    option_args,
+    running_kernel,
+    take_over,
+)
 from ..slurm import SlurmCluster, pids_in_netns
 
 pytestmark = [pytest.mark.sshd, pytest.mark.slurm, pytest.mark.usefixtures("no_leaks")]
@@ -64,6 +75,29 @@ async def test_a_kernel_runs_on_a_compute_node_with_its_gpus(
         assert info["slurm_job_id"] == here["job"]
         out, _ = await execute(kc, "print(sum(range(10)))")
         assert out.strip() == "45"
+    cluster.wait_queue_empty(20)
+
+
+async def test_a_dashboard_on_a_compute_node_reaches_this_machine(
+    make_kernelspec: KernelSpecFactory, slurm_config: dict[str, Any], cluster: SlurmCluster
+) -> None:
+    """A web server started in a cell on a compute node, which this machine cannot
+    reach: its port is forwarded through the login node and the launcher's relay."""
+    async with running_kernel(make_kernelspec, slurm_config) as (km, kc):
+        out, reply = await execute(kc, DASHBOARD_CELL.format(bind="127.0.0.1", port=0, big=0))
+        assert reply["status"] == "ok", reply
+        port = int(out)
+        deadline = time.monotonic() + 15
+        while str(port) not in (info := await km.provisioner.get_provisioner_info()).get(
+            "forwarded_ports", {}
+        ):
+            assert time.monotonic() < deadline, f"port {port} not forwarded: {info}"
+            await asyncio.sleep(0.05)
+        local = info["forwarded_ports"][str(port)]
+        url = f"http://127.0.0.1:{local}/index.html"
+        page = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=30).read())
+        assert page == b"served on the host"
+        await execute(kc, STOP_DASHBOARD)
     cluster.wait_queue_empty(20)
 
 
