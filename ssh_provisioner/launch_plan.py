@@ -1,8 +1,9 @@
 """A kernel's launch, planned and then placed: what crosses from this machine to the host.
 
 ``plan_launch`` takes what a start request says (the kernelspec's argv, the env that
-may cross, its small resource files) once per start; ``launch_spec`` adds what the
-chosen host's entry and the options say, for each host tried.
+may cross, its small resource files, the notebook's folder) once per start;
+``launch_spec`` adds what the chosen host's entry and the options say, for each host
+tried (path_map turns the notebook's folder into the host's).
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from typing import Any
 
 from jupyter_client.kernelspec import KernelSpec
 
+from .hosts import HostEntry
 from .options import ProvisionerOptions
+from .paths import PathMap
 from .policies import Placement
 
 # Forwarded from the launch request whatever forward_env says: what a kernel needs from
@@ -35,10 +38,15 @@ class LaunchPlan:
     resource_files: dict[str, str]
     pinned_host: str | None = None
     labels: frozenset[str] = frozenset()
+    local_cwd: str | None = None  # the notebook's folder on this machine (Jupyter Server's)
 
 
 async def plan_launch(
-    kernel_spec: KernelSpec, request_env: dict[str, str], argv: list[str], forward_env: list[str]
+    kernel_spec: KernelSpec,
+    request_env: dict[str, str],
+    argv: list[str],
+    forward_env: list[str],
+    local_cwd: str | None = None,
 ) -> LaunchPlan:
     """The plan for one start: the env that crosses over (``forward_env`` and what a
     kernel needs from its client) and the kernelspec's small resource files."""
@@ -56,6 +64,7 @@ async def plan_launch(
         resource_files,
         pinned_host=request_env.get("KERNEL_SSH_HOST") or None,
         labels=frozenset(label.strip() for label in labels.split(",") if label.strip()),
+        local_cwd=local_cwd,
     )
 
 
@@ -91,7 +100,18 @@ def launch_spec(
         "ready_timeout": options.launch_timeout,
         "connection": connection,
         "watch_ports": options.forward_ports != "off",
+        "mapped_cwd": mapped_cwd(options, entry, plan),
     }
+
+
+def path_map_for(options: ProvisionerOptions, entry: HostEntry) -> PathMap:
+    """The host entry's path_map, else the kernelspec's."""
+    return PathMap.parse(entry.override("path_map", options.path_map))
+
+
+def mapped_cwd(options: ProvisionerOptions, entry: HostEntry, plan: LaunchPlan) -> str | None:
+    """Where the notebook's folder is on the host, if path_map maps it."""
+    return path_map_for(options, entry).to_remote(plan.local_cwd) if plan.local_cwd else None
 
 
 def read_resource_files(resource_dir: str | None) -> dict[str, str]:

@@ -208,6 +208,16 @@ class ProvisionerOptions(LoggingConfigurable):
         "loopback address lets other machines reach the kernel's dashboards.",
     )
 
+    path_map = List(
+        Dict(),
+        config=True,
+        help='Folders that are the same on both sides: [{"local": "/home/me/projects", '
+        '"remote": "/scratch/me/projects"}] (also per host entry). A notebook in a mapped '
+        "folder gets its kernel in the mapped folder on the host, if it is there (else "
+        "remote_cwd or the home, and the log says why), and a path the kernel reports "
+        "there resolves to this machine's (resolvePath). Nothing is copied.",
+    )
+
     def with_defaults(self, entry: HostEntry) -> HostEntry:
         if entry.max_kernels is None and self.max_kernels > 0:
             return HostEntry(entry.host, self.max_kernels, entry.labels, entry.overrides)

@@ -28,9 +28,10 @@ from .handshake import Handshake
 from .hosts import HostEntry
 from .kbdint import parse_rules
 from .kernel_keys import KernelKeys
-from .launch_plan import LaunchPlan, launch_spec, plan_launch
+from .launch_plan import LaunchPlan, launch_spec, mapped_cwd, path_map_for, plan_launch
 from .master import USE_CONTROL_MASTER, mode_of
 from .options import ProvisionerOptions
+from .paths import PathMap
 from .placement import PlacementRequest, Tries, candidates
 from .policies import HostPolicy, Placement, load_policy
 from .pool import Lease
@@ -77,6 +78,9 @@ class SSHProvisioner(KernelProvisionerBase, ProvisionerOptions):  # type: ignore
             self._forwards = ForwardSettings.parse(
                 self.forward_ports, self.forward_bind, jupyter_proxy_base(self.parent)
             )
+            PathMap.parse(self.path_map)
+            for entry in self._entries:
+                PathMap.parse(entry.override("path_map", []))
             check_connect_options(self.connect_options, allow_unchecked=allow)
             for entry in self._entries:
                 check_connect_options(entry.override("connect_options", {}), allow_unchecked=allow)
@@ -133,7 +137,7 @@ class SSHProvisioner(KernelProvisionerBase, ProvisionerOptions):  # type: ignore
         """
         request_env: dict[str, str] = dict(kwargs.pop("env", None) or {})
         extra_arguments = list(kwargs.pop("extra_arguments", None) or [])
-        kwargs.pop("cwd", None)  # a path on *this* machine; remote_cwd applies on the host
+        local_cwd = kwargs.pop("cwd", None)  # on *this* machine: path_map maps it
         self.keys.curve = negotiate(
             self.parent, kwargs.pop("transport_encryption", None), self.kernel_spec.display_name
         )
@@ -142,7 +146,9 @@ class SSHProvisioner(KernelProvisionerBase, ProvisionerOptions):  # type: ignore
             raise ProvisionerConfigError(
                 f"kernelspec {self.kernel_spec.display_name!r}: empty argv"
             )
-        self._plan = await plan_launch(self.kernel_spec, request_env, argv, self.forward_env)
+        self._plan = await plan_launch(
+            self.kernel_spec, request_env, argv, self.forward_env, local_cwd or None
+        )
         kwargs["cmd"] = argv
         return kwargs
 
@@ -193,8 +199,24 @@ class SSHProvisioner(KernelProvisionerBase, ProvisionerOptions):  # type: ignore
             entry.override("remote_transport", self.remote_transport) if entry else "?",
             (time.perf_counter() - started) * 1000,
         )
+        if entry is not None and handshake is not None and plan.local_cwd:
+            self._say_where(entry, plan, handshake)
         self.connection_info = self.keys.local_connection_info(session.local_ports)
         return self.connection_info
+
+    def _say_where(self, entry: HostEntry, plan: LaunchPlan, handshake: Handshake) -> None:
+        """Why the kernel is not in the notebook's folder, when path_map could say."""
+        if handshake.cwd_note:
+            self.log.warning(
+                "kernel %s on %s: %s; started in %s instead",
+                self.kernel_id, entry.name, handshake.cwd_note, handshake.cwd,
+            )  # fmt: skip
+        elif mapped_cwd(self, entry, plan) is None and path_map_for(self, entry).pairs:
+            self.log.info(
+                "kernel %s on %s: the notebook's folder %s is in no path_map folder; "
+                "started in %s",
+                self.kernel_id, entry.name, plan.local_cwd, handshake.cwd,
+            )  # fmt: skip
 
     async def poll(self) -> int | None:
         """Called by KernelManager.is_alive (and so the KernelRestarter): no round trip,
@@ -343,13 +365,17 @@ class SSHProvisioner(KernelProvisionerBase, ProvisionerOptions):  # type: ignore
         )
 
     def resolve_path(self, path: str) -> str | None:
-        """Resolve ``path`` against the kernel's working directory on the host."""
+        """This machine's path for ``path`` as the kernel means it (relative to its
+        working directory on the host, ``~`` its home there), when path_map maps it;
+        else None: a path on the host is never presented as one here."""
         handshake = self.seat.last_handshake()
-        if handshake is None:
+        entry = self.seat.placement.entry if self.seat.placement else None
+        if handshake is None or entry is None:
             return None
         if path == "~" or path.startswith("~/"):
             path = handshake.home + path[1:]
-        return posixpath.normpath(posixpath.join(handshake.cwd, path))
+        on_host = posixpath.normpath(posixpath.join(handshake.cwd, path))
+        return path_map_for(self, entry).to_local(on_host)
 
     # -- helpers -------------------------------------------------------------------
 
