@@ -5,8 +5,10 @@ the daemons they start (the launcher is their subreaper, so they stay below it).
 launcher reports them to its client, which forwards each one; the relay reaches them
 for the client's streams.  The kernel's own channels are left out.
 
-A scan reads the host's TCP listener tables; only when a listener appeared or went
-does it look at the processes' descriptors (a busy host has thousands of processes).
+What the kernel listens on once it is up is its own machinery (its channels,
+ipykernel's IOPub pipe): only the ports it opens later are reported.  A scan reads the
+host's TCP listener tables; only when a listener appeared or went does it look at the
+processes' descriptors (a busy host has thousands of processes).
 """
 
 import socket
@@ -82,6 +84,11 @@ class PortWatch:
         self.stopped.set()
 
     def run(self) -> None:
+        # What the kernel listens on already (it is up: no cell has run) is its own
+        # machinery: its channels, and ipykernel's IOPub pipe for forked subprocesses
+        # (a ZMQ socket on a random port).  Only the ports opened later are reported.
+        self.exclude = set(self.exclude) | set(self.scan() or {})
+        self.seen = None
         while not self.stopped.wait(SCAN_INTERVAL):
             ports = self.scan()
             if ports is not None and ports != self.ports:

@@ -82,6 +82,9 @@ async def test_a_port_opened_in_a_cell_is_forwarded_under_its_own_number(
         port = await serve(kc, port=wanted)
         assert port == wanted
         assert await forward_of(km, port) == port
+        # only it: what the kernel listened on once up (ipykernel's IOPub pipe) is not
+        # forwarded; it would have been reported by now
+        assert await forwarded(km) == {port: port}
         text = await notice(kc, port)
         assert f"is now at http://127.0.0.1:{port}" in text
         assert "taken" not in text
