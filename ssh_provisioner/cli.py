@@ -75,14 +75,40 @@ def build_parser() -> argparse.ArgumentParser:
         "      --kernel-argv R --slave -e 'IRkernel::main()' --args '{connection_file}'",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    install.add_argument("name", help="kernelspec name (letters, digits, . _ -)")
+    install.add_argument(
+        "name",
+        nargs="?",
+        help="kernelspec name (letters, digits, . _ -); with --from-host: "
+        "NAME-HOST for each kernel unless one is chosen",
+    )
     install.add_argument(
         "--host",
         dest="hosts",
         action="append",
-        required=True,
+        default=[],
         metavar="H",
         help="SSH destination [user@]host[:port] or ~/.ssh/config alias; repeat",
+    )
+    install.add_argument(
+        "--from-host",
+        metavar="H",
+        help="install what host H can run (see `discover`): a kernelspec per --kernel, or "
+        "every one found",
+    )
+    install.add_argument(
+        "--kernel",
+        dest="kernels",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="with --from-host: the host's kernel to install (as `discover` names it); repeat",
+    )
+    install.add_argument(
+        "--search",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="with --from-host: another folder whose subfolders are environments; repeat",
     )
     install.add_argument("--policy", help="host selection policy (default least-kernels)")
     install.add_argument("--python", help="interpreter on the hosts (default python3)")
@@ -156,6 +182,40 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="check every host first; refuse to install if none works",
     )
+
+    discover = commands.add_parser(
+        "discover",
+        help="list the kernels a host can run",
+        description="List what a host can run: its Jupyter kernelspecs (every Jupyter data "
+        "directory its users would use, and `jupyter kernelspec list` where Jupyter is "
+        "installed) and its conda environments and venvs with ipykernel, each with its "
+        "language and Python version. Nothing is installed on the host or run from its "
+        "environments.",
+        epilog="examples:\n"
+        "  ssh-provisioner discover gpu1\n"
+        "  ssh-provisioner discover gpu1 --search /data/envs --json\n"
+        "  ssh-provisioner install --from-host gpu1 --kernel torch --user",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    discover.add_argument("host", help="SSH destination or ~/.ssh/config alias")
+    discover.add_argument("--python", default="python3", help="Python on the host (python3)")
+    discover.add_argument(
+        "--search",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="another folder whose subfolders are environments; repeat",
+    )
+    discover.add_argument(
+        "--connect-option",
+        action="append",
+        type=_connect_option,
+        default=[],
+        metavar="K=V",
+        help="asyncssh.connect option, value as JSON or text; repeat",
+    )
+    discover.add_argument("--timeout", type=float, default=30.0, help="seconds (30)")
+    discover.add_argument("--json", action="store_true", help="machine-readable output")
 
     commands.add_parser(
         "list",
@@ -241,7 +301,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "install":
+            if args.from_host:
+                return _install_from_host(parser, args)
+            if not args.name or not args.hosts:
+                parser.error("install needs NAME and --host (or --from-host HOST)")
             return _install(args)
+        if args.command == "discover":
+            return _discover(args)
         if args.command == "list":
             return _list()
         if args.command == "check":
@@ -339,6 +405,54 @@ def _install(args: argparse.Namespace) -> int:
     return 0
 
 
+def _discover(args: argparse.Namespace) -> int:
+    from .discover import render
+
+    kernels = _discovered(args.host, args)
+    if args.json:
+        print(json.dumps(kernels, indent=1))
+    else:
+        print(render(args.host, kernels))
+    return 0
+
+
+def _discovered(host: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    from .discover import discover_on
+
+    destination = HostEntry.parse(host).host
+    options = dict(args.connect_option)
+    timeout = float(getattr(args, "timeout", 30.0))
+    found = discover_on(destination, options, args.python or "python3", args.search, timeout)
+    return asyncio.run(found)
+
+
+def _install_from_host(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from .discover import choose, kernelspec_for, kernelspec_name
+    from .kernelspec import install_kernelspec
+
+    host = args.from_host
+    chosen = choose(_discovered(host, args), args.kernels)
+    if not chosen:
+        print(f"ssh-provisioner install: {host} has no kernel to install", file=sys.stderr)
+        return 1
+    if args.name and len(chosen) > 1:
+        parser.error("NAME names one kernel: choose it with --kernel")
+    config: dict[str, Any] = {}
+    if args.connect_option:
+        config["connect_options"] = dict(args.connect_option)
+    if args.python:
+        config["remote_python"] = args.python
+    if args.search:
+        config["discover_paths"] = list(args.search)
+    prefix = sys.prefix if args.sys_prefix else args.prefix
+    for entry in chosen:
+        name = args.name or kernelspec_name(entry, host)
+        spec = kernelspec_for(entry, host, config)
+        path, replaced = install_kernelspec(name, spec, user=args.user, prefix=prefix)
+        print(f"{'Replaced' if replaced else 'Installed'} kernelspec {name!r} in {path}")
+    return 0
+
+
 def _list() -> int:
     from .kernelspec import installed_specs
 
@@ -391,6 +505,7 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     options: dict[str, Any] = {}
     python = args.python or "python3"
     kernel_argv: list[str] | None = None
+    remote_kernel: tuple[str, list[str]] | None = None
     slurm = SlurmSettings.parse(_slurm_section(args.slurm)) if args.slurm else None
     if args.name:
         from .kernelspec import installed_specs
@@ -403,6 +518,8 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         options = _doctor_options(config)
         python = args.python or config.get("remote_python", "python3")
         kernel_argv = found[0].argv
+        if config.get("remote_kernel"):
+            remote_kernel = (str(config["remote_kernel"]), list(config.get("discover_paths", [])))
         if config.get("slurm"):
             slurm = SlurmSettings.parse(config["slurm"])
     if not hosts:
@@ -419,6 +536,7 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             timeout=args.timeout,
             progress=not args.json,
             slurm=slurm,
+            remote_kernel=remote_kernel,
         )
     )
     if args.json:
@@ -437,6 +555,7 @@ async def _run_checks(
     timeout: float,
     progress: bool,
     slurm: SlurmSettings | None = None,
+    remote_kernel: tuple[str, list[str]] | None = None,
 ) -> list[Any]:
     from .doctor import check_host
 
@@ -458,6 +577,7 @@ async def _run_checks(
             kernel_argv=kernel_argv,
             timeout=timeout,
             slurm=slurm,
+            remote_kernel=remote_kernel,
         )
         done += 1
         if progress:

@@ -17,6 +17,7 @@ from .errors import (
     AuthenticationError,
     ControlMasterError,
     HostKeyError,
+    LaunchError,
     SSHConnectError,
     SSHProvisionerError,
 )
@@ -85,13 +86,15 @@ async def check_host(
     kernel_argv: list[str] | None = None,
     timeout: float = 10.0,
     slurm: SlurmSettings | None = None,
+    remote_kernel: tuple[str, list[str]] | None = None,
 ) -> HostReport:
     """Every check for one host; later checks are skipped once an earlier one fails.
 
     ``kernel_argv`` is the kernelspec's command: ipykernel is checked for a Python
     kernel (and when it is None), the program's presence on the host for any other.
     With ``slurm`` the host is a login node: Slurm's commands, its answer, the
-    partition and the GPU request are checked there instead (kernels run elsewhere)."""
+    partition and the GPU request are checked there instead (kernels run elsewhere).
+    ``remote_kernel`` (name, search folders): the host's own kernelspec must be there."""
     report = HostReport(entry.name)
     checks = report.checks
     host = entry.host
@@ -105,7 +108,9 @@ async def check_host(
         await _check_network(checks, host, port, timeout)
     if checks["tcp"].status == FAIL:
         return _skip_rest(report)
-    return await _check_login(report, entry, connect_options, python, kernel_argv, timeout, slurm)
+    return await _check_login(
+        report, entry, connect_options, python, kernel_argv, timeout, slurm, remote_kernel
+    )
 
 
 async def _check_master(host: Host, options: dict[str, Any]) -> tuple[Check, bool]:
@@ -172,6 +177,7 @@ async def _check_login(
     kernel_argv: list[str] | None,
     timeout: float,
     slurm: SlurmSettings | None = None,
+    remote_kernel: tuple[str, list[str]] | None = None,
 ) -> HostReport:
     checks = report.checks
     host = entry.host
@@ -234,7 +240,12 @@ async def _check_login(
                 f"{len(printed) - 1} line(s)): kernels start (the launcher skips it), but "
                 "print only in interactive shells (`[ -t 1 ] && ...`, or .bash_profile)",
             )
-        checks["kernel"] = await _check_kernel(connection, python, kernel_argv, timeout)
+        if remote_kernel is not None:
+            checks["kernel"] = await _check_remote_kernel(
+                connection, host, python, remote_kernel, timeout
+            )
+        else:
+            checks["kernel"] = await _check_kernel(connection, python, kernel_argv, timeout)
         load = parse_load(await run_probe(connection, host, LOAD_PROBE, timeout))
         checks["load"] = Check(INFO, f"{load:.2f} per CPU" if load is not None else "unknown")
         gpus = parse_gpus(await run_probe(connection, host, GPU_PROBE, timeout))
@@ -328,6 +339,29 @@ async def _check_kernel(
     if result.exit_status == 0:
         return Check(OK, f"{program} at {_last_line(result)}")
     return Check(FAIL, f"the kernel's program {program!r} is not on the host's PATH")
+
+
+async def _check_remote_kernel(
+    connection: SSHLink,
+    host: Host,
+    python: str,
+    remote_kernel: tuple[str, list[str]],
+    timeout: float,
+) -> Check:
+    """The host's own kernelspec that ``remote_kernel`` names is there."""
+    from .discover import discover_over
+
+    name, search = remote_kernel
+    try:
+        kernels = await discover_over(connection, host, python, search, timeout)
+    except LaunchError as exc:
+        return Check(FAIL, str(exc))
+    specs = {k["name"]: k for k in kernels if k["kind"] == "kernelspec"}
+    found = specs.get(name.lower())
+    if found is None:
+        has = ", ".join(sorted(specs)) or "none"
+        return Check(FAIL, f"no kernelspec {name!r} on the host (remote_kernel); it has: {has}")
+    return Check(OK, f"the host's kernelspec {name!r} ({found['language']}, {found['path']})")
 
 
 def _last_line(result: CommandResult) -> str:

@@ -101,6 +101,8 @@ def launch_spec(
         "connection": connection,
         "watch_ports": options.forward_ports != "off",
         "mapped_cwd": mapped_cwd(options, entry, plan),
+        "remote_kernel": entry.override("remote_kernel", options.remote_kernel) or None,
+        "kernel_search": list(options.discover_paths),
     }
 
 

@@ -208,6 +208,20 @@ class ProvisionerOptions(LoggingConfigurable):
         "loopback address lets other machines reach the kernel's dashboards.",
     )
 
+    remote_kernel = Unicode(
+        "",
+        config=True,
+        help="Run the host's own kernelspec NAME (its argv and env, read on the host at "
+        "each start, so a change there needs no reinstall) instead of this kernelspec's "
+        "argv. `ssh-provisioner discover HOST` lists what a host has.",
+    )
+    discover_paths = List(
+        Unicode(),
+        config=True,
+        help="Folders on the host whose subfolders are environments, beyond the usual "
+        "places (conda's, ~/.venvs, ~/.virtualenvs, pyenv's): where `discover` and "
+        "remote_kernel look too.",
+    )
     path_map = List(
         Dict(),
         config=True,

@@ -30,6 +30,7 @@ BOOTSTRAP = (
 ENTRIES = {
     "launch": "main",  # start a kernel and supervise it (also what a spare waits with)
     "reattach": "reattach",  # relay this channel to a running launcher's control socket
+    "discover": "kernels",  # what the host can run: its kernelspecs and environments
 }
 
 # Runs first in the payload: registers the modules (in dependency order) and their

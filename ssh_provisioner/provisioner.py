@@ -142,7 +142,7 @@ class SSHProvisioner(KernelProvisionerBase, ProvisionerOptions):  # type: ignore
             self.parent, kwargs.pop("transport_encryption", None), self.kernel_spec.display_name
         )
         argv = list(self.kernel_spec.argv) + extra_arguments
-        if not argv:
+        if not argv and not self.remote_kernel:  # (the host's kernelspec has one)
             raise ProvisionerConfigError(
                 f"kernelspec {self.kernel_spec.display_name!r}: empty argv"
             )

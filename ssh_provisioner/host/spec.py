@@ -40,6 +40,8 @@ FIELDS: Tuple[Tuple[str, Tuple[type, ...], Any], ...] = (
     ("walltime_notice", (dict, type(None)), None),  # {"after": s, "text": ...}
     ("watch_ports", (bool,), False),  # report the ports the kernel opens (forward_ports)
     ("mapped_cwd", (str, type(None)), None),  # the notebook's folder here, by path_map
+    ("remote_kernel", (str, type(None)), None),  # run the host's own kernelspec NAME
+    ("kernel_search", (list,), []),  # more folders of environments (discover_paths)
 )
 
 
@@ -72,6 +74,8 @@ class LaunchSpec:
     walltime_notice: Optional[Dict[str, Any]]
     watch_ports: bool
     mapped_cwd: Optional[str]
+    remote_kernel: Optional[str]
+    kernel_search: List[str]
 
     def __init__(self, values: Dict[str, Any]) -> None:
         self.values = self.check(values)

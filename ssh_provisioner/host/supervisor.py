@@ -14,7 +14,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Set
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from .orphan import OrphanClock
 from .output import CLIENT, emit, log
@@ -123,10 +123,10 @@ class Supervisor:
                 f.write(base64.b64decode(encoded))
         return path
 
-    def kernel_env(self) -> Dict[str, str]:
+    def kernel_env(self, host_templates: Optional[List[List[str]]] = None) -> Dict[str, str]:
         env = dict(os.environ)
         env.update(self.spec.env)
-        templates = self.spec.env_templates
+        templates = [*(host_templates or []), *self.spec.env_templates]
         if templates:
             from string import Template
 
@@ -287,16 +287,32 @@ class Supervisor:
         groups.discard(os.getpgid(0))
         return groups or {self.pgid}
 
+    def kernel_command(self) -> Tuple[List[str], Dict[str, str], str]:
+        """(argv, env, resource dir): the kernelspec's, or the host's own kernelspec
+        ``remote_kernel`` names, read now (a change on the host needs no reinstall)."""
+        if not self.spec.remote_kernel:
+            return list(self.spec.argv), self.kernel_env(), self.resource_dir()
+        from .kernels import find_kernelspec
+
+        try:
+            directory, kernelspec = find_kernelspec(
+                self.spec.remote_kernel, self.spec.kernel_search
+            )
+        except LookupError as exc:
+            raise LaunchFailed("no-kernelspec", str(exc)) from None
+        templates = [[str(k), str(v)] for k, v in (kernelspec.get("env") or {}).items()]
+        env = self.kernel_env(templates)
+        return [str(arg) for arg in kernelspec["argv"]], env, directory
+
     def start(self) -> Dict[str, Any]:
-        env = self.kernel_env()
+        kernel_argv, env, resource_dir = self.kernel_command()
         cwd = self.kernel_cwd()
-        resource_dir = self.resource_dir()
         deadline = time.monotonic() + self.spec.ready_timeout
         for attempt in range(1, BIND_ATTEMPTS + 1):
             endpoints = self.endpoints(attempt)
             connection_file = self.connection_file(endpoints, attempt)
             names = {"connection_file": connection_file, "resource_dir": resource_dir}
-            argv = [substitute(arg, names) for arg in self.spec.argv]
+            argv = [substitute(arg, names) for arg in kernel_argv]
             self.spawn(argv, env, cwd)
             try:
                 self.wait_until_listening(endpoints, deadline)
