@@ -192,7 +192,8 @@ async def main():
     kc = km.client()
     kc.start_channels()
     await kc.wait_for_ready(timeout=30)
-    await kc.execute("secret = 'kept across processes'", reply=True, timeout=30)
+    code = sys.argv[5] if len(sys.argv) > 5 else "secret = 'kept across processes'"
+    await kc.execute(code, reply=True, timeout=30)
     info = await km.provisioner.get_provisioner_info()
     info["connection_info"]["key"] = info["connection_info"]["key"].decode()
     with open(sys.argv[3], "w") as f:

@@ -33,8 +33,9 @@ import threading
 from typing import Any, Callable, List, Optional
 
 from .output import emit, log
+from .recipe import LaunchFailed
 from .spec import LaunchSpec
-from .supervisor import LaunchFailed, Supervisor
+from .supervisor import Supervisor
 
 NO_SPEC = 2  # exit status of a spare launcher no spec reached in time (remote.py)
 

@@ -5,7 +5,6 @@ of the kernel with a selector.  What a stream holds for a client that is away, a
 is dropped past the launcher's budget, is ``holding``'s part.
 """
 
-import contextlib
 import errno
 import os
 import socket
@@ -13,6 +12,7 @@ import threading
 import time
 from typing import Any, Dict, List, Optional, Set, Tuple
 
+from .bridge import bridge
 from .holding import STALL_AFTER, Holding, RelayStream
 from .output import log
 from .spec import MIN_OUTAGE_BUFFER, LaunchSpec
@@ -513,42 +513,3 @@ class Relay(Holding):
             link, stream.link = stream.link, None
             link.closing = True
             self.link_writable(link)
-
-
-def bridge(
-    client: socket.socket,
-    control_path: str,
-    unsent: bytes,
-    pending: bytes,
-    passed_on: threading.Event,
-) -> None:
-    """Relay ``client`` to the control socket at ``control_path`` until either ends;
-    ``passed_on`` is set once everything the control socket said has been sent."""
-    client.setblocking(True)
-    control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        client.sendall(unsent)
-        control.connect(control_path)
-        control.sendall(pending)
-    except OSError:
-        client.close()
-        control.close()
-        passed_on.set()
-        return
-
-    def pump(source: socket.socket, sink: socket.socket) -> None:
-        try:
-            for data in iter(lambda: source.recv(65536), b""):
-                sink.sendall(data)
-        except OSError:
-            pass
-        with contextlib.suppress(OSError):
-            sink.shutdown(socket.SHUT_WR)
-
-    upstream = threading.Thread(target=pump, args=(client, control), daemon=True)
-    upstream.start()
-    pump(control, client)
-    passed_on.set()
-    upstream.join()
-    client.close()
-    control.close()

@@ -14,7 +14,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set
 
 from .orphan import OrphanClock
 from .output import CLIENT, emit, log
@@ -23,7 +23,6 @@ from .process import (
     become_subreaper,
     endpoint_listening,
     killpg,
-    pick_tcp_ports,
     process_tree,
     raise_descriptor_limit,
     socket_inodes,
@@ -31,9 +30,10 @@ from .process import (
     tcp_listeners,
     unix_listeners,
 )
+from .recipe import KernelRecipe, LaunchFailed
 from .relay import ACCEPT_BACKOFF, UNPROVEN_MAX, UNPROVEN_MIN, Relay
 from .spec import LaunchSpec
-from .wire import CHANNELS, LINE_MAX, challenge, encode_line, proven
+from .wire import LINE_MAX, challenge, encode_line, proven
 
 STDERR_TAIL_LINES = 40
 RUNTIME_DIR_PREFIX = "jupyter-sshp-"
@@ -43,17 +43,6 @@ LAST_WORDS_WAIT = 2.0
 RELAY_CHUNK = 8192
 
 PROLOGUE_CWD = "SSHP_PROLOGUE_CWD"  # set by a Slurm prologue's runner: where it left off
-
-
-class LaunchFailed(Exception):
-    """The kernel did not start: ``reason`` is a word the provisioner knows."""
-
-    def __init__(self, reason: str, message: str, stderr: str = "", status: Optional[int] = None):
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
-        self.stderr = stderr
-        self.status = status
 
 
 def do_nothing() -> None:
@@ -71,8 +60,9 @@ class Supervisor:
     audit, control socket, relay and orphan clock.
 
     Why one class of this size: they all end together in one ``finish`` that must see
-    each of them, from whichever thread notices the end first; the helpers that need no
-    such state are process.py's, orphan.py's and output.py's."""
+    each of them, from whichever thread notices the end first; what the kernel is started
+    with is recipe.py's, the ports it opens later ports.py's, and the helpers that need
+    no such state process.py's, orphan.py's and output.py's."""
 
     def __init__(self, spec: LaunchSpec) -> None:
         self.spec = spec
@@ -94,82 +84,12 @@ class Supervisor:
         self.stream_relay: Optional[Relay] = None
         self.orphaned = False
         self.client: Optional[socket.socket] = None  # attached over the control socket
-        self.prologue_cwd = os.environ.pop(PROLOGUE_CWD, "")  # not the kernel's to see
+        prologue_cwd = os.environ.pop(PROLOGUE_CWD, "")  # not the kernel's to see
+        self.recipe = KernelRecipe(spec, self.runtime_dir, prologue_cwd)
         self.port_watch: Optional[PortWatch] = None
         self.kernel_ports: Dict[int, str] = {}  # the kernel's own listeners: port -> address
-        self.cwd_note = ""  # why the kernel is not in its mapped folder
 
     # -- setup -------------------------------------------------------------------
-
-    def write_private(self, name: str, data: bytes) -> str:
-        path = os.path.join(self.runtime_dir, name)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        return path
-
-    def resource_dir(self) -> str:
-        files = self.spec.resource_files
-        if not files:
-            return self.runtime_dir
-        import base64  # only here: every import delays the kernel's start
-
-        path = os.path.join(self.runtime_dir, "resources")
-        os.mkdir(path, 0o700)
-        for name, encoded in files.items():
-            if "/" in name or name in (".", ".."):
-                continue
-            with open(os.path.join(path, name), "wb") as f:
-                f.write(base64.b64decode(encoded))
-        return path
-
-    def kernel_env(self, host_templates: Optional[List[List[str]]] = None) -> Dict[str, str]:
-        env = dict(os.environ)
-        env.update(self.spec.env)
-        templates = [*(host_templates or []), *self.spec.env_templates]
-        if templates:
-            from string import Template
-
-            for name, template in templates:
-                env[name] = Template(template).safe_substitute(env)
-        return env
-
-    def kernel_cwd(self) -> str:
-        # The notebook's folder as path_map maps it, if it is here; else remote_cwd,
-        # else where a Slurm prologue's `cd` left its shell, else home.
-        mapped = self.spec.mapped_cwd
-        if mapped:
-            if os.path.isdir(mapped):
-                return mapped
-            self.cwd_note = "%s (the notebook's folder, by path_map) is not a directory here" % (
-                mapped
-            )
-        cwd = os.path.expanduser(self.spec.cwd or self.prologue_cwd or "~")
-        if not os.path.isdir(cwd):
-            raise LaunchFailed(
-                "cwd-not-found", "remote_cwd %r is not a directory on the host" % cwd
-            )
-        return cwd
-
-    def endpoints(self, attempt: int) -> Dict[str, Any]:
-        if self.transport == "ipc":
-            prefix = os.path.join(self.runtime_dir, "k%d" % attempt)
-            return {name: "%s-%d" % (prefix, i + 1) for i, name in enumerate(CHANNELS)}
-        return dict(zip(CHANNELS, pick_tcp_ports(len(CHANNELS))))
-
-    def connection_file(self, endpoints: Dict[str, Any], attempt: int) -> str:
-        info: Dict[str, Any] = dict(self.spec.connection)
-        info["transport"] = self.transport
-        if self.transport == "ipc":
-            info["ip"] = endpoints["shell"].rsplit("-", 1)[0]
-            for i, name in enumerate(CHANNELS):
-                info[name + "_port"] = i + 1
-        else:
-            info["ip"] = "127.0.0.1"
-            for name in CHANNELS:
-                info[name + "_port"] = endpoints[name]
-        name = "kernel-%s-%d.json" % (self.spec.kernel_id, attempt)
-        return self.write_private(name, json.dumps(info, indent=1).encode())
 
     # -- kernel process --------------------------------------------------------------
 
@@ -287,30 +207,14 @@ class Supervisor:
         groups.discard(os.getpgid(0))
         return groups or {self.pgid}
 
-    def kernel_command(self) -> Tuple[List[str], Dict[str, str], str]:
-        """(argv, env, resource dir): the kernelspec's, or the host's own kernelspec
-        ``remote_kernel`` names, read now (a change on the host needs no reinstall)."""
-        if not self.spec.remote_kernel:
-            return list(self.spec.argv), self.kernel_env(), self.resource_dir()
-        from .kernels import find_kernelspec
-
-        try:
-            directory, kernelspec = find_kernelspec(
-                self.spec.remote_kernel, self.spec.kernel_search
-            )
-        except LookupError as exc:
-            raise LaunchFailed("no-kernelspec", str(exc)) from None
-        templates = [[str(k), str(v)] for k, v in (kernelspec.get("env") or {}).items()]
-        env = self.kernel_env(templates)
-        return [str(arg) for arg in kernelspec["argv"]], env, directory
-
     def start(self) -> Dict[str, Any]:
-        kernel_argv, env, resource_dir = self.kernel_command()
-        cwd = self.kernel_cwd()
+        recipe = self.recipe
+        kernel_argv, env, resource_dir = recipe.kernel_command()
+        cwd = recipe.kernel_cwd()
         deadline = time.monotonic() + self.spec.ready_timeout
         for attempt in range(1, BIND_ATTEMPTS + 1):
-            endpoints = self.endpoints(attempt)
-            connection_file = self.connection_file(endpoints, attempt)
+            endpoints = recipe.endpoints(attempt)
+            connection_file = recipe.connection_file(endpoints, attempt)
             names = {"connection_file": connection_file, "resource_dir": resource_dir}
             argv = [substitute(arg, names) for arg in kernel_argv]
             self.spawn(argv, env, cwd)
@@ -338,7 +242,7 @@ class Supervisor:
                 "home": os.path.expanduser("~"),
                 "hostname": socket.gethostname(),
                 "launcher_pid": os.getpid(),
-                "cwd_note": self.cwd_note,
+                "cwd_note": recipe.cwd_note,
             }
             descriptors = raise_descriptor_limit()  # the kernel, started above, keeps its own
             self.stream_relay = Relay(self.spec, self.transport, endpoints, self.runtime_dir)

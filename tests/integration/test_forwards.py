@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,7 +29,14 @@ from ssh_provisioner.throwaway import free_port
 
 from ..conftest import KernelSpecFactory
 from ..helpers import execute, start_failing, wait_until
-from ..kit import DASHBOARD_CELL, STOP_DASHBOARD, resilient, running_kernel
+from ..kit import (
+    DASHBOARD_CELL,
+    PROCESS_A,
+    STOP_DASHBOARD,
+    resilient,
+    running_kernel,
+    take_over,
+)
 from ..netns import Link
 
 pytestmark = [pytest.mark.sshd, pytest.mark.usefixtures("no_leaks")]
@@ -188,6 +199,40 @@ async def test_a_page_fetched_across_a_cut_link_completes(
         assert result["size"] == size  # all of it (http.client says nothing when cut short)
         assert result["digest"] == expected.strip()
         await execute(kc, STOP_DASHBOARD)
+
+
+async def test_a_server_that_takes_a_kernel_over_forwards_its_ports_again(
+    make_kernelspec: KernelSpecFactory,
+    host_behind_a_link: tuple[Link, dict[str, Any]],
+    tmp_path: Path,
+) -> None:
+    """A server gone without a shutdown (its forwards with it), and the next one that
+    reattaches to its kernel: the launcher reports the kernel's ports again."""
+    _, config = host_behind_a_link
+    ksm, name = make_kernelspec(resilient(config))
+    saved = tmp_path / "provisioner-info.json"
+    cell = DASHBOARD_CELL.format(bind="127.0.0.1", port=0, big=0)
+    subprocess.run(
+        [sys.executable, "-c", PROCESS_A, ksm.kernel_dirs[0], name, str(saved), "disabled", cell],
+        check=True, timeout=120,
+    )  # fmt: skip
+    info = json.loads(saved.read_text())
+    km = await take_over(ksm, name, info)
+    try:
+        [(_, local)] = (await forward_of_any(km)).items()
+        body = await asyncio.to_thread(fetch, f"http://127.0.0.1:{local}/index.html")
+        assert body == b"served on the host"
+    finally:
+        await km.shutdown_kernel()
+    assert refused(local)
+
+
+async def forward_of_any(km: AsyncKernelManager, timeout: float = 10) -> dict[int, int]:
+    deadline = time.monotonic() + timeout
+    while not (table := await forwarded(km)):
+        assert time.monotonic() < deadline, "no port forwarded again"
+        await asyncio.sleep(0.05)
+    return table
 
 
 async def test_a_forward_ports_typo_is_refused_before_anything_starts(
