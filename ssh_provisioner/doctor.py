@@ -27,7 +27,7 @@ from .master import locate, mode_of
 from .mux import MuxLink
 from .mux_control import MasterNotOurs
 from .policies import LeastLoad, MostFreeGpuMemory, parse_gpus, parse_load
-from .remote import run_probe
+from .probe import run_probe
 from .slurm import SlurmSettings
 from .sshconfig import (
     ALLOW_UNCHECKED,

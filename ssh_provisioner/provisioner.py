@@ -35,7 +35,7 @@ from .paths import PathMap
 from .placement import PlacementRequest, Tries, candidates
 from .policies import HostPolicy, Placement, load_policy
 from .pool import Lease
-from .remote import run_probe
+from .probe import run_probe
 from .seat import KernelSeat
 from .settings import SessionSettings
 from .slurm import SlurmJob, SlurmSettings

@@ -44,22 +44,6 @@ COMMAND_NOT_FOUND = 127
 CONNECTION_LOST_STATUS = 255  # what ssh(1) reports when the link, not the command, failed
 
 
-async def run_probe(connection: SSHLink, host: Host, command: str, timeout: float) -> str | None:
-    """Output of ``command`` on the host, or None if it failed.  Raises only
-    SessionLimitError: the connection is at its MaxSessions, another may do."""
-    try:
-        result = await asyncio.wait_for(connection.run(command), timeout)
-    except asyncssh.ChannelOpenError as exc:
-        raise session_open_error(str(host), "a policy probe", exc) from exc
-    except (asyncssh.Error, OSError, TimeoutError) as exc:
-        log.info("probe on %s failed: %s", host, exc)
-        return None
-    if result.exit_status != 0:
-        log.debug("probe %r on %s: exit status %s", command, host, result.exit_status)
-        return None
-    return str(result.stdout or "")
-
-
 @dataclass(frozen=True)
 class ChannelEnd:
     """How the launcher's channel ended: the kernel's exit ``status`` if the launcher
