@@ -46,7 +46,12 @@ _BASE_INIT_ARGS = frozenset({"kernel_id", "kernel_spec", "parent", "config", "lo
 # KernelProvisionerMeta is built at run time from ABCMeta and traitlets' MetaHasTraits:
 # mypy cannot see that it derives from the latter.
 class SSHProvisioner(KernelProvisionerBase, ProvisionerOptions):  # type: ignore[metaclass]
-    """Runs the kernel on a remote host over SSH, as if it were local."""
+    """Runs the kernel on a remote host over SSH, as if it were local.
+
+    Why a class of this size: it is jupyter_client's hooks, one method each (pre_launch,
+    launch_kernel, poll, wait, send_signal, kill, terminate, cleanup, the provisioner
+    info, resolve_path), each handing its work to the seat; its options are options.py's,
+    the launch's plan launch_plan.py's, its keys kernel_keys.py's."""
 
     def __init__(self, **kwargs: Any) -> None:
         known = set(self.class_trait_names(config=True)) | _BASE_INIT_ARGS
