@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 
 from ..conftest import connect_options
-from ..helpers import execute
+from ..helpers import execute, process_alive
 from ..kit import BIN, cli, option_args
 from ..sshd import SSHDaemon, free_port, generate_key
 
@@ -180,17 +181,27 @@ def test_demo_cleans_up_after_ctrl_c() -> None:
     )
     assert process.stdout is not None
     deadline = time.monotonic() + 60
-    line = ""
+    line, sshd_pid = "", 0
     while "kernel ready" not in line:  # interrupt while the kernel runs
         assert time.monotonic() < deadline
         line = process.stdout.readline()
         assert line, process.stderr.read() if process.stderr else ""
+        if found := re.search(r"\(sshd pid (\d+)\)", line):
+            sshd_pid = int(found.group(1))
+    # its own temp dir, from its sshd's command line (another demo may run meanwhile)
+    config = Path(read_cmdline(sshd_pid).split("-f ", 1)[1].split()[0])
+    demo_dir = config.parents[1]
+    assert demo_dir.name.startswith("sshp-demo-")
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130
     assert "interrupted" in stderr
-    demo_dirs = list(Path("/tmp").glob("sshp-demo-*"))
-    assert demo_dirs == []
+    assert not demo_dir.exists()
+    assert not process_alive(sshd_pid)
+
+
+def read_cmdline(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
 
 
 def test_check_knows_non_python_kernels_and_old_pythons(

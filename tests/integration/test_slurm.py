@@ -38,13 +38,7 @@ from ..kit import (
 )
 from ..slurm import SlurmCluster, pids_in_netns
 
-# one worker for them all under -n: they share one cluster (a session fixture)
-pytestmark = [
-    pytest.mark.sshd,
-    pytest.mark.slurm,
-    pytest.mark.xdist_group("slurm-cluster"),
-    pytest.mark.usefixtures("no_leaks"),
-]
+pytestmark = [pytest.mark.sshd, pytest.mark.slurm, pytest.mark.usefixtures("no_leaks")]
 
 
 @pytest.fixture
