@@ -134,8 +134,10 @@ class PortForwards:
         return f"[{bind}]" if ":" in bind else bind
 
     def close(self) -> None:
-        for port in list(self.table):
-            self._ports.unforward(channel_of(port))
+        # every forwarded channel of the ports, also one whose forward() was cancelled
+        # before it made the table: one session's forwards are the only ones there
+        for channel in self._ports.forwarded:
+            self._ports.unforward(channel)
         self.table.clear()
 
 
