@@ -3,6 +3,10 @@
 The launcher's SSH channel is the kernel's lifeline: its stdout carries the
 handshake and the exit status, its stdin carries signals, its stderr the kernel's
 own output.  ``poll`` and ``wait`` therefore need no network round trip.
+
+Why this module is over 500 lines: it is one class, ``RemoteKernel``, the one owner of
+that channel (its docstring says why it stays whole); starting and reaching a launcher
+are control.py's, its handshake handshake.py's.
 """
 
 from __future__ import annotations

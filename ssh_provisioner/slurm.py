@@ -13,6 +13,10 @@ a client that proves it knows the kernel's token.  Once supervised over the rela
 launcher lets go of srun's stdio, and the login node's wrapper ends ``srun``: no
 session stays open on the login node for the kernel's life (an OpenSSH master's
 sessions are scarce), and the step lives on without srun.
+
+Why this module is a little over 500 lines: it is Slurm's vocabulary in one place (the
+settings and their checks, the job script, the step command, job states, one job's
+commands); a kernel's custody of its job is custody.py's.
 """
 
 from __future__ import annotations

@@ -3,6 +3,10 @@
 The host's end of the resumable streams (see ``wire``): one thread serves every stream
 of the kernel with a selector.  What a stream holds for a client that is away, and what
 is dropped past the launcher's budget, is ``holding``'s part.
+
+Why this module is over 500 lines: it is one class, ``Relay``, whose methods are one
+selector loop's handlers and share its state without a lock (its docstring says why it
+stays whole); the protocol, the holding and the bridge already live elsewhere.
 """
 
 import errno
