@@ -34,6 +34,7 @@ from .sshconfig import (
     jump_hosts,
     resolve_host_config,
 )
+from .trips import trip
 
 log = logging.getLogger(__name__)
 
@@ -251,8 +252,11 @@ async def _connect_direct(
         raise translate_connect_error(
             str(host), exc, known_host_entries=entries, known_hosts_name=host.known_hosts_name
         ) from exc
+    trip(host, "ssh connection")  # its key exchange and authentication: SSH's own
     _acknowledge_now(connection)
     with contextlib.suppress(TimeoutError):
+        if not announced.is_set():
+            trip(host, "host-key announcement wait")
         await asyncio.wait_for(announced.wait(), HOST_KEYS_ANNOUNCEMENT_WAIT)
     _acknowledge_now(connection)
     return connection

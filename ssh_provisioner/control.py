@@ -25,6 +25,7 @@ from .host.wire import LAUNCHER_CHANNEL
 from .hosts import Host
 from .link import ByteReader, RemoteProcess, SSHLink, StreamChannel
 from .payload import BOOTSTRAP, payload_line
+from .trips import trip
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,10 @@ async def start_launcher(
     Python's start-up (a login shell that runs conda or pyenv init costs 100+ ms).
     """
     process = await connection.start_process(launcher_command(python), spare=spare)
+    trip(
+        connection.description,
+        "spare session (background)" if spare else "launcher session",
+    )
     process.stdin.write(payload_line(entry))
     return process
 
@@ -232,8 +237,10 @@ async def control_channel(
             raise KernelGone(f"kernel {kernel_id} on {host} is gone: {line!r}", host=str(host))
         return event
 
+    trip(host, "control open")
     try:
         challenge = await next_event()
+        trip(host, "control challenge")
         if "proof" not in challenge:
             raise KernelGone(
                 f"kernel {kernel_id} on {host} is gone: {challenge.get('message', challenge)}",

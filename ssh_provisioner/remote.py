@@ -39,6 +39,7 @@ from .host.supervisor import RUNTIME_DIR_PREFIX
 from .hosts import Host
 from .link import RemoteProcess, SSHLink
 from .payload import NO_SPEC, payload_line
+from .trips import trip
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +142,7 @@ class RemoteKernel:
             process.stdin.write(spec_line)
             try:
                 event = await asyncio.wait_for(kernel._read_handshake(python), timeout)
+                trip(host, "spec -> handshake")
             except TimeoutError:
                 raise LaunchTimeout(
                     f"kernel {kernel_id} on {host}: not ready after {timeout:g}s "
