@@ -89,6 +89,13 @@ class CommandResult:
     stderr: str
 
 
+# What the host may send on a stream's channel before we confirm it (asyncssh's default
+# is 2 MiB, topped up at half): over a 50 ms link that caps a kernel's output near
+# 1 MB a round trip, half of what OpenSSH's own channel moves.  Only a client slower
+# than the link makes it memory (its stream pauses the channel, and the rest waits here).
+STREAM_WINDOW = 8 * 1024 * 1024
+
+
 class SSHLink(abc.ABC):
     """A live connection to one host."""
 
@@ -167,11 +174,20 @@ class AsyncsshLink(SSHLink):
         return CommandResult(result.exit_status, str(result.stdout or ""), str(result.stderr or ""))
 
     async def open_tcp(self, factory: Callable[[], S], host: str, port: int) -> S:
-        _, session = await self.connection.create_connection(factory, host, port)  # type: ignore[arg-type]
+        _, session = await self.connection.create_connection(
+            factory,  # type: ignore[arg-type]
+            host,
+            port,
+            window=STREAM_WINDOW,
+        )
         return session  # type: ignore[return-value]
 
     async def open_unix(self, factory: Callable[[], S], path: str) -> S:
-        _, session = await self.connection.create_unix_connection(factory, path)  # type: ignore[arg-type]
+        _, session = await self.connection.create_unix_connection(
+            factory,  # type: ignore[arg-type]
+            path,
+            window=STREAM_WINDOW,
+        )
         return session  # type: ignore[return-value]
 
     def is_closed(self) -> bool:

@@ -21,6 +21,7 @@ import asyncssh
 from .host import wire
 from .host.wire import FRAME_ACK, FRAME_CLOSE, FRAME_DATA, StreamEnd
 from .link import SSHLink
+from .trips import trip
 
 if TYPE_CHECKING:
     from .tunnels import KernelPorts
@@ -47,46 +48,60 @@ class Target:
     relay_host: str = LOCAL_ADDRESS  # where the relay's TCP port listens, as the host sees it
 
 
-class FirstMessageWatch:
-    """Follows the ZMTP 3 stream a kernel's PUB socket sends a client until its first
-    message: a message frame, or a MESSAGE command (CurveZMQ), past the handshake."""
+class PreambleWatch:
+    """Where the first message starts in one direction of a ZMTP 3 stream: past the
+    greeting and the handshake's commands (READY; CurveZMQ's HELLO, WELCOME, INITIATE),
+    at the first message frame or MESSAGE command.  Until then all of it is preamble.
+
+    Both gates of IOPub-first read it: a client's first message on the other channels
+    waits (its handshake goes on), and the kernel's first message to an IOPub client
+    says the kernel knows that subscriber."""
 
     GREETING = 64
-    MAX_FRAME = 64 * 1024  # past this, stop watching: count it as a message
+    MAX_COMMAND = 64 * 1024  # past this, stop watching: count it as a message
 
     def __init__(self) -> None:
         self._buffer = bytearray()
+        self._offset = 0  # where ``_buffer`` starts in the client's stream
         self._greeted = False
+        self.first_message: int | None = None  # its offset, once known
 
-    def feed(self, data: bytes) -> bool:
-        """True once a message has been seen."""
+    def allowed(self, sent: int) -> int:
+        """How much of the ``sent`` bytes is preamble, which may go before the gate
+        opens."""
+        return sent if self.first_message is None else self.first_message
+
+    def feed(self, data: bytes) -> None:
+        if self.first_message is not None:
+            return
         buffer = self._buffer
         buffer += data
         if not self._greeted:
             if len(buffer) < self.GREETING:
-                return False
+                return
             del buffer[: self.GREETING]
+            self._offset += self.GREETING
             self._greeted = True
-        while len(buffer) >= 2:
+        while buffer:
             flags = buffer[0]
-            if flags & 0x02:
-                if len(buffer) < 9:
-                    return False
-                size, head = int.from_bytes(buffer[1:9], "big"), 9
-            else:
-                size, head = buffer[1], 2
-            if size > self.MAX_FRAME:
-                return True
+            if not flags & 0x04:  # a message frame
+                self.first_message = self._offset
+                return
+            head = 9 if flags & 0x02 else 2
+            if len(buffer) < head:
+                return
+            size = int.from_bytes(buffer[1:head], "big")
+            if size > self.MAX_COMMAND:  # too big to wait for: count it as a message
+                self.first_message = self._offset
+                return
             if len(buffer) < head + size:
-                return False
-            body = bytes(buffer[head : head + size])
-            del buffer[: head + size]
-            if not flags & 0x04:
-                return True
-            name = body[1 : 1 + body[0]] if body else b""
+                return
+            name = buffer[head + 1 : head + 1 + buffer[head]] if size else b""
             if name == b"MESSAGE":
-                return True
-        return False
+                self.first_message = self._offset
+                return
+            del buffer[: head + size]
+            self._offset += head + size
 
 
 class _ChannelSide(asyncssh.SSHTCPSession[bytes]):
@@ -136,7 +151,10 @@ class ClientStream(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._side: _ChannelSide | None = None  # the current channel
         self._target: Target | None = None
-        self._watch = FirstMessageWatch() if channel == "iopub" else None
+        self._watch = PreambleWatch() if channel == "iopub" else None
+        # While the ports' gate is closed (IOPub first), only the ZMTP handshake goes
+        self._preamble = PreambleWatch() if channel in wire.CHANNELS else None
+        self.gated = False
         # client -> kernel bytes the relay has not confirmed; kernel -> client passed on
         self._end = StreamEnd()
         self._inbuf = bytearray()
@@ -147,6 +165,10 @@ class ClientStream(asyncio.Protocol):
         self._open_failed = False  # the last channel to the relay did not open
         self.resumes_alone = 0  # resumes since the last attach, without a new connection
         self._resume = False  # the current channel resumes the stream
+
+    @property
+    def target(self) -> Target | None:
+        return self._target
 
     @property
     def resumable(self) -> bool:
@@ -162,6 +184,8 @@ class ClientStream(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._end.unacked += data
+        if self._preamble is not None:
+            self._preamble.feed(data)
         if self.state is StreamState.OPEN:
             self._send_data()
         if len(self._end.unacked) >= CLIENT_BUFFER_LIMIT:
@@ -224,6 +248,7 @@ class ClientStream(asyncio.Protocol):
             if self.state is StreamState.OPENING:  # (suspend() has dealt with it otherwise)
                 self.close()
             raise
+        trip(target.label, "stream open")  # one per client connection, in parallel
         if self.state is not StreamState.OPENING or self._target is not target:
             side.channel.close()  # closed or suspended while the channel opened
             return
@@ -258,6 +283,7 @@ class ClientStream(asyncio.Protocol):
             except wire.ProtocolError:
                 self._refuse("a relay that cannot prove it knows the kernel's token")
                 return False
+            trip(target.label, "stream challenge")
             side.channel.write(wire.encode_line(proof))
             self._created = True
             if self._resume:
@@ -265,7 +291,7 @@ class ClientStream(asyncio.Protocol):
             else:
                 self._opened()
             return True
-        # "resumed": the relay says how far it got
+        trip(target.label, "stream resume")  # "resumed": how far it got
         if "error" in message:
             log.info("%s: %s stream not resumed: %s", target.label, self.channel, message["error"])
             self.close()
@@ -306,18 +332,34 @@ class ClientStream(asyncio.Protocol):
             if kind == FRAME_DATA:
                 self._to_client(payload)
             elif kind == FRAME_CLOSE:
-                self.close()  # the kernel closed its side
+                if payload == wire.NOT_LISTENING and not self._end.received:
+                    self._not_listening()
+                else:
+                    self.close()  # the kernel closed its side
                 return
         if self._end.ack_due:
             self._write(self._end.frame(FRAME_ACK))
 
     def _to_client(self, data: bytes) -> None:
         self._end.took(data)
-        if self._watch is not None and self._watch.feed(data):
-            self._watch = None
-            self._ports.subscribed(self)
+        if self._watch is not None:
+            self._watch.feed(data)
+            if self._watch.first_message is not None:
+                self._watch = None
+                self._ports.subscribed(self)
         if self._transport is not None and not self._transport.is_closing():
             self._transport.write(data)
+
+    def _not_listening(self) -> None:
+        """The relay could not connect this new stream to the kernel, which is ending:
+        hold the client's connection, unanswered, for the kernel's next start."""
+        side, self._side = self._side, None
+        if side is not None and side.channel is not None:
+            side.channel.close()
+        self._created = False  # the relay never had it: a new stream on the next kernel
+        self._end.rewind()
+        self.state = StreamState.HELD
+        self._ports.not_listening(self)
 
     def _confirm(self, received: int) -> None:
         confirmed = self._end.confirm(received)
@@ -330,8 +372,18 @@ class ClientStream(asyncio.Protocol):
             self._side.channel.write(frame)
 
     def _send_data(self) -> None:
-        while self._side is not None and self._end.unframed:
-            self._write(self._end.next_data())
+        end = self._end
+        upto = None
+        if self.gated and self._preamble is not None:
+            upto = self._preamble.allowed(end.acked + len(end.unacked))
+        while self._side is not None and end.unframed and (upto is None or end.sent < upto):
+            self._write(end.next_data(upto))
+
+    def ungate(self) -> None:
+        """The kernel knows its IOPub clients now: the client's messages may go."""
+        self.gated = False
+        if self.state is StreamState.OPEN:
+            self._send_data()
 
     def channel_lost(self, side: _ChannelSide) -> None:
         if side is self._side:

@@ -12,12 +12,19 @@ The ports the kernel opens on the host itself (a dashboard) are forwarded the sa
 (``forward``): one more listener whose connections are streams to the relay, held and
 resumed like the kernel's channels, and closed with the kernel (``unforward``).
 
-When the kernel comes back, IOPub goes first: the other channels stay held until the
-kernel has sent a message to every IOPub client connected before (ipykernel >= 7
-welcomes each new subscriber, JEP 65), or ``IOPUB_FIRST_BOUND`` passes.  A PUB socket
-sends only to subscribers it knows, so a request relayed after that gets all of its
-output.  (Seeing the client's subscription go out is not enough: the kernel's PUB
-socket takes it in only at a later send, and the first output can miss it.)
+When the kernel comes back, IOPub goes first: the other channels' first messages wait
+until the kernel has sent a message to every IOPub client connected before (ipykernel
+>= 7 welcomes each new subscriber, JEP 65), or ``IOPUB_FIRST_BOUND`` passes.  A PUB
+socket sends only to subscribers it knows, so a request relayed after that gets all of
+its output.  (Seeing the client's subscription go out is not enough: the kernel's PUB
+socket takes it in only at a later send, and the first output can miss it.)  Their
+channels open and their ZMTP handshakes run meanwhile: over a wide-area link that is
+four round trips the first request no longer waits for.
+
+A kernel that stops listening (it is ending: a restart, a shutdown) gets its new
+streams refused by the relay (``wire.NOT_LISTENING``): the ports then hold every new
+connection for the next kernel, instead of closing it and having its ZMQ socket
+reconnect at once, again and again, to a relay that can only refuse it.
 """
 
 from __future__ import annotations
@@ -161,6 +168,8 @@ class KernelPorts:
             stream.resumes_alone = 0
             self._relay(stream, target, resume=True)
         self._iopub_subscribed = 0
+        # IOPub clients already waiting (reconnected while the kernel was away) count too
+        self._iopub_expected = max(self._iopub_expected, len(self._held["iopub"]))
         if self._iopub_expected:
             self._gate_open = False
             self._gate_timer = asyncio.get_running_loop().call_later(
@@ -169,8 +178,7 @@ class KernelPorts:
         else:
             self._gate_open = True
         for channel in list(self._held):
-            if channel not in GATED or self._gate_open:
-                self._relay_held(channel)
+            self._relay_held(channel)  # gated ones send only their ZMTP handshake
 
     def suspend(self) -> None:
         """The kernel's connection is lost: its streams are kept (the relay on
@@ -225,7 +233,7 @@ class KernelPorts:
             stream.close()
         elif self._streams_on(stream.channel) >= MAX_STREAMS_PER_PORT:
             self.refused(stream, f"the port already relays {MAX_STREAMS_PER_PORT} connections")
-        elif self._target is not None and (stream.channel not in GATED or self._gate_open):
+        elif self._target is not None:
             self._relay(stream, self._target)
         else:
             self.hold(stream)
@@ -252,6 +260,15 @@ class KernelPorts:
         held.append(stream)
         if len(held) > MAX_HELD_PER_PORT:
             held[0].close()
+
+    def not_listening(self, stream: ClientStream) -> None:
+        """The kernel no longer listens (it is ending): hold this connection and every
+        new one for its next start (a restart), until then or the ports close."""
+        if self._target is not None and stream.target is self._target:
+            log.debug("%s: not listening; holding new connections", self._target.label)
+            self._target = None
+            self._close_gate()
+        self.hold(stream)
 
     def subscribed(self, stream: ClientStream) -> None:
         self._iopub_subscribed += 1
@@ -296,8 +313,8 @@ class KernelPorts:
             )  # fmt: skip
         self._gate_open = True
         self._iopub_expected = 0
-        for channel in list(self._held):
-            self._relay_held(channel)
+        for stream in list(self._relayed):
+            stream.ungate()
 
     def _relay_held(self, channel: str) -> None:
         held, self._held[channel] = self._held[channel], []
@@ -306,6 +323,7 @@ class KernelPorts:
                 self._relay(stream, self._target)
 
     def _relay(self, stream: ClientStream, target: Target, resume: bool = False) -> None:
+        stream.gated = not resume and stream.channel in GATED and not self._gate_open
         self._relayed.add(stream)
         task = asyncio.ensure_future(stream.relay(target, resume))
         self._tasks.add(task)

@@ -28,6 +28,7 @@ from .wire import (
     ProtocolError,
     challenge,
     encode_line,
+    not_listening_frame,
     proven,
     take_frames,
     take_line,
@@ -340,7 +341,15 @@ class Relay(Holding):
             ):
                 self.drop_link(link)
                 return
-            stream = RelayStream(sid, channel, self.connect_kernel(channel))
+            try:
+                kernel = self.connect_kernel(channel)
+            except OSError:  # not listening: the kernel is ending
+                link.outbuf += not_listening_frame()
+                link.closing = True
+                link.phase = "open"
+                self.link_writable(link)
+                return
+            stream = RelayStream(sid, channel, kernel)
             self.streams[sid] = stream
             self.watch(stream.kernel, stream, True, False)
         link.phase = "open"
@@ -379,7 +388,11 @@ class Relay(Holding):
         endpoint = self.endpoints[channel]
         if self.transport == "ipc":
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.connect(endpoint)
+            try:
+                sock.connect(endpoint)
+            except OSError:
+                sock.close()
+                raise
         else:
             sock = socket.create_connection(("127.0.0.1", endpoint), timeout=5)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -10,9 +10,9 @@ import json
 from typing import Any, Dict, List, Optional, Tuple
 
 DEFAULT_OUTAGE_BUFFER = 32 * 1024 * 1024  # all of a launcher's streams together
-# The buffer also holds what is on its way to the client (up to an SSH channel window,
-# 2 MiB with asyncssh) and not yet acknowledged: a smaller one would drop output of a
-# client that keeps up.
+# The buffer also holds what is on its way to the client and not yet acknowledged (up
+# to holding.IN_FLIGHT_MAX, the channel's window): a smaller one would drop output of a
+# client that keeps up; one below IN_FLIGHT_MAX slows a long fat link.
 MIN_OUTAGE_BUFFER = 4 * 1024 * 1024
 
 REQUIRED = object()  # a key without a default

@@ -35,6 +35,11 @@ FRAME_DATA, FRAME_ACK, FRAME_CLOSE = b"D", b"A", b"C"
 FRAME_KINDS = (FRAME_DATA, FRAME_ACK, FRAME_CLOSE)
 FRAME_PAYLOAD_MAX = 65536
 ACK_EVERY = 128 * 1024
+# A new stream's only frame when the kernel does not listen on its channel's endpoint
+# any more (it is ending: a shutdown, a restart): the client's connection is held for
+# the kernel's next start, not closed (its ZMQ socket would reconnect at once, again
+# and again, to a relay that can only refuse it).
+NOT_LISTENING = b"the kernel is not listening"
 LINE_MAX = 4096  # a handshake line
 
 
@@ -137,6 +142,11 @@ def take_frames(buffer: bytearray) -> Iterator[Tuple[bytes, int, bytes]]:
         yield kind, acknowledged, payload
 
 
+def not_listening_frame() -> bytes:
+    """The relay's answer to a new stream it cannot connect to the kernel."""
+    return FRAME_HEADER.pack(FRAME_CLOSE, 0, len(NOT_LISTENING)) + NOT_LISTENING
+
+
 class StreamEnd:
     """One end's account of a stream: what it sent that the other end has not confirmed
     (kept to be sent again on a new channel), and what it has received."""
@@ -180,9 +190,18 @@ class StreamEnd:
         self.told = self.received
         return FRAME_HEADER.pack(kind, self.received, len(payload)) + payload
 
-    def next_data(self) -> bytes:
-        """The next DATA frame of what is not framed yet on this channel."""
-        chunk = bytes(self.unacked[self.framed : self.framed + FRAME_PAYLOAD_MAX])
+    @property
+    def sent(self) -> int:
+        """Bytes framed so far, in all (confirmed or on their way)."""
+        return self.acked + self.framed
+
+    def next_data(self, upto: Optional[int] = None) -> bytes:
+        """The next DATA frame of what is not framed yet on this channel (only as far
+        as offset ``upto`` of the whole stream, if given)."""
+        stop = self.framed + FRAME_PAYLOAD_MAX
+        if upto is not None:
+            stop = min(stop, upto - self.acked)
+        chunk = bytes(self.unacked[self.framed : stop])
         self.framed += len(chunk)
         return self.frame(FRAME_DATA, chunk)
 

@@ -21,6 +21,7 @@ from ssh_provisioner.host.wire import (
     FRAME_CLOSE,
     FRAME_DATA,
     FRAME_HEADER,
+    NOT_LISTENING,
     answer,
     encode_line,
     hello,
@@ -297,3 +298,21 @@ def test_a_stream_the_kernel_closed_resends_its_tail_after_a_lost_channel(
     done = threading.Event()
     threading.Thread(target=lambda: (again.closed(), done.set()), daemon=True).start()
     assert done.wait(5)
+
+
+def test_a_kernel_that_stopped_listening_gets_its_new_stream_refused_not_reset(
+    relay: tuple[Relay, FakeKernel],
+) -> None:
+    """A kernel ending (a restart): the client is told, so it holds the connection for
+    the next kernel instead of closing it (and being reconnected at once, again)."""
+    server, kernel = relay
+    kernel.server.close()  # the kernel closed its sockets
+    Path(server.endpoints["shell"]).unlink()
+    client = Client(server)
+    client.open("s1")
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # refused already
+        client.frame(FRAME_DATA, 0, b"a request for the next kernel")
+    kind, _, payload = client.read_frame()
+    assert (kind, payload) == (FRAME_CLOSE, NOT_LISTENING)
+    assert client.closed()
+    assert not server.streams  # nothing kept for it
