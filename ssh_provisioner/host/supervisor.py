@@ -38,6 +38,7 @@ from .wire import LINE_MAX, challenge, encode_line, proven
 STDERR_TAIL_LINES = 40
 RUNTIME_DIR_PREFIX = "jupyter-sshp-"
 BIND_ATTEMPTS = 5
+PORT_TAKEN = "Address already in use"  # what a kernel says when it lost a port race
 TERMINATE_GRACE = 3.0
 LAST_WORDS_WAIT = 2.0
 RELAY_CHUNK = 8192
@@ -168,6 +169,14 @@ class Supervisor:
                 )
             if self.stdin_closed.is_set():
                 raise LaunchFailed("aborted", "the client went away before the kernel was ready")
+            if any(PORT_TAKEN in line for line in list(self.stderr_tail)):
+                # ipykernel can live on after a failed bind (its IOPub thread keeps the
+                # process): it would never listen, so retry now, with other ports
+                raise LaunchFailed(
+                    "port-taken",
+                    "the kernel lost a port to another process",
+                    "\n".join(self.stderr_tail),
+                )
             now = time.monotonic()
             if now > deadline:
                 raise LaunchFailed("ready-timeout", "the kernel did not open its ports in time")
@@ -222,7 +231,7 @@ class Supervisor:
                 self.wait_until_listening(endpoints, deadline)
             except LaunchFailed as exc:
                 raced = exc.reason == "port-taken" or (
-                    exc.reason == "kernel-exited" and "Address already in use" in exc.stderr
+                    exc.reason == "kernel-exited" and PORT_TAKEN in exc.stderr
                 )
                 if raced and attempt < BIND_ATTEMPTS:
                     log("%s; retrying with other ports" % exc.message)
@@ -248,6 +257,7 @@ class Supervisor:
             self.stream_relay = Relay(self.spec, self.transport, endpoints, self.runtime_dir)
             self.stream_relay.unproven_max = max(UNPROVEN_MIN, min(UNPROVEN_MAX, descriptors // 4))
             self.ready_event["relay"] = self.stream_relay.address
+            self.ready_event["answers_zmtp"] = self.stream_relay.answers_zmtp
             self.ready_event["relay_host"] = self.stream_relay.host
             self.listen_for_reattach()
             self.stream_relay.control_path = self.control_path

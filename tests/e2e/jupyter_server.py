@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import os
 import signal
@@ -122,7 +123,18 @@ def start_server(
     root: Path, jupyter_path: Path, *args: str, log_level: str = "DEBUG", app: str = "server"
 ) -> Server:
     """`jupyter server` (or another Jupyter Server app: nbclassic) on 127.0.0.1 with a
-    token, waiting until /api/status answers."""
+    token, waiting until /api/status answers.  A free port can be taken between its
+    choice and the server's bind (by another test's kernel): then on another port."""
+    for _ in range(3):
+        server = _start_server(root, jupyter_path, *args, log_level=log_level, app=app)
+        if server is not None:
+            return server
+    raise RuntimeError("jupyter server: its port was taken three times in a row")
+
+
+def _start_server(
+    root: Path, jupyter_path: Path, *args: str, log_level: str, app: str
+) -> Server | None:
     port = free_port("127.0.0.1")
     token = uuid.uuid4().hex
     env = {
@@ -149,6 +161,8 @@ def start_server(
 
     while True:
         if process.poll() is not None:
+            if f"port {port} is not available" in server.log():
+                return None
             raise RuntimeError(f"jupyter server exited:\n{server.log()[-3000:]}")
         try:
             request = urllib.request.Request(  # noqa: S310 - an http:// URL we built
@@ -156,7 +170,7 @@ def start_server(
             )
             with urllib.request.urlopen(request, timeout=1):  # noqa: S310
                 return server
-        except OSError:
+        except (OSError, http.client.HTTPException):  # not up, or not it on that port
             if time.monotonic() > deadline:
                 server.stop(signal.SIGKILL)
                 message = f"jupyter server did not start:\n{server.log()[-3000:]}"
