@@ -45,6 +45,7 @@ class Handshake:
     relay: int | str = ""  # the launcher's relay: a port on the host's loopback, or a path
     relay_host: str = LOOPBACK  # where the relay's port listens (a Slurm node's address)
     cwd_note: str = ""  # why the kernel is not in the folder path_map gave it
+    answers_zmtp: bool = False  # the relay takes the kernel's ZMTP handshake off (host/zmtp)
 
     @classmethod
     def from_event(cls, event: dict[str, Any]) -> Handshake:
@@ -65,6 +66,7 @@ class Handshake:
             relay=relay if isinstance(relay := event.get("relay") or "", str) else int(relay),
             relay_host=str(event.get("relay_host") or LOOPBACK),
             cwd_note=str(event.get("cwd_note") or ""),
+            answers_zmtp=bool(event.get("answers_zmtp")),
         )
 
 

@@ -283,6 +283,7 @@ class KernelSession:
             launcher=f"{ready.launcher_pid}:{ready.runtime_dir}",
             label=f"kernel {self.settings.kernel_id} on {self.settings.host_name}",
             relay_host=ready.relay_host,
+            answers_zmtp=ready.answers_zmtp,
         )
 
     # -- RUNNING -> UNREACHABLE -> REATTACHING -> RUNNING | ABANDONED -------------------

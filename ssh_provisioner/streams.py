@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import asyncssh
 
-from .host import wire
+from .host import wire, zmtp
 from .host.wire import FRAME_ACK, FRAME_CLOSE, FRAME_DATA, StreamEnd
 from .link import SSHLink
 from .trips import trip
@@ -46,6 +46,7 @@ class Target:
     launcher: str
     label: str
     relay_host: str = LOCAL_ADDRESS  # where the relay's TCP port listens, as the host sees it
+    answers_zmtp: bool = False  # a client's ZMTP handshake may be answered here (host/zmtp)
 
 
 class PreambleWatch:
@@ -65,6 +66,10 @@ class PreambleWatch:
         self._offset = 0  # where ``_buffer`` starts in the client's stream
         self._greeted = False
         self.first_message: int | None = None  # its offset, once known
+
+    def past_greeting(self) -> None:
+        """The stream starts past the greeting and READY (they were taken off)."""
+        self._greeted = True
 
     def allowed(self, sent: int) -> int:
         """How much of the ``sent`` bytes is preamble, which may go before the gate
@@ -155,6 +160,7 @@ class ClientStream(asyncio.Protocol):
         # While the ports' gate is closed (IOPub first), only the ZMTP handshake goes
         self._preamble = PreambleWatch() if channel in wire.CHANNELS else None
         self.gated = False
+        self._answered = False  # the client got the kernel's ZMTP handshake from here
         # client -> kernel bytes the relay has not confirmed; kernel -> client passed on
         self._end = StreamEnd()
         self._inbuf = bytearray()
@@ -231,6 +237,11 @@ class ClientStream(asyncio.Protocol):
         """Open a channel to the relay and create (or resume) this stream there."""
         self._target, self._resume = target, resume
         self.state = StreamState.OPENING
+        if not resume:
+            if self._answered and not target.answers_zmtp:  # cannot be taken back
+                self.close()
+                return
+            self._answer_zmtp(target)
         side: _ChannelSide
         try:
             if isinstance(target.relay, str):
@@ -254,8 +265,23 @@ class ClientStream(asyncio.Protocol):
             return
         self._side, self._inbuf, self._phase = side, bytearray(), "proof"
         self._nonce = wire.new_nonce()
-        hello = wire.hello(self._nonce, self.sid, self.channel, resume, self._end.received)
+        answered = self._answered and not resume
+        hello = wire.hello(
+            self._nonce, self.sid, self.channel, resume, self._end.received, answered
+        )
         side.channel.write(wire.encode_line(hello))
+
+    def _answer_zmtp(self, target: Target) -> None:
+        """Say the kernel's ZMTP handshake to the client now (see host/zmtp): its first
+        request then leaves with its own handshake, two round trips sooner."""
+        if self._answered or not target.answers_zmtp or self._preamble is None:
+            return
+        if self._end.received or self._transport is None or self._transport.is_closing():
+            return
+        self._answered = True
+        self._transport.write(zmtp.kernel_handshake(self.channel))
+        if self._watch is not None:
+            self._watch.past_greeting()  # the relay's stream starts at the first message
 
     def from_relay(self, side: _ChannelSide, data: bytes) -> None:
         if side is not self._side or self.state is StreamState.CLOSED:

@@ -14,6 +14,8 @@ from .output import log
 from .wire import StreamEnd
 from .zmtp import (
     DROPPABLE_MESSAGES,
+    GREETING_SIZE,
+    HandshakeSkip,
     MessageCutter,
     execution_state,
     message_type,
@@ -42,7 +44,9 @@ class RelayStream(StreamEnd):
     sent that the kernel has not taken yet, and (as a ``StreamEnd``) the kernel's output
     the client has not confirmed."""
 
-    def __init__(self, sid: str, channel: str, kernel: socket.socket) -> None:
+    def __init__(
+        self, sid: str, channel: str, kernel: socket.socket, answered: bool = False
+    ) -> None:
         super().__init__()
         self.sid, self.channel, self.kernel = sid, channel, kernel
         self.to_kernel = bytearray()
@@ -51,7 +55,13 @@ class RelayStream(StreamEnd):
         self.kernel_eof = self.close_sent = self.reading_paused = False
         self.stalled = False  # the client confirmed nothing for STALL_AFTER while ahead
         self.progress_at = time.monotonic()  # the last confirmation, or the last pause
-        self.cutter = MessageCutter() if channel == "iopub" else None
+        # The provisioner answered the client's ZMTP handshake: the kernel's comes off
+        self.skip = HandshakeSkip() if answered else None
+        # libzmq drops what comes with the end of a greeting in one read: the client's
+        # READY and first request wait here until the kernel has answered its greeting
+        self.after_greeting = bytearray()
+        self.greeting_taken = 0
+        self.cutter = MessageCutter(greeted=answered) if channel == "iopub" else None
         self.deciding = False  # within a message that may be dropped: which type is it?
         self.undecided = bytearray()  # its start, until the type is known
         self.dropping = False  # within a message being dropped
@@ -61,6 +71,28 @@ class RelayStream(StreamEnd):
         self.busy = False  # the kernel's last status on this stream
         self.notices: List[str] = []  # for the next gap between messages
         self.notice_for_next_cell = ""  # shown while idle: shown again in the next cell
+
+    def from_client(self, payload: bytes) -> None:
+        """The client's bytes, for the kernel (its greeting alone first, see above)."""
+        if self.skip is None or self.skip.greeted:
+            self.to_kernel += payload
+            return
+        room = max(0, GREETING_SIZE - self.greeting_taken)
+        self.to_kernel += payload[:room]
+        self.after_greeting += payload[room:]
+        self.greeting_taken += min(room, len(payload))
+
+    def kernel_greeted(self) -> bool:
+        """The kernel answered the greeting: what waited goes (True if anything did)."""
+        if not self.after_greeting or (self.skip is not None and not self.skip.greeted):
+            return False
+        self.to_kernel += self.after_greeting
+        self.after_greeting.clear()
+        return True
+
+    @property
+    def waiting_for_kernel(self) -> int:
+        return len(self.to_kernel) + len(self.after_greeting)
 
     @property
     def to_frame(self) -> bool:

@@ -122,6 +122,10 @@ class Relay(Holding):
         # The ports the kernel opened on its own ("tcp:6006": where to reach it), set
         # by the supervisor: a proven client's stream may go to these too.
         self.forwardable: Dict[str, Tuple[str, int]] = {}
+        # With the NULL mechanism the provisioner may answer a client's ZMTP handshake
+        # itself (see zmtp): the relay then takes the kernel's off the stream.
+        curve = spec.connection.get("curve_secretkey")
+        self.answers_zmtp = not curve
         # A client through an OpenSSH master before 9.4 has no way to a Unix socket.
         if (spec.relay_transport or transport) == "ipc":
             self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -349,7 +353,8 @@ class Relay(Holding):
                 link.phase = "open"
                 self.link_writable(link)
                 return
-            stream = RelayStream(sid, channel, kernel)
+            answered = bool(hello.get("zmtp_answered")) and self.answers_zmtp
+            stream = RelayStream(sid, channel, kernel, answered)
             self.streams[sid] = stream
             self.watch(stream.kernel, stream, True, False)
         link.phase = "open"
@@ -407,7 +412,7 @@ class Relay(Holding):
         for kind, acknowledged, payload in take_frames(link.inbuf):
             self.acknowledge(stream, acknowledged)
             if kind == FRAME_DATA:
-                stream.to_kernel += payload
+                stream.from_client(payload)
                 stream.took(payload)
                 if stream.ack_due:
                     link.outbuf += stream.frame(FRAME_ACK)
@@ -417,7 +422,8 @@ class Relay(Holding):
         if stream.to_kernel:
             self.kernel_writable(stream)
         # The kernel lags: leave the rest in the channel (SSH's window pushes back).
-        self.watch(link.sock, link, len(stream.to_kernel) < TO_KERNEL_HIGH, bool(link.outbuf))
+        reading = stream.waiting_for_kernel < TO_KERNEL_HIGH
+        self.watch(link.sock, link, reading, bool(link.outbuf))
 
     def acknowledge(self, stream: RelayStream, received: int) -> None:
         if stream.confirm(received):
@@ -452,7 +458,7 @@ class Relay(Holding):
         if link.closing and not link.outbuf:
             self.drop_link(link)
             return
-        reading = stream is None or len(stream.to_kernel) < TO_KERNEL_HIGH
+        reading = stream is None or stream.waiting_for_kernel < TO_KERNEL_HIGH
         self.watch(link.sock, link, reading, bool(link.outbuf))
         # A stream whose CLOSE went out ends when the client answers with its own (and
         # its count of what it got), not here: the channel may yet be lost with the
@@ -488,6 +494,14 @@ class Relay(Holding):
             if stream.link is None and not stream.unacked:
                 self.end_stream(stream)
             return
+        if stream.skip is not None:
+            data = stream.skip.feed(data)
+            if stream.kernel_greeted():
+                self.kernel_writable(stream)
+            if stream.skip.done:
+                stream.skip = None
+            if not data:
+                return
         self.take_from_kernel(stream, data)
         if not self.room(stream):
             # The kernel's socket keeps what no one reads, to its high-water mark.
@@ -516,7 +530,7 @@ class Relay(Holding):
         reading = not stream.kernel_eof and not stream.reading_paused
         self.watch(stream.kernel, stream, reading, bool(stream.to_kernel))
         link = stream.link
-        if link is not None and link.phase == "open" and len(stream.to_kernel) < TO_KERNEL_HIGH:
+        if link is not None and link.phase == "open" and stream.waiting_for_kernel < TO_KERNEL_HIGH:
             self.watch(link.sock, link, True, bool(link.outbuf))
 
     def end_stream(self, stream: RelayStream) -> None:

@@ -10,7 +10,8 @@ kernel's ZMQ sockets never see their peer leave.
 
 A channel starts with JSON lines, a challenge-response on the attach token (neither end
 sends the token, both prove they know it; the server proves it first):
-  client  {"hello": NONCE, "stream": ID, "channel": NAME, "resume": BOOL, "received": N}
+  client  {"hello": NONCE, "stream": ID, "channel": NAME, "resume": BOOL, "received": N,
+           "zmtp_answered": BOOL (a new stream whose client the provisioner greeted)}
   relay   {"nonce": NONCE2, "proof": prove(token, "relay", NONCE, NONCE2)}  or {"error": WHY}
   client  {"proof": prove(token, "client", NONCE2, NONCE)}
   relay   (resume only) {"received": M, "dropped_messages": ...} or {"error": WHY}
@@ -86,16 +87,26 @@ def take_line(buffer: bytearray) -> Optional[Dict[str, Any]]:
 
 
 def hello(
-    nonce: str, stream: str, channel: str, resume: bool = False, received: int = 0
+    nonce: str,
+    stream: str,
+    channel: str,
+    resume: bool = False,
+    received: int = 0,
+    zmtp_answered: bool = False,
 ) -> Dict[str, Any]:
-    """A client's first line on a channel to the relay."""
-    return {
+    """A client's first line on a channel to the relay.  ``zmtp_answered``: the client
+    got the kernel's ZMTP handshake from the provisioner (zmtp.kernel_handshake), so the
+    relay takes the kernel's own off the new stream."""
+    message = {
         "hello": nonce,
         "stream": stream,
         "channel": channel,
         "resume": resume,
         "received": received,
     }
+    if zmtp_answered:
+        message["zmtp_answered"] = True
+    return message
 
 
 def challenge(token: str, role: str, hello: Dict[str, Any]) -> Tuple[str, Dict[str, Any]]:

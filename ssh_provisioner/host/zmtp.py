@@ -1,8 +1,98 @@
-"""Just enough ZMTP 3 to cut a kernel's IOPub stream into messages, and to write one."""
+"""Just enough ZMTP 3 to cut a kernel's IOPub stream into messages, to write one, and
+to answer a client's handshake in the kernel's name.
+
+The handshake (greetings both ways, then READY both ways) would cost two round trips to
+the host before a client's first request could leave.  With the NULL mechanism what a
+kernel's socket says is known in advance (``kernel_handshake``): the provisioner says
+it to the client at once, the client's own greeting and READY travel to the kernel with
+its first request, and the relay takes the kernel's answer off the stream
+(``HandshakeSkip``).  CurveZMQ's handshake is the kernel's to answer: it goes through.
+"""
 
 import json
 import time
 from typing import Any, Dict, List, Optional
+
+from .wire import ProtocolError
+
+GREETING_SIZE = 64
+# The socket type the Jupyter messaging spec gives each of a kernel's channels.
+KERNEL_SOCKET_TYPES = {
+    "shell": b"ROUTER",
+    "control": b"ROUTER",
+    "stdin": b"ROUTER",
+    "iopub": b"PUB",
+    "hb": b"REP",
+}
+
+
+def _command(name: bytes, body: bytes) -> bytes:
+    payload = bytes([len(name)]) + name + body
+    if len(payload) > 255:
+        return b"\x06" + len(payload).to_bytes(8, "big") + payload
+    return bytes([0x04, len(payload)]) + payload
+
+
+def _property(name: bytes, value: bytes) -> bytes:
+    return bytes([len(name)]) + name + len(value).to_bytes(4, "big") + value
+
+
+def kernel_handshake(channel: str) -> bytes:
+    """What the kernel's socket for ``channel`` says first, with the NULL mechanism: a
+    ZMTP 3.0 greeting (3.0, so that a client sends subscriptions as messages, which
+    every ZMTP 3 kernel reads) and READY with its socket type."""
+    socket_type = KERNEL_SOCKET_TYPES[channel]
+    greeting = b"\xff" + bytes(7) + b"\x01\x7f" + b"\x03\x00" + b"NULL".ljust(20, b"\x00")
+    greeting += bytes(GREETING_SIZE - len(greeting))  # as-server 0, then the filler
+    properties = _property(b"Socket-Type", socket_type)
+    if socket_type == b"ROUTER":  # as libzmq's ROUTER says it
+        properties += _property(b"Identity", b"")
+    return greeting + _command(b"READY", properties)
+
+
+class HandshakeSkip:
+    """Takes the kernel's own greeting and READY off the start of what its socket sends
+    a client that the provisioner answered already (``kernel_handshake``)."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        self.greeted = False  # the kernel's greeting is in: it has taken the client's
+        self.done = False
+
+    def feed(self, data: bytes) -> bytes:
+        """What of ``data`` comes after the kernel's handshake (b"" while in it)."""
+        if self.done:
+            return data
+        buffer = self.buffer
+        buffer += data
+        if len(buffer) < GREETING_SIZE:
+            return b""
+        self.greeted = True
+        if bytes(buffer[12:32]).rstrip(b"\x00") != b"NULL":
+            raise ProtocolError("the kernel's socket does not use the NULL mechanism")
+        position = GREETING_SIZE
+        while True:
+            if len(buffer) < position + 1:
+                return b""
+            flags = buffer[position]
+            head = 9 if flags & 0x02 else 2
+            if len(buffer) < position + head:
+                return b""
+            size = int.from_bytes(bytes(buffer[position + 1 : position + head]), "big")
+            if not flags & 0x04:
+                raise ProtocolError("the kernel's socket sent a message before READY")
+            if len(buffer) < position + head + size:
+                return b""
+            body = buffer[position + head : position + head + size]
+            name = bytes(body[1 : 1 + body[0]]) if size else b""
+            if name == b"ERROR":
+                raise ProtocolError("the kernel's socket refused the handshake")
+            position += head + size
+            if name == b"READY":
+                self.done = True
+                rest = bytes(buffer[position:])
+                buffer.clear()
+                return rest
 
 
 class MessageCutter:
@@ -13,10 +103,10 @@ class MessageCutter:
     GREETING = 64
     KEEP_FRAME = 4096  # frames of a message kept for ``frames`` (the headers are small)
 
-    def __init__(self) -> None:
+    def __init__(self, greeted: bool = False) -> None:
         self.header = bytearray()
         self.kind = "greeting"
-        self.remaining = self.GREETING
+        self.remaining = 0 if greeted else self.GREETING  # greeted: the handshake is off
         self.more = False
         self.in_message = False
         self.body = bytearray()

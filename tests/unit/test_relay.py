@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import zmq
 from jupyter_client.session import Session
 
 from ssh_provisioner.host.relay import Relay
@@ -30,7 +31,13 @@ from ssh_provisioner.host.wire import (
     take_frames,
     take_line,
 )
-from ssh_provisioner.host.zmtp import MessageCutter, message_type, stream_notice, zmtp_frames
+from ssh_provisioner.host.zmtp import (
+    MessageCutter,
+    kernel_handshake,
+    message_type,
+    stream_notice,
+    zmtp_frames,
+)
 
 TOKEN = "0123456789abcdef0123456789abcdef"  # noqa: S105  (a test token)
 KEY = "a-session-key"
@@ -316,3 +323,57 @@ def test_a_kernel_that_stopped_listening_gets_its_new_stream_refused_not_reset(
     assert (kind, payload) == (FRAME_CLOSE, NOT_LISTENING)
     assert client.closed()
     assert not server.streams  # nothing kept for it
+
+
+def test_a_client_answered_here_reaches_a_real_zmq_kernel_socket(tmp_path: Path) -> None:
+    """The provisioner says the kernel's ZMTP handshake to the client itself; through
+    the relay, the client's greeting reaches the kernel alone (libzmq drops what comes
+    with its end), the kernel's own handshake never reaches the client, and a request
+    and its reply cross as they would directly."""
+    context = zmq.Context()
+    kernel = context.socket(zmq.ROUTER)
+    client = context.socket(zmq.DEALER)
+    endpoint = str(tmp_path / "shell")
+    kernel.bind(f"ipc://{endpoint}")
+    runtime = tmp_path / "runtime"
+    runtime.mkdir(mode=0o700)
+    spec = LaunchSpec(
+        {"argv": ["k"], "kernel_id": "k", "attach_token": TOKEN, "connection": {"key": KEY}}
+    )
+    relay = Relay(spec, "ipc", {"shell": endpoint}, str(runtime))
+    local = socket.socket()
+    try:
+        assert relay.answers_zmtp
+        local.bind(("127.0.0.1", 0))
+        local.listen(1)
+        client.connect(f"tcp://127.0.0.1:{local.getsockname()[1]}")
+        accepted, _ = local.accept()
+        OPEN_SOCKETS.append(accepted)
+        accepted.settimeout(5)
+        accepted.sendall(kernel_handshake("shell"))  # what the provisioner says at once
+        client.send_multipart([b"", b"a request"])
+        sent = bytearray()
+        while len(sent) < 64 + 2 + 41 + 2 + 2 + len(b"a request"):  # greeting, READY, frames
+            sent += accepted.recv(65536)
+        through = Client(relay)
+        nonce = new_nonce()
+        through.send_line(hello(nonce, "s1", "shell", zmtp_answered=True))
+        through.send_line(answer(TOKEN, "relay", nonce, through.line()))
+        through.frame(FRAME_DATA, 0, bytes(sent))  # all in one piece, as a stream carries it
+        assert kernel.poll(5000)
+        identity, delimiter, request = kernel.recv_multipart()
+        assert (delimiter, request) == (b"", b"a request")
+        kernel.send_multipart([identity, b"", b"its reply"])
+        kind, _, payload = through.read_frame()
+        assert kind == FRAME_DATA
+        assert payload[:1] != b"\xff"  # no greeting: the kernel's handshake was taken off
+        accepted.sendall(payload)
+        assert client.poll(5000)
+        assert client.recv_multipart() == [b"", b"its reply"]
+    finally:
+        client.close(0)
+        kernel.close(0)
+        context.term()
+        local.close()
+        relay.close()
+        relay.thread.join(5)
