@@ -91,6 +91,7 @@ class RemoteKernel:
         self._tasks: list[asyncio.Task[None]] = []
         self._attach_token: str | None = None
         self._from_spare = False  # started by a spare launcher (see SpareExpired)
+        self._relay_known: asyncio.Future[dict[str, Any]] | None = None  # its early word
         self._stderr_task: asyncio.Task[None] | None = None
         self.handshake: Handshake | None = None
         # The ports the kernel listens on, as the launcher reports each change (watch_ports)
@@ -110,13 +111,16 @@ class RemoteKernel:
         timeout: float,
         spare: RemoteProcess | None = None,
         command: str | None = None,
+        relay_known: asyncio.Future[dict[str, Any]] | None = None,
     ) -> RemoteKernel:
         """Exec the launcher (or use a ``spare`` one), send it the spec, await its handshake.
 
         Over a link whose sessions are scarce (an OpenSSH master) the launcher detaches
         from its session, which ends once the kernel is supervised over its relay.
         ``command`` runs the launcher some other way (in a Slurm step, from the login
-        node): the launcher then stays in place, supervised over its relay."""
+        node): the launcher then stays in place, supervised over its relay.
+        ``relay_known`` gets the launcher's early word on its relay, which listens while
+        the kernel starts (the ports prove their channels meanwhile)."""
         via_relay = command is not None
         if not connection.unix_forwarding or via_relay:
             spec = {**spec, "relay_transport": "tcp"}
@@ -135,6 +139,7 @@ class RemoteKernel:
             raise session_open_error(str(host), "the launcher", exc) from exc
         kernel = cls(host, connection, process, kernel_id, via_relay=via_relay)
         kernel._from_spare = spare is not None
+        kernel._relay_known = relay_known
         kernel._attach_token = spec.get("attach_token")
         kernel._stderr_task = asyncio.create_task(kernel._pump_stderr())
         kernel._tasks.append(kernel._stderr_task)
@@ -189,6 +194,15 @@ class RemoteKernel:
         session.close()
 
     async def _read_handshake(self, python: str) -> Handshake:
+        while True:
+            event = await self._read_event(python)
+            if event.get("event") != "relay":
+                return self._handshake_of(event)
+            known = self._relay_known
+            if known is not None and not known.done():
+                known.set_result(event)
+
+    async def _read_event(self, python: str) -> dict[str, Any]:
         host = self.host
         try:
             line = await self._stdout.readline()
@@ -221,12 +235,24 @@ class RemoteKernel:
             )
         try:
             event = json.loads(line)
-            kind = event["event"]
+            if not isinstance(event, dict):
+                raise TypeError("not an object")
+        except (ValueError, TypeError) as exc:
+            raise LaunchError(
+                f"launcher on {host} sent an invalid handshake ({exc}): {line[:200]!r}",
+                host=str(host),
+            ) from exc
+        return event
+
+    def _handshake_of(self, event: dict[str, Any]) -> Handshake:
+        host = self.host
+        kind = event.get("event")
+        try:
             if kind == "ready":
                 return Handshake.from_event(event)
         except (ValueError, KeyError, TypeError) as exc:
             raise LaunchError(
-                f"launcher on {host} sent an invalid handshake ({exc}): {line[:200]!r}",
+                f"launcher on {host} sent an invalid handshake ({exc}): {str(event)[:200]!r}",
                 host=str(host),
             ) from exc
         if kind == "error":

@@ -47,7 +47,7 @@ from .control import start_launcher
 from .custody import SlurmCustody
 from .errors import HostKeyError, KernelUnreachable, SSHConnectError
 from .forwards import ForwardSettings, PortForwards
-from .handshake import Handshake, KernelGone
+from .handshake import LOOPBACK, Handshake, KernelGone
 from .link import RemoteProcess
 from .pool import ConnectionPool, Lease
 from .remote import CONNECTION_LOST_STATUS, RemoteKernel, SpareExpired
@@ -123,21 +123,28 @@ class KernelSession:
         """Run the launcher with ``spec``, await its handshake and relay the local ports
         to the kernel.  On failure nothing is left (the lease is released)."""
         settings = self.settings
+        loop = asyncio.get_running_loop()
 
         async def launch(lease: Lease) -> RemoteKernel:
             if self.custody is not None:
                 return await self.custody.launch_step(lease, spec)
 
             async def start(spare: RemoteProcess | None) -> RemoteKernel:
-                return await RemoteKernel.start(
-                    lease.connection,
-                    settings.host,
-                    python=settings.python,
-                    spec=spec,
-                    kernel_id=settings.kernel_id,
-                    timeout=settings.launch_timeout,
-                    spare=spare,
-                )
+                relay_known: asyncio.Future[dict[str, Any]] = loop.create_future()
+                preparing = asyncio.create_task(self._prepare(lease, spec, relay_known))
+                try:
+                    return await RemoteKernel.start(
+                        lease.connection,
+                        settings.host,
+                        python=settings.python,
+                        spec=spec,
+                        kernel_id=settings.kernel_id,
+                        timeout=settings.launch_timeout,
+                        spare=spare,
+                        relay_known=relay_known,
+                    )
+                finally:
+                    preparing.cancel()
 
             spare = lease.take_spare(settings.python) if settings.prewarm else None
             if spare is not None:
@@ -156,6 +163,25 @@ class KernelSession:
                 python, lambda connection: start_launcher(connection, python, spare=True)
             )
         self._running(lease, kernel)
+
+    async def _prepare(
+        self, lease: Lease, spec: dict[str, Any], relay_known: asyncio.Future[dict[str, Any]]
+    ) -> None:
+        """While the kernel starts: prove the ports' channels to its relay (see
+        KernelPorts.prepare), so the first request need not wait for them."""
+        event = await relay_known
+        with contextlib.suppress(KeyError, TypeError, ValueError):  # an odd word: skip it
+            relay = event["relay"]
+            self._ports.prepare(
+                self._target_at(
+                    lease,
+                    relay if isinstance(relay, str) else int(relay),
+                    str(event.get("relay_host") or LOOPBACK),
+                    f"{int(event['launcher_pid'])}:{event['runtime_dir']}",
+                    str(spec.get("attach_token") or ""),
+                    bool(event.get("answers_zmtp")),
+                )
+            )
 
     async def adopt(self, handshake: Handshake, token: str) -> None:
         """Take over a kernel that another process (or an earlier server) started."""
@@ -276,14 +302,29 @@ class KernelSession:
 
     def _target(self, lease: Lease, kernel: RemoteKernel) -> Target:
         ready = kernel.ready
+        launcher = f"{ready.launcher_pid}:{ready.runtime_dir}"
+        token = kernel.attach_token or ""
+        return self._target_at(
+            lease, ready.relay, ready.relay_host, launcher, token, ready.answers_zmtp
+        )
+
+    def _target_at(
+        self,
+        lease: Lease,
+        relay: int | str,
+        relay_host: str,
+        launcher: str,
+        token: str,
+        answers_zmtp: bool,
+    ) -> Target:
         return Target(
             connection=lease.connection,
-            relay=ready.relay,
-            token=kernel.attach_token or "",
-            launcher=f"{ready.launcher_pid}:{ready.runtime_dir}",
+            relay=relay,
+            token=token,
+            launcher=launcher,
             label=f"kernel {self.settings.kernel_id} on {self.settings.host_name}",
-            relay_host=ready.relay_host,
-            answers_zmtp=ready.answers_zmtp,
+            relay_host=relay_host,
+            answers_zmtp=answers_zmtp,
         )
 
     # -- RUNNING -> UNREACHABLE -> REATTACHING -> RUNNING | ABANDONED -------------------

@@ -160,7 +160,12 @@ class ClientStream(asyncio.Protocol):
         # While the ports' gate is closed (IOPub first), only the ZMTP handshake goes
         self._preamble = PreambleWatch() if channel in wire.CHANNELS else None
         self.gated = False
-        self._answered = False  # the client got the kernel's ZMTP handshake from here
+        self._answered = False  # the client gets the kernel's ZMTP handshake from here
+        # A spare: relayed before any client connected (while the kernel starts), its
+        # channel opened and proven; the next client of its port takes it.  Parked: its
+        # data waits until the kernel is ready.
+        self.spare = False
+        self.parked = False
         # client -> kernel bytes the relay has not confirmed; kernel -> client passed on
         self._end = StreamEnd()
         self._inbuf = bytearray()
@@ -186,7 +191,13 @@ class ClientStream(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)
-        self._ports.accepted(self)
+        if self._answered:  # a spare that promised the relay to answer the handshake
+            self._transport.write(zmtp.kernel_handshake(self.channel))
+        if self.spare:
+            self.spare = False
+            self._ports.took_spare(self)
+        else:
+            self._ports.accepted(self)
 
     def data_received(self, data: bytes) -> None:
         self._end.unacked += data
@@ -272,14 +283,16 @@ class ClientStream(asyncio.Protocol):
         side.channel.write(wire.encode_line(hello))
 
     def _answer_zmtp(self, target: Target) -> None:
-        """Say the kernel's ZMTP handshake to the client now (see host/zmtp): its first
-        request then leaves with its own handshake, two round trips sooner."""
+        """Say the kernel's ZMTP handshake to the client now (see host/zmtp), or as it
+        connects (a spare): its first request then leaves with its own handshake, two
+        round trips sooner."""
         if self._answered or not target.answers_zmtp or self._preamble is None:
             return
-        if self._end.received or self._transport is None or self._transport.is_closing():
+        if self._end.received or (self._transport is not None and self._transport.is_closing()):
             return
         self._answered = True
-        self._transport.write(zmtp.kernel_handshake(self.channel))
+        if self._transport is not None:
+            self._transport.write(zmtp.kernel_handshake(self.channel))
         if self._watch is not None:
             self._watch.past_greeting()  # the relay's stream starts at the first message
 
@@ -397,7 +410,16 @@ class ClientStream(asyncio.Protocol):
         if self._side is not None:
             self._side.channel.write(frame)
 
+    def unpark(self) -> None:
+        """The kernel is ready: what the client sent may go."""
+        if self.parked:
+            self.parked = False
+            if self.state is StreamState.OPEN:
+                self._send_data()
+
     def _send_data(self) -> None:
+        if self.parked:
+            return
         end = self._end
         upto = None
         if self.gated and self._preamble is not None:
@@ -421,6 +443,9 @@ class ClientStream(asyncio.Protocol):
         if self.state is StreamState.CLOSED:
             return
         self._side = None
+        if self._transport is None:  # a spare no client took: nothing to keep
+            self.close()
+            return
         if self.resumable:
             self.state = StreamState.SUSPENDED
             self._ports.suspended(self)
@@ -432,6 +457,9 @@ class ClientStream(asyncio.Protocol):
         """The kernel's connection is lost: keep the stream for a new channel (or, if
         the relay never had it, hold the connection again)."""
         if self.state is StreamState.CLOSED:
+            return
+        if self._transport is None:  # a spare no client took
+            self.close()
             return
         side, self._side = self._side, None
         self.state = StreamState.SUSPENDED if self.resumable else StreamState.HELD

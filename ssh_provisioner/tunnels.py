@@ -81,6 +81,7 @@ class KernelPorts:
         self._iopub_expected = 0
         self._iopub_subscribed = 0
         self._refusals_logged: dict[str, float] = {}  # channel: when
+        self.spares: dict[str, ClientStream] = {}  # a proven channel for the next client
 
     @classmethod
     async def open(cls, preferred: dict[str, int] | None = None) -> KernelPorts:
@@ -94,7 +95,7 @@ class KernelPorts:
                 wanted = (preferred or {}).get(channel, 0)
 
                 def protocol(channel: str = channel) -> ClientStream:
-                    return ClientStream(ports, channel)
+                    return ports.spares.pop(channel, None) or ClientStream(ports, channel)
 
                 try:
                     server = await loop.create_server(protocol, LOCAL_ADDRESS, wanted)
@@ -154,6 +155,27 @@ class KernelPorts:
     def forwarded(self) -> list[str]:
         return [channel for channel in self._servers if channel not in CHANNELS]
 
+    def prepare(self, target: Target) -> None:
+        """The kernel's relay listens and the kernel is starting: open and prove a
+        channel for each of its ports now, so that its first client, once the kernel is
+        ready (``relay_to``), only has to send."""
+        if self._target is not None or not self._servers:
+            return
+        for channel in CHANNELS:
+            if channel in self.spares or self._held[channel]:
+                continue
+            spare = self.spares[channel] = ClientStream(self, channel)
+            spare.spare = spare.parked = True
+            self._relay(spare, target)
+
+    def took_spare(self, stream: ClientStream) -> None:
+        """A client connected to a spare's port and took it."""
+        target = self._target
+        early = stream.target
+        if target is not None and early is not None and early.launcher == target.launcher:
+            stream.gated = stream.channel in GATED and not self._gate_open
+            stream.unpark()
+
     def relay_to(self, target: Target) -> None:
         """Relay to ``target`` from now on.  Suspended streams resume on the launcher that
         holds their streams.  New streams: IOPub first, the rest once the kernel has sent
@@ -179,6 +201,13 @@ class KernelPorts:
             self._gate_open = True
         for channel in list(self._held):
             self._relay_held(channel)  # gated ones send only their ZMTP handshake
+        for stream in list(self._relayed):  # spares, taken before the kernel was ready or not
+            if stream.parked and stream.target is not None:
+                if stream.target.launcher != target.launcher:
+                    stream.close()
+                elif not stream.spare:
+                    stream.gated = stream.channel in GATED and not self._gate_open
+                    stream.unpark()
 
     def suspend(self) -> None:
         """The kernel's connection is lost: its streams are kept (the relay on
@@ -264,8 +293,13 @@ class KernelPorts:
     def not_listening(self, stream: ClientStream) -> None:
         """The kernel no longer listens (it is ending): hold this connection and every
         new one for its next start (a restart), until then or the ports close."""
-        if self._target is not None and stream.target is self._target:
-            log.debug("%s: not listening; holding new connections", self._target.label)
+        target = self._target
+        if (
+            target is not None
+            and stream.target is not None
+            and stream.target.launcher == target.launcher
+        ):
+            log.debug("%s: not listening; holding new connections", target.label)
             self._target = None
             self._close_gate()
         self.hold(stream)
@@ -287,6 +321,8 @@ class KernelPorts:
             self._suspended.add(stream)
 
     def forget(self, stream: ClientStream) -> None:
+        if self.spares.get(stream.channel) is stream:
+            del self.spares[stream.channel]
         self._relayed.discard(stream)
         self._suspended.discard(stream)
         with contextlib.suppress(ValueError):

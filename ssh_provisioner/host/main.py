@@ -134,7 +134,7 @@ def main() -> int:
     status = 1
     try:
         try:
-            emit(supervisor.start())
+            emit(supervisor.start(early=emit))
         except LaunchFailed as exc:
             supervisor.stop_kernel()
             emit(

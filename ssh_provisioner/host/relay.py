@@ -21,6 +21,7 @@ from .holding import STALL_AFTER, Holding, RelayStream
 from .output import log
 from .spec import MIN_OUTAGE_BUFFER, LaunchSpec
 from .wire import (
+    CHANNELS,
     FRAME_ACK,
     FRAME_CLOSE,
     FRAME_DATA,
@@ -52,7 +53,7 @@ class RelayLink:
         self.sock = sock
         self.inbuf = bytearray()
         self.outbuf = bytearray()
-        self.phase = "hello"  # -> "proof" -> "open"
+        self.phase = "hello"  # -> "proof" -> ("proven": no stream until its first data) -> "open"
         self.hello: Dict[str, Any] = {}
         self.nonce = ""
         self.stream: Optional[RelayStream] = None
@@ -227,7 +228,7 @@ class Relay(Holding):
                 self.watch(self.server, self, False, False)
                 self.accept_resumes_at = time.monotonic() + ACCEPT_BACKOFF
             return
-        unproven = [link for link in self.links if link.phase != "open"]
+        unproven = [link for link in self.links if link.phase in ("hello", "proof")]
         if len(unproven) >= self.unproven_max:
             # A flood: the oldest silent connection makes room (a real client speaks
             # within a round trip of connecting), else the oldest of all.
@@ -254,7 +255,7 @@ class Relay(Holding):
                 if stream.cutter is not None:
                     self.queue_notice(stream, text)
         for link in list(self.links):
-            if link.phase != "open" and now - link.since > HANDSHAKE_TIMEOUT:
+            if link.phase in ("hello", "proof") and now - link.since > HANDSHAKE_TIMEOUT:
                 self.drop_link(link)
         for stream in list(self.streams.values()):
             quiet = now - stream.progress_at > STALL_AFTER
@@ -280,7 +281,7 @@ class Relay(Holding):
         link.inbuf += data
         if link.phase == "open":
             self.heard_at = time.monotonic()
-        while link in self.links and link.phase != "open":
+        while link in self.links and link.phase not in ("open", "proven"):
             try:
                 message = take_line(link.inbuf)
             except ProtocolError:
@@ -289,6 +290,8 @@ class Relay(Holding):
             if message is None:
                 return
             self.handshake(link, message)
+        if link in self.links and link.phase == "proven" and link.inbuf:
+            self.create_stream(link)
         if link in self.links and link.stream is not None:
             self.read_frames(link, link.stream)
 
@@ -340,23 +343,43 @@ class Relay(Holding):
             stream.told = stream.received
             self.acknowledge(stream, int(hello.get("received") or 0))
         else:
-            if sid in self.streams or (
-                channel not in self.endpoints and channel not in self.forwardable
-            ):
+            if sid in self.streams or channel not in CHANNELS + tuple(self.forwardable):
                 self.drop_link(link)
                 return
-            try:
-                kernel = self.connect_kernel(channel)
-            except OSError:  # not listening: the kernel is ending
-                link.outbuf += not_listening_frame()
-                link.closing = True
-                link.phase = "open"
-                self.link_writable(link)
-                return
-            answered = bool(hello.get("zmtp_answered")) and self.answers_zmtp
-            stream = RelayStream(sid, channel, kernel, answered)
-            self.streams[sid] = stream
-            self.watch(stream.kernel, stream, True, False)
+            # Proven: a kernel channel's stream starts with its first data (the client
+            # may prove a channel while the kernel starts, before a client connected; a
+            # ZMQ peer always speaks first).  A port the kernel opened may be a server
+            # that speaks first: connected now.
+            link.phase = "proven"
+            if link.inbuf or channel not in CHANNELS:
+                self.create_stream(link)
+            return
+        self.attach_link(link, stream)
+
+    def create_stream(self, link: RelayLink) -> None:
+        """A proven link's first data is in: connect its stream to the kernel."""
+        hello = link.hello
+        sid, channel = str(hello["stream"]), str(hello["channel"])
+        if sid in self.streams or (
+            channel not in self.endpoints and channel not in self.forwardable
+        ):
+            self.drop_link(link)  # (a kernel channel before the kernel listened: never)
+            return
+        try:
+            kernel = self.connect_kernel(channel)
+        except OSError:  # not listening: the kernel is ending
+            link.outbuf += not_listening_frame()
+            link.closing = True
+            link.phase = "open"
+            self.link_writable(link)
+            return
+        answered = bool(hello.get("zmtp_answered")) and self.answers_zmtp
+        stream = RelayStream(sid, channel, kernel, answered)
+        self.streams[sid] = stream
+        self.watch(stream.kernel, stream, True, False)
+        self.attach_link(link, stream)
+
+    def attach_link(self, link: RelayLink, stream: RelayStream) -> None:
         link.phase = "open"
         link.stream = stream
         stream.link = link

@@ -216,13 +216,28 @@ class Supervisor:
         groups.discard(os.getpgid(0))
         return groups or {self.pgid}
 
-    def start(self) -> Dict[str, Any]:
+    def start(self, early: Callable[[Dict[str, Any]], None]) -> Dict[str, Any]:
+        """Start the kernel; the ready event once it listens.  The relay listens first,
+        and ``early`` is told where: the client opens and proves its channels while the
+        kernel starts (the relay takes their streams to the kernel once it is ready)."""
         recipe = self.recipe
         kernel_argv, env, resource_dir = recipe.kernel_command()
         cwd = recipe.kernel_cwd()
         deadline = time.monotonic() + self.spec.ready_timeout
+        relay = self.stream_relay = Relay(self.spec, self.transport, {}, self.runtime_dir)
+        early(
+            {
+                "event": "relay",
+                "relay": relay.address,
+                "relay_host": relay.host,
+                "answers_zmtp": relay.answers_zmtp,
+                "launcher_pid": os.getpid(),
+                "runtime_dir": self.runtime_dir,
+            }
+        )
         for attempt in range(1, BIND_ATTEMPTS + 1):
             endpoints = recipe.endpoints(attempt)
+            relay.endpoints = endpoints
             connection_file = recipe.connection_file(endpoints, attempt)
             names = {"connection_file": connection_file, "resource_dir": resource_dir}
             argv = [substitute(arg, names) for arg in kernel_argv]
@@ -254,11 +269,10 @@ class Supervisor:
                 "cwd_note": recipe.cwd_note,
             }
             descriptors = raise_descriptor_limit()  # the kernel, started above, keeps its own
-            self.stream_relay = Relay(self.spec, self.transport, endpoints, self.runtime_dir)
-            self.stream_relay.unproven_max = max(UNPROVEN_MIN, min(UNPROVEN_MAX, descriptors // 4))
-            self.ready_event["relay"] = self.stream_relay.address
-            self.ready_event["answers_zmtp"] = self.stream_relay.answers_zmtp
-            self.ready_event["relay_host"] = self.stream_relay.host
+            relay.unproven_max = max(UNPROVEN_MIN, min(UNPROVEN_MAX, descriptors // 4))
+            self.ready_event["relay"] = relay.address
+            self.ready_event["answers_zmtp"] = relay.answers_zmtp
+            self.ready_event["relay_host"] = relay.host
             self.listen_for_reattach()
             self.stream_relay.control_path = self.control_path
             if self.spec.watch_ports:

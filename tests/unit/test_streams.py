@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TypeVar
 
@@ -157,6 +157,7 @@ async def test_after_a_restart_other_channels_wait_for_iopubs_clients(tmp_path: 
         assert await asyncio.wait_for(before[0].read(), DEADLINE) == b""
         before[1].close()
         subscriber = await asyncio.open_connection("127.0.0.1", ports.numbers["iopub"])
+        subscriber[1].write(GREETING[:10])  # a ZMQ peer speaks first: its signature
         restarted = Target(LocalLink(), str(relay.address), TOKEN, "launcher-2", "kernel k")
         ports.relay_to(restarted)
         reader, writer = await asyncio.open_connection("127.0.0.1", ports.numbers["shell"])
@@ -173,3 +174,38 @@ async def test_after_a_restart_other_channels_wait_for_iopubs_clients(tmp_path: 
         writer.close()
         subscriber[1].close()
     server.close()
+
+
+class CountingLink(LocalLink):
+    """A LocalLink that counts the channels opened to the relay."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.opened = 0
+
+    async def open_unix(self, factory: Callable[[], S], path: str) -> S:
+        self.opened += 1
+        return await super().open_unix(factory, path)
+
+
+@pytest.mark.asyncio
+async def test_channels_proven_while_the_kernel_starts_carry_its_first_clients(
+    tmp_path: Path,
+) -> None:
+    """The relay listens before the kernel does: each port opens and proves a channel
+    then, and the first client of a port, once the kernel is ready, only has to send
+    (over a long link, two round trips that no request waits for)."""
+    async with rig(tmp_path) as (ports, relay, kernel):
+        link = CountingLink()
+        ports.prepare(target(link, relay))
+        deadline = asyncio.get_running_loop().time() + DEADLINE
+        while sum(1 for each in relay.links if each.phase == "proven") < 5:
+            assert asyncio.get_running_loop().time() < deadline, "the spares were not proven"
+            await asyncio.sleep(0.01)
+        assert not kernel.writers  # nothing reached the kernel: no client yet
+        ports.relay_to(target(link, relay))  # the kernel is ready
+        reader, writer = await asyncio.open_connection("127.0.0.1", ports.numbers["shell"])
+        writer.write(b"the first request")
+        assert await read_exactly(reader, 17) == b"the first request"
+        assert link.opened == 5  # the client took its port's spare: no channel of its own
+        writer.close()
