@@ -410,6 +410,26 @@ class ClientStream(asyncio.Protocol):
         if self._side is not None:
             self._side.channel.write(frame)
 
+    def take_client(self, held: ClientStream) -> bool:
+        """Carry ``held``'s client (connected while the kernel was away, nothing of it
+        relayed yet) on this spare's proven channel; False if it cannot."""
+        transport = held._transport
+        fresh = not held._end.acked and not held._end.received and not held._created
+        if not self.spare or transport is None or transport.is_closing() or not fresh:
+            return False
+        if held._answered and not self._answered:  # its client has the handshake already,
+            return False  # and this relay would not take the kernel's off
+        self.spare = False
+        held._transport, held.state = None, StreamState.CLOSED
+        held._ports.forget(held)
+        self._end.unacked += held._end.unacked
+        self._preamble, self._client_paused = held._preamble, held._client_paused
+        self._transport = transport
+        transport.set_protocol(self)
+        if self._answered and not held._answered:
+            transport.write(zmtp.kernel_handshake(self.channel))
+        return True
+
     def unpark(self) -> None:
         """The kernel is ready: what the client sent may go."""
         if self.parked:

@@ -162,7 +162,7 @@ class KernelPorts:
         if self._target is not None or not self._servers:
             return
         for channel in CHANNELS:
-            if channel in self.spares or self._held[channel]:
+            if channel in self.spares:
                 continue
             spare = self.spares[channel] = ClientStream(self, channel)
             spare.spare = spare.parked = True
@@ -199,6 +199,12 @@ class KernelPorts:
             )
         else:
             self._gate_open = True
+        for channel, spare in list(self.spares.items()):  # a held client takes its port's spare
+            early = spare.target
+            held = self._held[channel]
+            same = early is not None and early.launcher == target.launcher
+            if held and same and spare.take_client(held[0]):
+                del self.spares[channel]
         for channel in list(self._held):
             self._relay_held(channel)  # gated ones send only their ZMTP handshake
         for stream in list(self._relayed):  # spares, taken before the kernel was ready or not

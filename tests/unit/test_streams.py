@@ -209,3 +209,25 @@ async def test_channels_proven_while_the_kernel_starts_carry_its_first_clients(
         assert await read_exactly(reader, 17) == b"the first request"
         assert link.opened == 5  # the client took its port's spare: no channel of its own
         writer.close()
+
+
+@pytest.mark.asyncio
+async def test_a_client_held_through_a_restart_takes_its_ports_spare(tmp_path: Path) -> None:
+    """A client that reconnected while the kernel restarted is held; once the new
+    kernel is ready it goes out on the channel its port proved meanwhile."""
+    async with rig(tmp_path) as (ports, relay, _):
+        reader, writer = await asyncio.open_connection("127.0.0.1", ports.numbers["shell"])
+        writer.write(b"sent during the restart")
+        await writer.drain()
+        link = CountingLink()
+        ports.prepare(target(link, relay))  # the new kernel's relay listens
+        deadline = asyncio.get_running_loop().time() + DEADLINE
+        while sum(1 for each in relay.links if each.phase == "proven") < 5:
+            assert asyncio.get_running_loop().time() < deadline, "the spares were not proven"
+            await asyncio.sleep(0.01)
+        ports.relay_to(target(link, relay))
+        assert await read_exactly(reader, 23) == b"sent during the restart"
+        assert link.opened == 5
+        writer.write(b" and after")
+        assert await read_exactly(reader, 10) == b" and after"
+        writer.close()
