@@ -132,6 +132,8 @@ def wide_area_host(profile: Profile) -> Iterator[WideAreaHost]:
         if line is not None:
             line.kill()
             line.wait()
+            if line.stdout is not None:
+                line.stdout.close()
         subprocess.run(["ip", "netns", "del", namespace], capture_output=True, check=False)
 
 

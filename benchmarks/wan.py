@@ -55,7 +55,7 @@ class TripCounter(logging.Handler):
         self.seen: collections.Counter[str] = collections.Counter()
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.seen[str(record.args[-1] if record.args else record.msg)] += 1  # type: ignore[index]
+        self.seen[str(record.args[1] if record.args else record.msg)] += 1  # type: ignore[index]
 
     @contextmanager
     def counting(self) -> Iterator[collections.Counter[str]]:

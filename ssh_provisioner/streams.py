@@ -270,7 +270,7 @@ class ClientStream(asyncio.Protocol):
             if self.state is StreamState.OPENING:  # (suspend() has dealt with it otherwise)
                 self.close()
             raise
-        trip(target.label, "stream open")  # one per client connection, in parallel
+        trip(target.label, "stream open", self.channel)  # one per client connection, in parallel
         if self.state is not StreamState.OPENING or self._target is not target:
             side.channel.close()  # closed or suspended while the channel opened
             return
@@ -322,7 +322,7 @@ class ClientStream(asyncio.Protocol):
             except wire.ProtocolError:
                 self._refuse("a relay that cannot prove it knows the kernel's token")
                 return False
-            trip(target.label, "stream challenge")
+            trip(target.label, "stream challenge", self.channel)
             side.channel.write(wire.encode_line(proof))
             self._created = True
             if self._resume:
@@ -330,7 +330,7 @@ class ClientStream(asyncio.Protocol):
             else:
                 self._opened()
             return True
-        trip(target.label, "stream resume")  # "resumed": how far it got
+        trip(target.label, "stream resume", self.channel)  # "resumed": how far it got
         if "error" in message:
             log.info("%s: %s stream not resumed: %s", target.label, self.channel, message["error"])
             self.close()

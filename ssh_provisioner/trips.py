@@ -14,6 +14,7 @@ import logging
 log = logging.getLogger(__name__)
 
 
-def trip(host: object, why: str) -> None:
-    """One round trip to ``host``, waited for because of ``why`` (the counted name)."""
-    log.debug("round trip to %s: %s", host, why)
+def trip(host: object, why: str, detail: str = "") -> None:
+    """One round trip to ``host``, waited for because of ``why`` (the counted name;
+    ``detail`` says which one, a stream's channel for instance)."""
+    log.debug("round trip to %s: %s %s", host, why, detail)
