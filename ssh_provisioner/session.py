@@ -28,7 +28,8 @@ states::
     any state -> CLOSED  (aclose)
 
 Each transition is one method.  ``aclose()`` is idempotent and completes even when the
-caller is cancelled.  The seat calls into it.
+caller is cancelled.  The seat calls into it.  (Over 500 lines for that reason: the
+glossary and one method per transition, each with the words that explain it.)
 """
 
 from __future__ import annotations
