@@ -3,37 +3,17 @@ pair. Its addresses exist only between this machine and that namespace."""
 
 from __future__ import annotations
 
-import fcntl
-import ipaddress
-import re
 import subprocess
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-# Each link a /30 of its own in 10.199/16 (the Slurm rig takes 10.200-249), claimed
-# under a lock as the first block no interface has: pytest-xdist workers, and the test
-# sessions of other checkouts on this machine, never share one.
-_CLAIM_LOCK = "/run/lock/ssh-provisioner-tests-netns.lock"
+from benchmarks.delay_line import claimed_block
 
-
-@contextmanager
-def _claimed_block() -> Iterator[tuple[str, str]]:
-    """(host side, namespace side) of a free /30; the caller assigns the host side
-    before this returns (so the next claim sees it taken)."""
-    with open(_CLAIM_LOCK, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        shown = subprocess.run(
-            ["ip", "-o", "-4", "addr", "show"], capture_output=True, text=True, check=True
-        ).stdout
-        taken = {
-            int(ipaddress.IPv4Address(found)) & ~3
-            for found in re.findall(r"inet (10\.199\.\d+\.\d+)/", shown)
-        }
-        first = int(ipaddress.IPv4Address("10.199.0.0"))
-        base = next(b for b in range(first, first + 65536, 4) if b not in taken)
-        yield str(ipaddress.IPv4Address(base + 1)), str(ipaddress.IPv4Address(base + 2))
+# Each link a /30 of its own in 10.199/16 (the Slurm rig takes 10.200-249, the WAN
+# rig 10.197), claimed under a lock as the first block no interface has: pytest-xdist
+# workers, and the test sessions of other checkouts on this machine, never share one.
 
 
 def _ip(*args: str) -> None:
@@ -62,7 +42,7 @@ def namespace_host() -> Iterator[Link]:
     try:
         _ip("link", "add", veth, "type", "veth", "peer", "name", peer)
         _ip("link", "set", peer, "netns", namespace)
-        with _claimed_block() as (host_side, namespace_side):
+        with claimed_block("10.199.0.0") as (host_side, namespace_side):
             _ip("addr", "add", f"{host_side}/30", "dev", veth)
         _ip("link", "set", veth, "up")
         _ip("-n", namespace, "addr", "add", f"{namespace_side}/30", "dev", peer)
