@@ -38,9 +38,18 @@ from .sshd import (
 )
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+# The longest modules first.  With pytest-xdist's loadfile a module runs on one worker,
+# handed out in collection order, and one handed out last is the run's tail (the soak
+# alone takes nearly three minutes, the Slurm module more).
+LONGEST_FIRST = ("test_slurm.py", "test_soak.py", "test_control_master.py")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: each module keeps its own order
     reason = sshd_unavailable_reason()
     if reason is None:
         return
