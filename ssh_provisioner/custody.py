@@ -119,6 +119,7 @@ class SlurmCustody:
                 kernel_id=settings.kernel_id,
                 timeout=settings.launch_timeout,
                 command=slurm.step_command(job.job_id, settings.python, SPARE_WAIT),
+                log_level=settings.kernel_log_level,
             )
         except BaseException:
             if submitted:  # a job of this start only: nothing of it may remain

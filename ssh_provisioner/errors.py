@@ -22,6 +22,11 @@ class ProvisionerConfigError(SSHProvisionerError, ValueError):
     """The provisioner's configuration (kernelspec ``config`` block or Jupyter config) is wrong."""
 
 
+class OptionRefused(ProvisionerConfigError):
+    """A user's choice at start (``user_options``) outside what the kernelspec allows:
+    nothing was started."""
+
+
 class HostSelectionError(SSHProvisionerError):
     """No configured host could be chosen for the kernel."""
 

@@ -103,6 +103,22 @@ class ProvisionerOptions(LoggingConfigurable):
         "apart ends itself; 120, 0 = never). A restart is a new step in the same job; "
         "shutdown cancels it.",
     )
+    user_options = Dict(
+        config=True,
+        help="What a user may choose when starting a kernel, with bounds: a dict from a "
+        "name (host, partition, gpus, cpus_per_task, mem, time, account, qos) to {'choices': "
+        "[...]} or {'min': .., 'max': ..}, each with an optional 'default' and 'label'. "
+        "JupyterLab shows a form; scripts pass start_kernel(user_options={...}) or "
+        "KERNEL_SSH_<NAME> variables. A value outside the bounds is refused before "
+        "anything starts; restarts keep the choice.",
+    )
+    kernel_log_level = CaselessStrEnum(
+        ["debug", "info", "warning"],
+        default_value="debug",
+        config=True,
+        help="The level at which the kernel's own stderr goes to this server's log, each "
+        "line prefixed with the kernel's id and host.",
+    )
     connect_options = Dict(
         config=True,
         help="Keyword arguments passed to asyncssh.connect (client_keys, known_hosts, "

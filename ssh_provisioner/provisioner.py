@@ -3,8 +3,10 @@ seat (the options it takes are options.py's)."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import difflib
+import logging
 import posixpath
 import signal
 import time
@@ -14,11 +16,13 @@ from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 from traitlets import TraitError
 
+from .choices import SLURM_CHOOSABLE, UserOptions, from_env
 from .connect import check_connect_options
 from .encryption import negotiate
 from .engine import get_engine
 from .errors import (
     KernelUnreachable,
+    LaunchError,
     ProvisionerConfigError,
     SessionLimitError,
     SSHConnectError,
@@ -37,8 +41,10 @@ from .policies import HostPolicy, Placement, load_policy
 from .pool import Lease
 from .probe import run_probe
 from .seat import KernelSeat
+from .session import KernelSession
 from .settings import SessionSettings
 from .slurm import SlurmJob, SlurmSettings
+from .status import ENDED, FAILED, RUNNING, STARTING, board
 
 _BASE_INIT_ARGS = frozenset({"kernel_id", "kernel_spec", "parent", "config", "log"})
 
@@ -80,6 +86,16 @@ class SSHProvisioner(KernelProvisionerBase, ProvisionerOptions):  # type: ignore
                 parse_rules(entry.override("kbdint", []))
                 mode_of({USE_CONTROL_MASTER: entry.override("use_control_master", None)})
             self._slurm = SlurmSettings.parse(self.slurm) if self.slurm else None
+            self._declared_slurm = self._slurm  # the user's choices go on top, per start
+            self._user_options = UserOptions.parse(
+                self.user_options, [entry.name for entry in self._entries]
+            )
+            slurm_choices = {o.name for o in self._user_options.options} - {"host"}
+            if slurm_choices and self._slurm is None:
+                raise ProvisionerConfigError(
+                    f"user_options {', '.join(sorted(slurm_choices))}: Slurm's, and there "
+                    "is no 'slurm' section"
+                )
             self._forwards = ForwardSettings.parse(
                 self.forward_ports, self.forward_bind, jupyter_proxy_base(self.parent)
             )
@@ -92,6 +108,9 @@ class SSHProvisioner(KernelProvisionerBase, ProvisionerOptions):  # type: ignore
         except ProvisionerConfigError as exc:
             raise ProvisionerConfigError(f"{where}: {exc}") from exc
         self._plan: LaunchPlan | None = None
+        self.choices: dict[str, Any] = {}  # the user's, checked (choices.py)
+        self._starting: asyncio.Task[KernelSession] | None = None  # the engine's
+        self._start_stopped = False  # stop_start() was called
         self.seat = KernelSeat(str(self.kernel_id))  # what outlives restarts (see seat)
         self.keys = KernelKeys(self.parent)
 
@@ -151,8 +170,29 @@ class SSHProvisioner(KernelProvisionerBase, ProvisionerOptions):  # type: ignore
             raise ProvisionerConfigError(
                 f"kernelspec {self.kernel_spec.display_name!r}: empty argv"
             )
-        self._plan = await plan_launch(
+        where = f"kernelspec {self.kernel_spec.display_name!r}"
+        chosen = from_env(request_env, self._user_options)
+        chosen.update(kwargs.pop("user_options", None) or {})
+        self.choices = self._user_options.resolve(chosen, where)
+        if self._declared_slurm is not None:
+            slurm = {k: v for k, v in self.choices.items() if k in SLURM_CHOOSABLE}
+            self._slurm = self._declared_slurm.with_choices(slurm)
+        plan = await plan_launch(
             self.kernel_spec, request_env, argv, self.forward_env, local_cwd or None
+        )
+        if "host" in self.choices:
+            plan = dataclasses.replace(plan, pinned_host=self.choices["host"])
+        self._plan = plan
+        board.post(
+            str(self.kernel_id),
+            kernelspec=getattr(self.parent, "kernel_name", ""),
+            display_name=self.kernel_spec.display_name,
+            phase=STARTING,
+            started=time.time(),
+            start_kind="cold",
+            session_path=request_env.get("JPY_SESSION_NAME", ""),  # Jupyter Server's
+            choices=self.choices,
+            error="",
         )
         kwargs["cmd"] = argv
         return kwargs
@@ -192,22 +232,62 @@ class SSHProvisioner(KernelProvisionerBase, ProvisionerOptions):  # type: ignore
             )
 
         started = time.perf_counter()
-        session = await get_engine().run(seat.start(request, tries, self._settings, spec))
+
+        async def start() -> KernelSession:
+            self._starting = asyncio.current_task()  # (on the engine: see stop_start)
+            return await seat.start(request, tries, self._settings, spec)
+
+        starting = get_engine().submit(start())
+        try:
+            session = await asyncio.wrap_future(starting)
+        except asyncio.CancelledError:
+            if not starting.cancelled() or not self._start_stopped:
+                raise  # the caller's own cancellation
+            board.post(str(self.kernel_id), phase=ENDED, error="")
+            raise LaunchError(
+                f"kernel {self.kernel_id}: its start was stopped (shut down before it ran)",
+                host=plan.pinned_host or "",
+            ) from None
+        except BaseException as exc:
+            board.post(str(self.kernel_id), phase=FAILED, error=str(exc) or type(exc).__name__)
+            raise
+        finally:
+            self._starting = None
         handshake = session.handshake
         entry = seat.placement.entry if seat.placement else None
+        transport = entry.override("remote_transport", self.remote_transport) if entry else "?"
+        board.post(
+            str(self.kernel_id),
+            phase=RUNNING,
+            transport=transport,
+            curve=self.keys.curve is not None,
+            ready_ms=round((time.perf_counter() - started) * 1000),
+        )
         self.log.info(
             "kernel %s on %s (%s): pid %d, %s transport, ready in %.0f ms",
             self.kernel_id,
             entry.name if entry else "?",
             handshake.hostname if handshake else "?",
             handshake.pid if handshake else 0,
-            entry.override("remote_transport", self.remote_transport) if entry else "?",
+            transport,
             (time.perf_counter() - started) * 1000,
         )
         if entry is not None and handshake is not None and plan.local_cwd:
             self._say_where(entry, plan, handshake)
         self.connection_info = self.keys.local_connection_info(session.local_ports)
         return self.connection_info
+
+    def stop_start(self) -> bool:
+        """Stop a start still under way (a Slurm job waiting in the queue): the job is
+        cancelled and the start fails at once, rather than when the job runs.  For Jupyter
+        Server's pending kernels, whose shutdown otherwise waits for the start to end."""
+        starting = self._starting
+        if starting is None or starting.done():
+            return False
+        self._start_stopped = True
+        # the engine's task, not our wait for it: its clean-up (scancel) ends first
+        get_engine().loop.call_soon_threadsafe(starting.cancel)
+        return True
 
     def _say_where(self, entry: HostEntry, plan: LaunchPlan, handshake: Handshake) -> None:
         """Why the kernel is not in the notebook's folder, when path_map could say."""
@@ -285,11 +365,15 @@ class SSHProvisioner(KernelProvisionerBase, ProvisionerOptions):  # type: ignore
         unless this is a restart (the next kernel runs in the same job).
         """
         seat = self.seat
-        if seat.session is None and (restart or (seat.ports is None and seat.job is None)):
-            seat.reaped = True  # nothing to release: no hop to the engine
-            return
-        release = seat.release(restart, self.connect_options_for, self.pool_idle_timeout)
-        await get_engine().run(release)
+        try:
+            if seat.session is None and (restart or (seat.ports is None and seat.job is None)):
+                seat.reaped = True  # nothing to release: no hop to the engine
+                return
+            release = seat.release(restart, self.connect_options_for, self.pool_idle_timeout)
+            await get_engine().run(release)
+        finally:
+            if not restart:
+                board.drop(str(self.kernel_id))
 
     async def get_provisioner_info(self) -> dict[str, Any]:
         """Called by applications that persist kernels (to reattach from another process).
@@ -399,4 +483,5 @@ class SSHProvisioner(KernelProvisionerBase, ProvisionerOptions):  # type: ignore
             prewarm=self.prewarm_launcher and self._slurm is None,  # spares: login node's
             slurm=self._slurm,
             forwards=self._forwards,
+            kernel_log_level=logging.getLevelName(self.kernel_log_level.upper()),
         )

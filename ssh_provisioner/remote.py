@@ -43,7 +43,7 @@ from .trips import trip
 
 log = logging.getLogger(__name__)
 
-STDERR_TAIL_LINES = 40
+STDERR_TAIL_LINES = 50
 CLOSE_GRACE = 5.0
 COMMAND_NOT_FOUND = 127
 CONNECTION_LOST_STATUS = 255  # what ssh(1) reports when the link, not the command, failed
@@ -79,9 +79,11 @@ class RemoteKernel:
         kernel_id: str,
         *,
         via_relay: bool = False,
+        log_level: int = logging.DEBUG,
     ) -> None:
         self.host = host
         self.via_relay = via_relay
+        self.log_level = log_level  # of the kernel's stderr lines (kernel_log_level)
         self.connection = connection
         self.kernel_id = kernel_id
         self._process = process
@@ -112,6 +114,7 @@ class RemoteKernel:
         spare: RemoteProcess | None = None,
         command: str | None = None,
         relay_known: asyncio.Future[dict[str, Any]] | None = None,
+        log_level: int = logging.DEBUG,
     ) -> RemoteKernel:
         """Exec the launcher (or use a ``spare`` one), send it the spec, await its handshake.
 
@@ -137,7 +140,7 @@ class RemoteKernel:
                 process = spare or await start_launcher(connection, python)
         except (asyncssh.Error, OSError) as exc:
             raise session_open_error(str(host), "the launcher", exc) from exc
-        kernel = cls(host, connection, process, kernel_id, via_relay=via_relay)
+        kernel = cls(host, connection, process, kernel_id, via_relay=via_relay, log_level=log_level)
         kernel._from_spare = spare is not None
         kernel._relay_known = relay_known
         kernel._attach_token = spec.get("attach_token")
@@ -277,12 +280,13 @@ class RemoteKernel:
         kernel_id: str,
         timeout: float,
         via_relay: bool = False,
+        log_level: int = logging.DEBUG,
     ) -> RemoteKernel:
         """A kernel started by another process (or before a restart of this one)."""
         process, reader = await control_channel(
             connection, host, python, handshake, token, kernel_id, timeout, via_relay
         )
-        kernel = cls(host, connection, process, kernel_id, via_relay=via_relay)
+        kernel = cls(host, connection, process, kernel_id, via_relay=via_relay, log_level=log_level)
         kernel._stdout = reader
         kernel._attach_token = token
         kernel.handshake = handshake
@@ -402,7 +406,7 @@ class RemoteKernel:
                     return
                 text = line.decode("utf-8", "replace").rstrip("\n")
                 self._stderr_tail.append(text)
-                log.debug("kernel %s on %s: %s", self.kernel_id, self.host, text)
+                log.log(self.log_level, "kernel %s on %s: %s", self.kernel_id, self.host, text)
 
     async def _drain_stderr(self) -> None:
         """Let the launcher's last words arrive before they are quoted in an error."""

@@ -54,6 +54,7 @@ from .pool import ConnectionPool, Lease
 from .remote import CONNECTION_LOST_STATUS, RemoteKernel, SpareExpired
 from .settings import SessionSettings
 from .slurm import SlurmJob
+from .status import ENDED, LINK_DOWN, RUNNING, board
 from .streams import Target
 from .tunnels import KernelPorts
 
@@ -143,12 +144,14 @@ class KernelSession:
                         timeout=settings.launch_timeout,
                         spare=spare,
                         relay_known=relay_known,
+                        log_level=settings.kernel_log_level,
                     )
                 finally:
                     preparing.cancel()
 
             spare = lease.take_spare(settings.python) if settings.prewarm else None
             if spare is not None:
+                board.post(settings.kernel_id, start_kind="warm")  # (for the metrics)
                 try:
                     return await start(spare)
                 except SpareExpired:  # it gave up waiting as the spec went out
@@ -207,6 +210,7 @@ class KernelSession:
             kernel_id=settings.kernel_id,
             timeout=timeout,
             via_relay=settings.slurm is not None,
+            log_level=settings.kernel_log_level,
         )
 
     async def _use(
@@ -234,6 +238,10 @@ class KernelSession:
         self.handshake = kernel.ready
         self._ports.relay_to(self._target(lease, kernel))
         self.state = State.RUNNING
+        host = {"alias": self.settings.host_name, "hostname": kernel.ready.hostname}
+        host.update(user=lease.connection.username, via=lease.connection.description)
+        link = {"state": "connected", "since": time.time()}
+        board.post(self.settings.kernel_id, host=host, link=link)
         kernel.keep_alive(self.settings.ping_interval)
         self._following = asyncio.create_task(self._follow(kernel))
         if self.settings.forwards is not None:
@@ -286,6 +294,8 @@ class KernelSession:
         )
         while True:
             await forwards.update(await kernel.port_reports.get())
+            shown = {str(port): local for port, local in forwards.table.items()}
+            board.post(self.settings.kernel_id, forwards=shown)
 
     def _drop_forwards(self) -> None:
         """The kernel has ended (or is let go of): its forwards close."""
@@ -345,6 +355,9 @@ class KernelSession:
             self._lease = None
         started = time.monotonic()
         deadline = started + settings.reconnect_timeout
+        now = time.time()
+        link = {"state": "down", "since": now, "retry_until": now + settings.reconnect_timeout}
+        board.post(settings.kernel_id, phase=LINK_DOWN, link=link)
         log.warning(
             "kernel %s on %s: SSH connection lost; reconnecting for up to %gs",
             settings.kernel_id, settings.host_name, settings.reconnect_timeout,
@@ -380,6 +393,8 @@ class KernelSession:
                 self._lease = lease
                 self._ports.relay_to(self._target(lease, kernel))
                 self.state = State.RUNNING
+                link = {"state": "connected", "since": time.time(), "reattached": time.time()}
+                board.post(settings.kernel_id, phase=RUNNING, link=link)
                 log.warning(
                     "kernel %s on %s: reattached after %.1fs",
                     settings.kernel_id, settings.host_name, time.monotonic() - started,
@@ -394,6 +409,8 @@ class KernelSession:
                 settings.kernel_id, settings.host_name, settings.reconnect_timeout,
             )  # fmt: skip
         self.state = State.ABANDONED
+        link = {"state": "given-up", "since": time.time()}
+        board.post(settings.kernel_id, phase=ENDED, link=link)
         return False
 
     # -- while it runs ------------------------------------------------------------------

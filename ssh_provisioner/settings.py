@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,3 +29,4 @@ class SessionSettings:
     prewarm: bool
     slurm: SlurmSettings | None = None  # the kernel runs as a Slurm job, via this login node
     forwards: ForwardSettings | None = None  # forward the ports the kernel opens (or not)
+    kernel_log_level: int = logging.DEBUG  # of the kernel's stderr in this process's log

@@ -22,10 +22,12 @@ commands); a kernel's custody of its job is custody.py's.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import difflib
 import logging
 import re
 import shlex
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +38,7 @@ from .errors import ProvisionerConfigError, SlurmError
 from .host.supervisor import PROLOGUE_CWD
 from .link import CommandResult, SSHLink
 from .payload import BOOTSTRAP
+from .status import QUEUED, STARTING, board
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +129,19 @@ class SlurmSettings:
                 f"slurm option 'job_name': {settings.job_name!r} may use only {{kernel_id}} ({exc})"
             ) from None
         return settings
+
+    def with_choices(self, chosen: Mapping[str, Any]) -> SlurmSettings:
+        """These settings with a user's checked choices (choices.py) in place."""
+        values = {name: _coerce(name, value) for name, value in chosen.items()}
+        return dataclasses.replace(self, **values)
+
+    def facts(self, job_id: str, login: str) -> dict[str, Any]:
+        """For the status board: what was asked of Slurm."""
+        facts: dict[str, Any] = {"job_id": job_id, "login": login}
+        facts["partition"] = self.partition or ""
+        facts["gpus"], facts["time"] = self.gpus or "", self.time or ""
+        facts["warn_before_walltime"] = self.warn_before_walltime
+        return facts
 
     def sbatch_argv(self, kernel_id: str) -> list[str]:
         """sbatch's options: all on the command line (no secret is among them), so the
@@ -242,6 +258,8 @@ class JobInfo:
     nodes: str = ""
     time_left: float | None = None  # seconds, None if unlimited or not running
     detail: str = ""  # for UNKNOWN: what the command said
+    expected_start: str = ""  # while waiting: Slurm's estimate (its local time), if any
+    partition: str = ""
 
     @property
     def waiting(self) -> bool:
@@ -270,7 +288,29 @@ class JobInfo:
         if state in RUNNING_STATES and limit is not None and ran is not None:
             time_left = max(0.0, limit - ran)
         nodes = fields.get("NodeList", "")
-        return cls(state, fields.get("Reason", ""), "" if nodes == "(null)" else nodes, time_left)
+        start = fields.get("StartTime", "")
+        expected = start if state in WAITING_STATES and start[:1].isdigit() else ""
+        return cls(
+            state,
+            fields.get("Reason", ""),
+            "" if nodes == "(null)" else nodes,
+            time_left,
+            expected_start=expected,
+            partition=fields.get("Partition", ""),
+        )
+
+    def facts(self) -> dict[str, Any]:
+        """For the status board: the job as the user sees it."""
+        facts: dict[str, Any] = {"state": self.state, "reason": self.reason}
+        facts["expected_start"] = self.expected_start
+        if self.nodes:
+            facts["node"] = self.nodes
+        if self.partition:
+            facts["partition"] = self.partition
+        if self.time_left is not None:
+            # to 10 s: the estimate moves with each look, the page need not
+            facts["walltime_ends"] = round((time.time() + self.time_left) / 10) * 10
+        return facts
 
 
 async def run_command(
@@ -367,6 +407,7 @@ class SlurmJob:
                 host=login,
             )
         log.info("kernel %s: submitted Slurm job %s through %s", kernel_id, job_id, login)
+        board.post(kernel_id, phase=QUEUED, slurm=settings.facts(job_id, login))
         return cls(job_id, settings, kernel_id=kernel_id, login=login)
 
     async def query(self, link: SSHLink) -> JobInfo:
@@ -392,6 +433,7 @@ class SlurmJob:
             )  # fmt: skip
         else:
             self.last = info
+            board.post(self.kernel_id, slurm=info.facts())
         return info
 
     async def wait_running(self, link: SSHLink, *, timeout: float) -> JobInfo:
@@ -403,6 +445,10 @@ class SlurmJob:
         delay = 0.2
         while True:
             info = await self.query(link)
+            if info.waiting:
+                board.post(self.kernel_id, phase=QUEUED, start_kind="queued")
+            else:
+                board.post(self.kernel_id, phase=STARTING)
             if info.running:
                 waited = self.queue_wait = loop.time() - started
                 if waited >= 1:

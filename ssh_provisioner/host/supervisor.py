@@ -35,7 +35,7 @@ from .relay import ACCEPT_BACKOFF, UNPROVEN_MAX, UNPROVEN_MIN, Relay
 from .spec import LaunchSpec
 from .wire import LINE_MAX, challenge, encode_line, proven
 
-STDERR_TAIL_LINES = 40
+STDERR_TAIL_LINES = 50
 RUNTIME_DIR_PREFIX = "jupyter-sshp-"
 BIND_ATTEMPTS = 5
 PORT_TAKEN = "Address already in use"  # what a kernel says when it lost a port race

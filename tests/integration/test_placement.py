@@ -331,3 +331,42 @@ async def test_idle_connections_close(
     while get_engine().pool.open_connections:
         assert time.monotonic() < deadline, "the idle connection stayed open"
         await asyncio.sleep(0.05)
+
+
+async def test_a_scripts_choice_is_checked_like_the_forms_and_kept_on_restart(
+    make_kernelspec: KernelSpecFactory, trio_config: dict[str, Any]
+) -> None:
+    """nbclient passes ``user_options`` to the kernel manager's start: a host outside
+    the kernelspec's choices is refused before anything starts; a good one is where the
+    notebook runs, also after a restart."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    from ssh_provisioner import OptionRefused
+
+    hosts = trio_config["hosts"]
+    ksm, name = make_kernelspec({**trio_config, "user_options": {"host": {}}})
+    notebook = nbformat.v4.new_notebook()
+    notebook.cells.append(nbformat.v4.new_code_cell("import socket; print(socket.gethostname())"))
+    km = AsyncKernelManager(kernel_name=name, kernel_spec_manager=ksm)
+    with pytest.raises(OptionRefused, match="Host \\(host\\): 'nowhere' is not one of"):
+        await NotebookClient(notebook, km=km).async_execute(user_options={"host": "nowhere"})
+    assert km.provisioner is not None
+    assert not km.provisioner.has_process
+
+    km = AsyncKernelManager(kernel_name=name, kernel_spec_manager=ksm)
+    await km.start_kernel(user_options={"host": hosts[2]})
+    kc = km.client()
+    kc.start_channels()
+    try:
+        await kc.wait_for_ready(timeout=60)
+        out, _ = await execute(kc, "import socket; print(socket.gethostname())")
+        assert out.strip() == "host-c"
+        await km.restart_kernel()
+        await kc.wait_for_ready(timeout=60)
+        out, _ = await execute(kc, "import socket; print(socket.gethostname())")
+        assert out.strip() == "host-c"
+        assert km.provisioner.choices == {"host": hosts[2]}  # type: ignore[union-attr]
+    finally:
+        kc.stop_channels()
+        await km.shutdown_kernel(now=True)

@@ -1,0 +1,170 @@
+"""The Jupyter Server side of JupyterLab's panel: the remote kernels' status, the
+choices a kernelspec offers, and a start with the user's choice.
+
+Endpoints, under ``{base_url}ssh-provisioner/api/`` and behind Jupyter Server's own
+authentication and authorization (the ``kernels`` and ``kernelspecs`` resources):
+
+- ``GET status?since=V``: every remote kernel this server runs (pending ones too), as
+  soon as the board's version is past ``V`` (a long poll, at most ``POLL_WAIT``
+  seconds): one request for all kernels, and a change reaches the page at once;
+- ``GET kernelspecs``: the kernelspecs that declare ``user_options``, with the form's
+  fields;
+- ``POST kernels`` ``{"name", "path", "options"}``: checks the options against the
+  kernelspec's bounds (400 and nothing started when one is outside them), then starts
+  the kernel with them.
+
+Loading the extension also registers the Prometheus metrics (metrics.py) and sends the
+package's log lines to the server's own log handlers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+from jupyter_server.auth.decorator import authorized
+from jupyter_server.base.handlers import APIHandler
+from jupyter_server.utils import url_path_join
+from tornado import web
+
+from . import metrics
+from .choices import UserOptions
+from .errors import OptionRefused, ProvisionerConfigError
+from .hosts import HostEntry
+from .provisioner import SSHProvisioner
+from .status import board
+
+PROVISIONER = "ssh-provisioner"
+log = logging.getLogger(__name__)
+POLL_WAIT = 20.0  # seconds a status request waits for a change (below proxies' timeouts)
+
+
+def _ours(spec: Any) -> dict[str, Any] | None:
+    """The provisioner config of a kernelspec of ours, else None."""
+    provisioner = (getattr(spec, "metadata", None) or {}).get("kernel_provisioner") or {}
+    if provisioner.get("provisioner_name") != PROVISIONER:
+        return None
+    config = provisioner.get("config")
+    return config if isinstance(config, dict) else {}
+
+
+def declared_options(config: dict[str, Any]) -> UserOptions:
+    hosts = [HostEntry.parse(item).name for item in config.get("hosts") or []]
+    return UserOptions.parse(config.get("user_options") or {}, hosts)
+
+
+class StatusHandler(APIHandler):
+    auth_resource = "kernels"
+
+    @web.authenticated
+    @authorized
+    async def get(self) -> None:
+        since = int(self.get_argument("since", "-1"))
+        if since >= 0:
+            await board.changed(since, POLL_WAIT)
+        manager = self.kernel_manager
+        ids = set(manager.list_kernel_ids()) | set(getattr(manager, "_pending_kernels", {}))
+        version, entries = board.snapshot(ids)
+        root = self.settings.get("server_root_dir", "")
+        for entry in entries:  # the notebook's path as the page knows it
+            path = entry.get("session_path") or ""
+            if root and path.startswith(root.rstrip(os.sep) + os.sep):
+                entry["session_path"] = path[len(root.rstrip(os.sep)) + 1 :]
+        self.finish(json.dumps({"version": version, "kernels": entries}))
+
+
+class KernelspecsHandler(APIHandler):
+    auth_resource = "kernelspecs"
+
+    @web.authenticated
+    @authorized
+    async def get(self) -> None:
+        specs = {}
+        manager = self.kernel_spec_manager
+        for name in sorted(manager.find_kernel_specs()):
+            try:
+                spec = manager.get_kernel_spec(name)
+                config = _ours(spec)
+                options = declared_options(config) if config is not None else None
+            except (ProvisionerConfigError, OSError, ValueError) as exc:
+                self.log.warning("kernelspec %s: %s", name, exc)
+                continue
+            if options is not None and options.options:
+                specs[name] = {"display_name": spec.display_name, "options": options.schema()}
+        self.finish(json.dumps({"kernelspecs": specs}))
+
+
+class StartHandler(APIHandler):
+    auth_resource = "kernels"
+
+    @web.authenticated
+    @authorized
+    async def post(self) -> None:
+        body = self.get_json_body() or {}
+        name, chosen = body.get("name"), body.get("options") or {}
+        if not isinstance(name, str) or not isinstance(chosen, dict):
+            raise web.HTTPError(400, "expected {'name': kernelspec, 'options': {...}}")
+        try:
+            spec = self.kernel_spec_manager.get_kernel_spec(name)
+        except Exception as exc:  # jupyter_client raises NoSuchKernel (a KeyError)
+            raise web.HTTPError(404, f"no kernelspec {name!r}") from exc
+        config = _ours(spec)
+        if config is None:
+            raise web.HTTPError(400, f"kernelspec {name!r} is not ssh-provisioner's")
+        try:  # checked here first: a refused choice starts nothing, not even a manager
+            declared_options(config).resolve(chosen, f"kernelspec {spec.display_name!r}")
+        except OptionRefused as exc:
+            raise web.HTTPError(400, str(exc)) from exc
+        kernel_id = await self.kernel_manager.start_kernel(
+            kernel_name=name, path=body.get("path"), user_options=chosen
+        )
+        self.set_status(201)
+        self.finish(json.dumps({"id": kernel_id, "name": name}))
+
+
+def _stop_pending_starts_on_shutdown(manager: Any) -> None:
+    """A shutdown of a kernel still starting stops its start (and cancels its queued
+    Slurm job) at once.  Why a wrapper: jupyter_client's shutdown of a pending kernel
+    first waits for its start to end, which for a queued job can take hours."""
+    shutdown = manager.shutdown_kernel
+
+    async def shutdown_kernel(kernel_id: str, now: bool = False, restart: bool = False) -> Any:
+        pending = getattr(manager, "_pending_kernels", {})
+        if not restart and kernel_id in pending and kernel_id in manager:
+            provisioner = getattr(manager.get_kernel(kernel_id), "provisioner", None)
+            if isinstance(provisioner, SSHProvisioner) and provisioner.stop_start():
+                log.info("kernel %s: shut down while starting; start stopped", kernel_id)
+        return await shutdown(kernel_id, now=now, restart=restart)
+
+    manager.shutdown_kernel = shutdown_kernel
+
+
+def _jupyter_server_extension_points() -> list[dict[str, str]]:
+    return [{"module": "ssh_provisioner.server_extension"}]
+
+
+def _jupyter_labextension_paths() -> list[dict[str, str]]:
+    return [{"src": "labextensions/ssh-provisioner", "dest": "ssh-provisioner"}]
+
+
+def _load_jupyter_server_extension(serverapp: Any) -> None:
+    base = url_path_join(serverapp.web_app.settings["base_url"], "ssh-provisioner", "api")
+    serverapp.web_app.add_handlers(
+        ".*$",
+        [
+            (url_path_join(base, "status"), StatusHandler),
+            (url_path_join(base, "kernelspecs"), KernelspecsHandler),
+            (url_path_join(base, "kernels"), StartHandler),
+        ],
+    )
+    _stop_pending_starts_on_shutdown(serverapp.kernel_manager)
+    metrics.install()
+    package_log = logging.getLogger("ssh_provisioner")
+    if not package_log.handlers:  # the server's log shows ours, at its level
+        for handler in serverapp.log.handlers:
+            package_log.addHandler(handler)
+        package_log.setLevel(serverapp.log.level)
+        package_log.propagate = False
+    serverapp.log.info("ssh-provisioner: status, choices and metrics at %s", base)

@@ -1,0 +1,163 @@
+"""The server extension, through a real Jupyter Server: the remote kernels' status for
+JupyterLab (one long poll for all kernels), the choices a kernelspec offers and their
+check before anything starts, the Prometheus metrics and the kernel's own log."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tornado.httpclient import HTTPClientError
+
+from ..netns import Link
+from .jupyter_server import Server, iopub_connected, start_server, write_kernelspec
+
+pytestmark = [pytest.mark.sshd, pytest.mark.e2e, pytest.mark.usefixtures("no_leaks")]
+STATUS = "/ssh-provisioner/api/status"
+
+
+async def status_of(server: Server, kernel_id: str, since: int = -1) -> tuple[int, dict[str, Any]]:
+    body = await server.request("GET", f"{STATUS}?since={since}")
+    entry = next((k for k in body["kernels"] if k["kernel_id"] == kernel_id), {})
+    return body["version"], entry
+
+
+async def status_until(
+    server: Server, kernel_id: str, wanted: Any, timeout: float, what: str
+) -> dict[str, Any]:
+    """Long-poll the status (as the page does) until ``wanted(entry)``."""
+    deadline = time.monotonic() + timeout
+    version, entry = await status_of(server, kernel_id)
+    while not wanted(entry):
+        assert time.monotonic() < deadline, f"status never showed {what}: {entry}"
+        version, entry = await status_of(server, kernel_id, version)
+    return entry
+
+
+async def metrics(server: Server) -> dict[str, float]:
+    response = await server.http.fetch(
+        f"{server.url}/metrics", headers={"Authorization": f"token {server.token}"}
+    )
+    samples = {}
+    for line in response.body.decode().splitlines():
+        match = re.fullmatch(r"(ssh_provisioner_\w+(?:\{[^}]*\})?) (\S+)", line)
+        if match:
+            samples[match.group(1)] = float(match.group(2))
+    return samples
+
+
+async def test_the_status_follows_a_kernel_through_a_cut_link(
+    tmp_path: Path, host_behind_a_link: tuple[Link, dict[str, Any]]
+) -> None:
+    """Where the kernel runs, then the link down and being retried, then reattached:
+    each change reaches a waiting poll at once; /metrics counts them; the kernel's stderr
+    is in the server's log at kernel_log_level, with its id and host."""
+    from ..kit import resilient
+
+    link, config = host_behind_a_link
+    path = tmp_path / "share" / "jupyter"
+    write_kernelspec(path, "gpu-box", resilient(config, kernel_log_level="warning"))
+    server = start_server(tmp_path, path, log_level="INFO")
+    try:
+        kernel = await server.request("POST", "/api/kernels", {"name": "gpu-box"})
+        kernel_id = kernel["id"]
+        version, entry = await status_of(server, kernel_id)
+        alias = config["hosts"][0]
+        assert entry["phase"] == "running"
+        assert entry["host"]["alias"] == alias
+        assert entry["host"]["hostname"]  # the host's own name, from the launcher
+        assert entry["host"]["user"] == "root"
+        assert entry["link"]["state"] == "connected"
+        assert entry["transport"] == "tcp"
+        assert entry["kernelspec"] == "gpu-box"
+        samples = await metrics(server)
+        assert samples[f'ssh_provisioner_kernels{{host="{alias}",phase="running"}}'] == 1
+        assert samples['ssh_provisioner_start_seconds_count{kind="cold"}'] == 1
+
+        channels = await server.channels(kernel_id)
+        try:
+            await iopub_connected(channels)
+            code = "import os; os.write(2, b'a line on stderr\\n')"  # the process's own fd 2
+            await channels.collect(channels.execute(code))
+            poll = asyncio.ensure_future(status_of(server, kernel_id, version))
+            await asyncio.sleep(0.5)
+            assert not poll.done()  # nothing changed: the poll waits
+            link.down()
+            try:
+                entry = await status_until(
+                    server, kernel_id, lambda e: e["phase"] == "link-down", 30, "link down"
+                )
+                assert entry["link"]["state"] == "down"
+                assert entry["link"]["retry_until"] > entry["link"]["since"]
+                await poll  # the first change ended the waiting poll
+            finally:
+                link.up()
+            entry = await status_until(
+                server, kernel_id, lambda e: e["phase"] == "running", 60, "reattached"
+            )
+            assert entry["link"]["reattached"] >= entry["link"]["since"] - 1
+            messages = await channels.collect(channels.execute("print(6 * 7)"))
+            assert any(m["content"].get("text") == "42\n" for m in messages)
+        finally:
+            channels.close()
+        samples = await metrics(server)
+        assert samples[f'ssh_provisioner_reconnects_total{{host="{alias}"}}'] == 1
+        assert samples[f'ssh_provisioner_reattaches_total{{host="{alias}"}}'] == 1
+        assert re.search(rf"kernel {kernel_id} on \S+: a line on stderr", server.log())
+        await server.request("DELETE", f"/api/kernels/{kernel_id}")
+        _, entry = await status_of(server, kernel_id)
+        assert entry == {}  # the server no longer has it: nor does its status
+    finally:
+        server.stop()
+
+
+async def test_choices_are_checked_before_anything_starts_and_kept_on_restart(
+    tmp_path: Path, trio_config: dict[str, Any]
+) -> None:
+    config = {**trio_config, "user_options": {"host": {"label": "Host"}}}
+    path = tmp_path / "share" / "jupyter"
+    write_kernelspec(path, "pool", config)
+    write_kernelspec(path, "plain", trio_config)
+    server = start_server(tmp_path, path)
+    try:
+        specs = (await server.request("GET", "/ssh-provisioner/api/kernelspecs"))["kernelspecs"]
+        assert list(specs) == ["pool"]  # only the kernelspecs that offer a choice
+        (option,) = specs["pool"]["options"]
+        assert option["name"] == "host"
+        assert option["choices"] == trio_config["hosts"]
+        assert option["default"] is None  # left to the policy
+
+        for chosen, said in (
+            ({"host": "elsewhere"}, "'elsewhere' is not one of"),
+            ({"gpus": 2}, "gpus cannot be chosen here"),
+        ):
+            with pytest.raises(HTTPClientError) as refused:
+                await server.request(
+                    "POST", "/ssh-provisioner/api/kernels", {"name": "pool", "options": chosen}
+                )
+            assert refused.value.code == 400
+            message = json.loads(refused.value.response.body)["message"]  # type: ignore[union-attr]
+            assert said in message
+            assert message.startswith("kernelspec 'Remote pool': ")
+            assert await server.request("GET", "/api/kernels") == []  # nothing started
+
+        second = trio_config["hosts"][1]
+        kernel = await server.request(
+            "POST", "/ssh-provisioner/api/kernels", {"name": "pool", "options": {"host": second}}
+        )
+        _, entry = await status_of(server, kernel["id"])
+        assert entry["host"]["alias"] == second
+        assert entry["choices"] == {"host": second}
+        await server.request("POST", f"/api/kernels/{kernel['id']}/restart")
+        _, entry = await status_of(server, kernel["id"])
+        assert entry["host"]["alias"] == second
+        assert entry["choices"] == {"host": second}
+        assert entry["phase"] == "running"
+        await server.request("DELETE", f"/api/kernels/{kernel['id']}")
+    finally:
+        server.stop()
