@@ -445,8 +445,9 @@ class SlurmJob:
         delay = 0.2
         while True:
             info = await self.query(link)
-            if info.waiting:
-                board.post(self.kernel_id, phase=QUEUED, start_kind="queued")
+            if info.waiting:  # a start counts as queued (metrics) past a moment's wait
+                kind = {"start_kind": "queued"} if loop.time() - started >= 1 else {}
+                board.post(self.kernel_id, phase=QUEUED, **kind)
             else:
                 board.post(self.kernel_id, phase=STARTING)
             if info.running:

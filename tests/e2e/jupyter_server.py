@@ -6,6 +6,7 @@ import asyncio
 import http.client
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -211,3 +212,37 @@ async def iopub_connected(channels: Channels) -> None:
         except TimeoutError:
             continue
     raise AssertionError("IOPub never delivered")
+
+
+# The server extension's status (ssh_provisioner/server_extension.py) and /metrics.
+STATUS = "/ssh-provisioner/api/status"
+
+
+async def status_of(server: Server, kernel_id: str, since: int = -1) -> tuple[int, dict[str, Any]]:
+    body = await server.request("GET", f"{STATUS}?since={since}")
+    entry = next((k for k in body["kernels"] if k["kernel_id"] == kernel_id), {})
+    return body["version"], entry
+
+
+async def status_until(
+    server: Server, kernel_id: str, wanted: Any, timeout: float, what: str
+) -> dict[str, Any]:
+    """Long-poll the status (as the page does) until ``wanted(entry)``."""
+    deadline = time.monotonic() + timeout
+    version, entry = await status_of(server, kernel_id)
+    while not wanted(entry):
+        assert time.monotonic() < deadline, f"status never showed {what}: {entry}"
+        version, entry = await status_of(server, kernel_id, version)
+    return entry
+
+
+async def metrics(server: Server) -> dict[str, float]:
+    response = await server.http.fetch(
+        f"{server.url}/metrics", headers={"Authorization": f"token {server.token}"}
+    )
+    samples = {}
+    for line in response.body.decode().splitlines():
+        match = re.fullmatch(r"(ssh_provisioner_\w+(?:\{[^}]*\})?) (\S+)", line)
+        if match:
+            samples[match.group(1)] = float(match.group(2))
+    return samples

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from ..conftest import IN_CI
-from ..sshd import SSHDaemon
+from ..sshd import SSHDaemon, generate_key
 from .jupyter_server import Server, start_server, write_kernelspec
 
 if TYPE_CHECKING:
@@ -68,6 +68,14 @@ def lab_server(
     host = trio[1]
     jupyter_path = tmp_path / "share" / "jupyter"
     write_kernelspec(jupyter_path, "gpu-box", {**trio_config, "hosts": [host.destination("root")]})
+    # a kernelspec that lets its user choose the host, and one whose host key changed
+    write_kernelspec(jupyter_path, "pool", {**trio_config, "user_options": {"host": {}}})
+    impostor = generate_key(tmp_path / "impostor_key")
+    known_hosts = tmp_path / "moved_known_hosts"
+    known_hosts.write_text(trio[2].known_hosts_line(impostor) + "\n")
+    options = {**trio_config["connect_options"], "known_hosts": str(known_hosts)}
+    moved = {**trio_config, "hosts": [trio[2].destination("root")], "connect_options": options}
+    write_kernelspec(jupyter_path, "moved", moved)
     news = tmp_path / "config/lab/user-settings/@jupyterlab/apputils-extension"
     news.mkdir(parents=True)  # no "official Jupyter news?" toast over the screenshot
     (news / "notification.jupyterlab-settings").write_text('{"fetchNews": "false"}')
@@ -127,6 +135,21 @@ async def test_a_notebook_in_jupyterlab_runs_on_the_remote_host(
         hostname, *ssh_connection = (await output.first.inner_text()).split()
         assert hostname == "host-b"  # the host's own name, not this machine's
         assert ssh_connection[2:] == [host.address, str(host.port)]  # served by that host's sshd
+        # the status bar says where the kernel runs; a click opens the panel
+        status = page.locator(".sshp-status")
+        await status.filter(has_text=f"{host.destination('root')} (host-b)").wait_for(
+            timeout=10_000
+        )
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        await page.locator("#jp-main-statusbar").screenshot(path=ARTIFACTS / "status-bar.png")
+        await status.click()
+        panel = page.locator("#ssh-provisioner-panel")
+        await panel.filter(has_text="Login user").wait_for(timeout=10_000)
+        text = await panel.inner_text()
+        assert "root" in text
+        assert "connected" in text
+        assert "tcp" in text
+        await page.screenshot(path=ARTIFACTS / "status-panel.png")
         kernels = await server.request("GET", "/api/kernels")
         assert [k["name"] for k in kernels] == ["gpu-box"]
         # the toolbar's interrupt button stops a cell running on the host
@@ -138,4 +161,54 @@ async def test_a_notebook_in_jupyterlab_runs_on_the_remote_host(
     finally:  # the page as it ended, passed or failed
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         await page.screenshot(path=ARTIFACTS / "jupyterlab-remote-kernel.png")
+        await page.close()
+
+
+async def test_the_resource_form_starts_the_kernel_where_the_user_chose(
+    browser: BrowserContext, lab_server: tuple[Server, SSHDaemon], trio: list[SSHDaemon]
+) -> None:
+    """A kernelspec with user_options gets a launcher card that opens a form; the
+    notebook it makes runs where the form said, and the status bar says so."""
+    server, _ = lab_server
+    chosen = trio[2].destination("root")
+    page = await browser.new_page()
+    try:
+        connected = kernel_connected(page)
+        await page.goto(f"{server.url}/lab?token={server.token}")
+        card = page.locator(".jp-LauncherCard[data-category='Notebook']", has_text="Remote pool …")
+        await card.click(timeout=60_000)
+        form = page.locator(".jp-Dialog .sshp-form")
+        await form.locator("select[name='host']").select_option(chosen)
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        await page.locator(".jp-Dialog-content").screenshot(path=ARTIFACTS / "resource-form.png")
+        await page.locator(".jp-Dialog button", has_text="Start").click()
+        await asyncio.wait_for(connected, 60)
+        output = await run_cell(page, "import socket; print(socket.gethostname())")
+        assert (await output.first.inner_text()).strip() == "host-c"
+        await page.locator(".sshp-status", has_text=f"{chosen} (host-c)").wait_for(timeout=10_000)
+        kernels = await server.request("GET", "/api/kernels")
+        assert [k["name"] for k in kernels] == ["pool"]
+    finally:
+        await page.close()
+
+
+async def test_a_failed_start_shows_the_host_and_the_cause_in_the_dialog(
+    browser: BrowserContext, lab_server: tuple[Server, SSHDaemon], trio: list[SSHDaemon]
+) -> None:
+    server, _ = lab_server
+    page = await browser.new_page()
+    try:
+        await page.goto(f"{server.url}/lab?token={server.token}")
+        card = page.locator(".jp-LauncherCard[data-category='Notebook']", has_text="Remote moved")
+        await card.click(timeout=60_000)
+        dialog = page.locator(".jp-Dialog-content")
+        await dialog.wait_for(timeout=60_000)
+        await dialog.filter(has_text="CHANGED").wait_for(timeout=10_000)
+        text = await dialog.inner_text()
+        assert trio[2].destination("root") in text  # the host
+        assert "ssh-keygen -R" in text  # and what to do
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        await dialog.screenshot(path=ARTIFACTS / "error-dialog.png")
+        assert await server.request("GET", "/api/kernels") == []
+    finally:
         await page.close()

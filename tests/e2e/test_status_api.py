@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import time
 from pathlib import Path
 from typing import Any
 
@@ -15,40 +14,16 @@ import pytest
 from tornado.httpclient import HTTPClientError
 
 from ..netns import Link
-from .jupyter_server import Server, iopub_connected, start_server, write_kernelspec
+from .jupyter_server import (
+    iopub_connected,
+    metrics,
+    start_server,
+    status_of,
+    status_until,
+    write_kernelspec,
+)
 
 pytestmark = [pytest.mark.sshd, pytest.mark.e2e, pytest.mark.usefixtures("no_leaks")]
-STATUS = "/ssh-provisioner/api/status"
-
-
-async def status_of(server: Server, kernel_id: str, since: int = -1) -> tuple[int, dict[str, Any]]:
-    body = await server.request("GET", f"{STATUS}?since={since}")
-    entry = next((k for k in body["kernels"] if k["kernel_id"] == kernel_id), {})
-    return body["version"], entry
-
-
-async def status_until(
-    server: Server, kernel_id: str, wanted: Any, timeout: float, what: str
-) -> dict[str, Any]:
-    """Long-poll the status (as the page does) until ``wanted(entry)``."""
-    deadline = time.monotonic() + timeout
-    version, entry = await status_of(server, kernel_id)
-    while not wanted(entry):
-        assert time.monotonic() < deadline, f"status never showed {what}: {entry}"
-        version, entry = await status_of(server, kernel_id, version)
-    return entry
-
-
-async def metrics(server: Server) -> dict[str, float]:
-    response = await server.http.fetch(
-        f"{server.url}/metrics", headers={"Authorization": f"token {server.token}"}
-    )
-    samples = {}
-    for line in response.body.decode().splitlines():
-        match = re.fullmatch(r"(ssh_provisioner_\w+(?:\{[^}]*\})?) (\S+)", line)
-        if match:
-            samples[match.group(1)] = float(match.group(2))
-    return samples
 
 
 async def test_the_status_follows_a_kernel_through_a_cut_link(

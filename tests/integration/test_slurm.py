@@ -24,7 +24,13 @@ from ssh_provisioner import SlurmError
 from ssh_provisioner.engine import get_engine
 
 from ..conftest import KernelSpecFactory
-from ..e2e.jupyter_server import iopub_connected, start_server, write_kernelspec
+from ..e2e.jupyter_server import (
+    iopub_connected,
+    metrics,
+    start_server,
+    status_until,
+    write_kernelspec,
+)
 from ..helpers import SLEEPING_CELL, execute, wait_until
 from ..kit import (
     DASHBOARD_CELL,
@@ -708,3 +714,77 @@ async def test_a_slurm_kernel_through_jupyter_server(
         assert slurm_cluster.jobs() == []
     finally:
         server.stop()
+
+
+async def test_jupyter_server_shows_a_queued_kernel_and_stops_it_on_shutdown(
+    tmp_path: Path, slurm_config: dict[str, Any], slurm_cluster: SlurmCluster
+) -> None:
+    """Pending kernels, as JupyterLab sees them: three kernels choosing 2 GPUs each take
+    all six; a fourth returns at once and its status says queued, with Slurm's reason,
+    while its start is pending; shutting it down cancels its job then and there.  A
+    choice outside the kernelspec's bounds never reaches Slurm."""
+    from tornado.httpclient import HTTPClientError
+
+    config = {**slurm_config, "user_options": {"gpus": {"min": 0, "max": 2, "default": 0}}}
+    path = tmp_path / "share" / "jupyter"
+    write_kernelspec(path, "slurm", config)
+    server = start_server(tmp_path, path, "--MappingKernelManager.use_pending_kernels=True")
+    start = "/ssh-provisioner/api/kernels"
+    try:
+        with pytest.raises(HTTPClientError) as refused:
+            await server.request("POST", start, {"name": "slurm", "options": {"gpus": 3}})
+        assert refused.value.code == 400
+        assert slurm_cluster.jobs() == []  # nothing reached Slurm
+        ids = []
+        for _ in range(3):
+            kernel = await server.request("POST", start, {"name": "slurm", "options": {"gpus": 2}})
+            ids.append(kernel["id"])
+        for kernel_id in ids:
+            entry = await status_until(
+                server, kernel_id, lambda e: e.get("phase") == "running", 90, "running"
+            )
+            assert entry["slurm"]["gpus"] == "2"
+            assert entry["slurm"]["node"] in ("node1", "node2", "node3")
+            assert entry["slurm"]["walltime_ends"] > time.time() + 25 * 60  # time 00:30:00
+            assert entry["choices"] == {"gpus": 2}
+        channels = await server.channels(ids[0])
+        try:
+            await iopub_connected(channels)
+            code = "import os; print(os.environ['CUDA_VISIBLE_DEVICES'])"
+            messages = await channels.collect(channels.execute(code))
+            assert any(m["content"].get("text") == "0,1\n" for m in messages)
+        finally:
+            channels.close()
+
+        started = time.monotonic()
+        fourth = (await server.request("POST", start, {"name": "slurm", "options": {"gpus": 2}}))[
+            "id"
+        ]
+        assert time.monotonic() - started < 10  # pending: the server did not wait
+        entry = await status_until(
+            server,
+            fourth,
+            lambda e: e.get("phase") == "queued" and e["slurm"].get("reason") == "Resources",
+            60,
+            "queued for Resources",
+        )
+        assert entry["slurm"]["state"] == "PENDING"
+        samples = await metrics(server)
+        assert samples['ssh_provisioner_slurm_jobs{state="PENDING"}'] == 1
+        assert samples['ssh_provisioner_slurm_jobs{state="RUNNING"}'] == 3
+        job = entry["slurm"]["job_id"]
+        assert job in [row["id"] for row in slurm_cluster.jobs()]
+        started = time.monotonic()
+        await server.request("DELETE", f"/api/kernels/{fourth}")
+        assert time.monotonic() - started < 30  # not when the job would have run
+        assert job not in [row["id"] for row in slurm_cluster.jobs()]
+        for kernel_id in ids:
+            await server.request("DELETE", f"/api/kernels/{kernel_id}")
+        samples = await metrics(server)
+        counts = [
+            v for k, v in samples.items() if k.startswith("ssh_provisioner_start_seconds_count")
+        ]
+        assert sum(counts) == 3  # the three that ran (cold, or queued a moment); not the fourth
+    finally:
+        server.stop()
+    slurm_cluster.wait_queue_empty(30)
