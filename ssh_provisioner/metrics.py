@@ -15,10 +15,10 @@ from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import REGISTRY, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from .status import FAILED, RUNNING, StatusBoard, board
+from .status import FAILED, RUNNING, StatusBoard, board, traffic
 
 PREFIX = "ssh_provisioner"
 # A start takes from a second (a warm spare) to an hour (a queued job).
@@ -43,6 +43,11 @@ class _Metrics:
         self.reattaches = Counter(
             f"{PREFIX}_reattaches_total", "Kernels reattached after a lost link.", ["host"]
         )
+        self.failovers = Counter(
+            f"{PREFIX}_failovers_total",
+            "Starts that could not reach a host and went on to the next, by that host.",
+            ["host"],
+        )
         self.abandoned = Counter(
             f"{PREFIX}_abandoned_kernels_total",
             "Kernels given up as unreachable past reconnect_timeout.",
@@ -64,6 +69,9 @@ class _Metrics:
                 self.reconnects.labels(host).inc()
             elif link.get("state") == "given-up":
                 self.abandoned.labels(host).inc()
+        failover, failover_was = after.get("failover") or {}, before.get("failover") or {}
+        if failover.get("count") and failover.get("count") != failover_was.get("count"):
+            self.failovers.labels(str(failover.get("from"))).inc()
         if link.get("reattached") and link.get("reattached") != link_was.get("reattached"):
             self.reattaches.labels(host).inc()
 
@@ -74,7 +82,7 @@ class _BoardCollector(Collector):
     def __init__(self, status: StatusBoard) -> None:
         self._board = status
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         _, entries = self._board.snapshot()
         live = [entry for entry in entries if not entry.get("gone")]
         kernels = GaugeMetricFamily(
@@ -93,6 +101,23 @@ class _BoardCollector(Collector):
         for state, count in sorted(states.items()):
             jobs.add_metric([state], count)
         yield jobs
+        relayed = CounterMetricFamily(
+            f"{PREFIX}_relayed_bytes",
+            "Bytes relayed between clients and remote kernels, by host and direction.",
+            labels=["host", "direction"],
+        )
+        dropped = CounterMetricFamily(
+            f"{PREFIX}_dropped_bytes",
+            "IOPub bytes dropped while a kernel was unreachable (past outage_buffer).",
+            labels=["host"],
+        )
+        for (host, kind), count in sorted(traffic.snapshot().items()):
+            if kind == "dropped":
+                dropped.add_metric([host], count)
+            else:
+                relayed.add_metric([host, kind], count)
+        yield relayed
+        yield dropped
 
 
 _installed = threading.Lock()

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 from .errors import HostSelectionError, SSHConnectError
 from .hosts import HostEntry
 from .policies import HostPolicy, Placement
+from .status import board
 
 log = logging.getLogger(__name__)
 
@@ -232,6 +233,8 @@ async def start_with_failover(
             state.release(entry)
             state.mark_unhealthy(entry, str(exc), tries.cooldown)
             failures.append((entry.name, exc))
+            failover = {"from": entry.name, "why": str(exc), "count": len(failures)}
+            board.post(tries.kernel_id, failover=failover)
             request.exclude.add(entry.name)
             request.prefer = None
             continue

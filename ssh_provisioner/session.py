@@ -336,6 +336,7 @@ class KernelSession:
             label=f"kernel {self.settings.kernel_id} on {self.settings.host_name}",
             relay_host=relay_host,
             answers_zmtp=answers_zmtp,
+            host=self.settings.host_name,
         )
 
     # -- RUNNING -> UNREACHABLE -> REATTACHING -> RUNNING | ABANDONED -------------------

@@ -118,4 +118,27 @@ def _settle(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
+class Traffic:
+    """Bytes relayed between clients and kernels, and IOPub bytes dropped, per host.
+    Counted on the engine's thread (a dict add per chunk: no lock but for a new key),
+    read by a scrape on another."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._bytes: dict[tuple[str, str], int] = {}
+
+    def add(self, host: str, kind: str, count: int) -> None:
+        key = (host, kind)
+        if key in self._bytes:
+            self._bytes[key] += count  # an existing key: the dict does not change size
+        else:
+            with self._lock:
+                self._bytes[key] = self._bytes.get(key, 0) + count
+
+    def snapshot(self) -> dict[tuple[str, str], int]:
+        with self._lock:
+            return dict(self._bytes)
+
+
 board = StatusBoard()
+traffic = Traffic()

@@ -23,6 +23,7 @@ import asyncssh
 from .host import wire, zmtp
 from .host.wire import FRAME_ACK, FRAME_CLOSE, FRAME_DATA, StreamEnd
 from .link import SSHLink
+from .status import traffic
 from .trips import trip
 
 if TYPE_CHECKING:
@@ -49,6 +50,7 @@ class Target:
     label: str
     relay_host: str = LOCAL_ADDRESS  # where the relay's TCP port listens, as the host sees it
     answers_zmtp: bool = False  # a client's ZMTP handshake may be answered here (host/zmtp)
+    host: str = ""  # the kernel's host, as the config names it (for the traffic metrics)
 
 
 class PreambleWatch:
@@ -203,6 +205,8 @@ class ClientStream(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._end.unacked += data
+        if self._target is not None:
+            traffic.add(self._target.host, "to_kernel", len(data))
         if self._preamble is not None:
             self._preamble.feed(data)
         if self.state is StreamState.OPEN:
@@ -339,6 +343,7 @@ class ClientStream(asyncio.Protocol):
             return False
         self._confirm(int(message["received"]))
         if message.get("dropped_messages"):
+            traffic.add(target.host, "dropped", int(message.get("dropped_bytes", 0)))
             log.warning(
                 "%s: %d IOPub message(s) (%d bytes) were dropped while unreachable: more "
                 "than outage_buffer waited for the client",
@@ -390,6 +395,8 @@ class ClientStream(asyncio.Protocol):
                 self._ports.subscribed(self)
         if self._transport is not None and not self._transport.is_closing():
             self._transport.write(data)
+        if self._target is not None:
+            traffic.add(self._target.host, "to_client", len(data))
 
     def _not_listening(self) -> None:
         """The relay could not connect this new stream to the kernel, which is ending:

@@ -123,6 +123,9 @@ export function details(status: IKernelStatus, now: number): [string, string, st
     const href = links.proxy || links.url; // through Jupyter where it can, else direct
     add(`Port ${remote}`, href, href);
   }
+  if (status.failover?.from) {
+    add('Failed over from', `${status.failover.from}: ${status.failover.why ?? ''}`);
+  }
   add('Error', status.error);
   return rows;
 }

@@ -16,6 +16,7 @@ export interface IKernelStatus {
   curve?: boolean;
   choices?: Record<string, unknown>;
   forwards?: Record<string, { url: string; proxy: string }>;
+  failover?: { from?: string; why?: string; count?: number };
   host?: { alias?: string; hostname?: string; user?: string; via?: string };
   link?: { state?: string; since?: number; retry_until?: number; reattached?: number };
   slurm?: {

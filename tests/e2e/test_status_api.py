@@ -13,6 +13,8 @@ from typing import Any
 import pytest
 from tornado.httpclient import HTTPClientError
 
+from ssh_provisioner.throwaway import free_port
+
 from ..netns import Link
 from .jupyter_server import (
     iopub_connected,
@@ -83,6 +85,8 @@ async def test_the_status_follows_a_kernel_through_a_cut_link(
         samples = await metrics(server)
         assert samples[f'ssh_provisioner_reconnects_total{{host="{alias}"}}'] == 1
         assert samples[f'ssh_provisioner_reattaches_total{{host="{alias}"}}'] == 1
+        to_client = f'ssh_provisioner_relayed_bytes_total{{direction="to_client",host="{alias}"}}'
+        assert samples[to_client] > 1000  # the replies, the output, the status messages
         assert re.search(rf"kernel {kernel_id} on \S+: a line on stderr", server.log())
         await server.request("DELETE", f"/api/kernels/{kernel_id}")
         _, entry = await status_of(server, kernel_id)
@@ -133,6 +137,31 @@ async def test_choices_are_checked_before_anything_starts_and_kept_on_restart(
         assert entry["host"]["alias"] == second
         assert entry["choices"] == {"host": second}
         assert entry["phase"] == "running"
+        await server.request("DELETE", f"/api/kernels/{kernel['id']}")
+    finally:
+        server.stop()
+
+
+async def test_a_failover_shows_where_it_failed_and_is_counted(
+    tmp_path: Path, trio_config: dict[str, Any]
+) -> None:
+    closed = f"root@127.0.0.2:{free_port('127.0.0.2')}"  # nothing listens there
+    config = {
+        **trio_config,
+        "hosts": [closed, trio_config["hosts"][0]],
+        "policy": "first-available",
+    }
+    path = tmp_path / "share" / "jupyter"
+    write_kernelspec(path, "pair", config)
+    server = start_server(tmp_path, path)
+    try:
+        kernel = await server.request("POST", "/api/kernels", {"name": "pair"})
+        _, entry = await status_of(server, kernel["id"])
+        assert entry["host"]["alias"] == trio_config["hosts"][0]
+        assert entry["failover"]["from"] == closed
+        assert "refused" in entry["failover"]["why"]
+        samples = await metrics(server)
+        assert samples[f'ssh_provisioner_failovers_total{{host="{closed}"}}'] == 1
         await server.request("DELETE", f"/api/kernels/{kernel['id']}")
     finally:
         server.stop()
