@@ -47,11 +47,13 @@ export function walltimeLeft(status: IKernelStatus, now: number): number | undef
 export function summary(status: IKernelStatus, now: number): { text: string; warn: boolean } {
   const slurm = status.slurm;
   switch (status.phase) {
-    case 'queued':
-      return {
-        text: `queued on ${slurm?.partition || slurm?.login || 'Slurm'}: ${slurm?.reason || slurm?.state || 'submitted'}${expected(slurm?.expected_start)}`,
-        warn: false
-      };
+    case 'queued': {
+      // Slurm says "None" until its scheduler has looked at the job
+      const reason = slurm?.reason && slurm.reason !== 'None' ? slurm.reason : '';
+      const where = slurm?.partition || slurm?.login || 'Slurm';
+      const why = reason || slurm?.state || 'submitted';
+      return { text: `queued on ${where}: ${why}${expected(slurm?.expected_start)}`, warn: false };
+    }
     case 'starting':
       return { text: `starting on ${where(status)}…`, warn: false };
     case 'failed':

@@ -27,11 +27,9 @@ export class ChoicesForm extends Widget implements Dialog.IBodyWidget<Record<str
         field = select;
       } else {
         const input = document.createElement('input');
+        // no min/max attributes: JupyterLab would grey out Start without a word; the
+        // server's refusal says which bound a value is outside
         input.type = option.kind === 'int' ? 'number' : 'text';
-        if (option.kind === 'int') {
-          if (option.min !== null) input.min = String(option.min);
-          if (option.max !== null) input.max = String(option.max);
-        }
         const bounds = [option.min, option.max].map(b => (b === null ? '' : String(b)));
         input.placeholder = option.kind === 'duration' ? 'HH:MM:SS' : option.kind === 'memory' ? 'e.g. 16G' : '';
         if (bounds[0] || bounds[1]) {

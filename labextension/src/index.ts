@@ -103,7 +103,6 @@ async function startWithChoices(
     return;
   }
   const chosen = form.getValue();
-  localStorage.setItem(remembered, JSON.stringify(chosen));
   const notebook = await app.commands.execute('docmanager:new-untitled', { path: cwd, type: 'notebook' });
   let kernel;
   try {
@@ -116,6 +115,7 @@ async function startWithChoices(
     await showErrorMessage(`Cannot start ${displayName}`, (error as Error).message);
     return;
   }
+  localStorage.setItem(remembered, JSON.stringify(chosen)); // the last choice that started
   await app.commands.execute('docmanager:open', {
     path: notebook.path,
     factory: 'Notebook',

@@ -24,6 +24,7 @@ from ssh_provisioner import SlurmError
 from ssh_provisioner.engine import get_engine
 
 from ..conftest import KernelSpecFactory
+from ..e2e.browser import ARTIFACTS, kernel_connected, open_browser, run_cell
 from ..e2e.jupyter_server import (
     iopub_connected,
     metrics,
@@ -786,5 +787,75 @@ async def test_jupyter_server_shows_a_queued_kernel_and_stops_it_on_shutdown(
         ]
         assert sum(counts) == 3  # the three that ran (cold, or queued a moment); not the fourth
     finally:
+        server.stop()
+    slurm_cluster.wait_queue_empty(30)
+
+
+async def test_jupyterlab_shows_the_queue_then_the_walltime_of_a_kernel_from_its_form(
+    tmp_path: Path, slurm_config: dict[str, Any], slurm_cluster: SlurmCluster
+) -> None:
+    """In Chromium: the resource form's 3 GPUs (above the kernelspec's bound) are refused
+    in a dialog and nothing reaches Slurm.  Then 2 GPUs, while three kernels hold all
+    six: the notebook opens at once and its status bar says queued, with Slurm's reason;
+    once two GPUs free up the kernel runs with them, and the status bar shows the
+    walltime left, highlighted (here within warn_before_walltime from the start)."""
+    slurm = {**slurm_config["slurm"], "warn_before_walltime": 3600}  # time is 00:30:00
+    gpus = {"gpus": {"min": 0, "max": 2, "default": 0}}
+    config = {**slurm_config, "slurm": slurm, "user_options": gpus}
+    path = tmp_path / "share" / "jupyter"
+    write_kernelspec(path, "slurm", config)
+    news = tmp_path / "config/lab/user-settings/@jupyterlab/apputils-extension"
+    news.mkdir(parents=True)  # no "official Jupyter news?" toast over the screenshots
+    (news / "notification.jupyterlab-settings").write_text('{"fetchNews": "false"}')
+    server = start_server(tmp_path, path, "--MappingKernelManager.use_pending_kernels=True")
+    start = "/ssh-provisioner/api/kernels"
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    try:
+        holders = []
+        for _ in range(3):
+            kernel = await server.request("POST", start, {"name": "slurm", "options": {"gpus": 2}})
+            holders.append(kernel["id"])
+        for kernel_id in holders:
+            await status_until(
+                server, kernel_id, lambda e: e.get("phase") == "running", 90, "running"
+            )
+        async with open_browser() as browser:
+            page = await browser.new_page()
+            await page.goto(f"{server.url}/lab?token={server.token}")
+            card = page.locator(
+                ".jp-LauncherCard[data-category='Notebook']", has_text="Remote slurm …"
+            )
+            await card.click(timeout=60_000)
+            await page.locator(".jp-Dialog .sshp-form input[name='gpus']").fill("3")
+            await page.locator(".jp-Dialog button", has_text="Start").click()
+            refusal = page.locator(".jp-Dialog-content", has_text="GPUs (gpus): '3' is outside 0-2")
+            await refusal.wait_for(timeout=30_000)
+            await refusal.screenshot(path=ARTIFACTS / "resource-form-refused.png")
+            assert len(slurm_cluster.jobs()) == 3  # nothing reached Slurm
+            await page.locator(".jp-Dialog button", has_text="Close").click()
+
+            connected = kernel_connected(page)
+            await card.click()
+            await page.locator(".jp-Dialog .sshp-form input[name='gpus']").fill("2")
+            await page.locator(".jp-Dialog button", has_text="Start").click()
+            status = page.locator(".sshp-status")
+            await status.filter(has_text="queued on gpu: Resources").wait_for(timeout=60_000)
+            await page.locator("#jp-main-statusbar").screenshot(
+                path=ARTIFACTS / "status-bar-queued.png"
+            )
+            assert not connected.done()
+            await server.request("DELETE", f"/api/kernels/{holders[0]}")
+            await asyncio.wait_for(connected, 90)
+            await status.filter(has_text="30 min left").wait_for(timeout=30_000)
+            assert "sshp-warn" in (await status.get_attribute("class") or "")
+            await page.locator("#jp-main-statusbar").screenshot(
+                path=ARTIFACTS / "status-bar-walltime.png"
+            )
+            output = await run_cell(page, "import os; print(os.environ['CUDA_VISIBLE_DEVICES'])")
+            await output.filter(has_text="0,1").wait_for(timeout=10_000)
+            await page.close()
+    finally:
+        for kernel in await server.request("GET", "/api/kernels"):
+            await server.request("DELETE", f"/api/kernels/{kernel['id']}")
         server.stop()
     slurm_cluster.wait_queue_empty(30)
