@@ -127,6 +127,18 @@ class PortForwards:
             text += f", and through Jupyter at {self._settings.proxy_base}proxy/{local}/"
         self._tell(f"[ssh-provisioner] {text}\n")
 
+    def links(self) -> dict[str, dict[str, str]]:
+        """Each forwarded port's addresses here, for the status panel: direct, and
+        through Jupyter when jupyter-server-proxy is there."""
+        base = self._settings.proxy_base
+        return {
+            str(port): {
+                "url": f"http://{self._shown_address()}:{local}/",
+                "proxy": f"{base}proxy/{local}/" if base else "",
+            }
+            for port, local in sorted(self.table.items())
+        }
+
     def _shown_address(self) -> str:
         bind = self._settings.bind
         if ipaddress.ip_address(bind).is_unspecified:

@@ -294,8 +294,7 @@ class KernelSession:
         )
         while True:
             await forwards.update(await kernel.port_reports.get())
-            shown = {str(port): local for port, local in forwards.table.items()}
-            board.post(self.settings.kernel_id, forwards=shown)
+            board.post(self.settings.kernel_id, forwards=forwards.links())
 
     def _drop_forwards(self) -> None:
         """The kernel has ended (or is let go of): its forwards close."""

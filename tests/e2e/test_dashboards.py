@@ -12,7 +12,7 @@ import pytest
 
 from ..kit import DASHBOARD_CELL, STOP_DASHBOARD
 from ..netns import Link
-from .jupyter_server import Channels, iopub_connected, start_server, write_kernelspec
+from .jupyter_server import Channels, iopub_connected, start_server, status_of, write_kernelspec
 
 pytestmark = [pytest.mark.sshd, pytest.mark.usefixtures("no_leaks")]
 
@@ -54,6 +54,11 @@ async def test_a_dashboard_through_jupyter_server_proxy(
             headers={"Authorization": f"token {server.token}"},
         )
         assert page.body == b"served on the host"
+        # the status panel links it, both ways
+        _, entry = await status_of(server, session["kernel"]["id"])
+        assert entry["forwards"][str(port)] == {
+            "url": f"http://127.0.0.1:{local}/", "proxy": f"/proxy/{local}/"
+        }  # fmt: skip
         await channels.collect(channels.execute(STOP_DASHBOARD))
         await server.request("DELETE", f"/api/sessions/{session['id']}")
     finally:

@@ -17,6 +17,7 @@ from ssh_provisioner.throwaway import free_port
 
 from ..netns import Link
 from .jupyter_server import (
+    STATUS,
     iopub_connected,
     metrics,
     start_server,
@@ -43,6 +44,8 @@ async def test_the_status_follows_a_kernel_through_a_cut_link(
     try:
         kernel = await server.request("POST", "/api/kernels", {"name": "gpu-box"})
         kernel_id = kernel["id"]
+        anonymous = await server.http.fetch(f"{server.url}{STATUS}", raise_error=False)
+        assert anonymous.code == 403  # Jupyter Server's own auth: no token, no status
         version, entry = await status_of(server, kernel_id)
         alias = config["hosts"][0]
         assert entry["phase"] == "running"
