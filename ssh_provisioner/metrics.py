@@ -30,7 +30,8 @@ class _Metrics:
         self.starts = Histogram(
             f"{PREFIX}_start_seconds",
             "Kernel start to ready, by kind: cold (a new launcher), warm (a spare "
-            "launcher was waiting), queued (a Slurm job that waited in the queue).",
+            "launcher was waiting), queued (a Slurm job that waited in the queue), "
+            "restart (a kernel's next start, on its kept ports).",
             ["kind"],
             buckets=START_BUCKETS,
         )

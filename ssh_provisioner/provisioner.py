@@ -189,7 +189,7 @@ class SSHProvisioner(KernelProvisionerBase, ProvisionerOptions):  # type: ignore
             display_name=self.kernel_spec.display_name,
             phase=STARTING,
             started=time.time(),
-            start_kind="cold",
+            start_kind="restart" if self.seat.ports is not None else "cold",
             session_path=request_env.get("JPY_SESSION_NAME", ""),  # Jupyter Server's
             choices=self.choices,
             error="",
@@ -232,6 +232,7 @@ class SSHProvisioner(KernelProvisionerBase, ProvisionerOptions):  # type: ignore
             )
 
         started = time.perf_counter()
+        self._start_stopped = False
 
         async def start() -> KernelSession:
             self._starting = asyncio.current_task()  # (on the engine: see stop_start)

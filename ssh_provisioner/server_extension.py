@@ -19,6 +19,7 @@ package's log lines to the server's own log handlers.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -75,24 +76,30 @@ class StatusHandler(APIHandler):
         self.finish(json.dumps({"version": version, "kernels": entries}))
 
 
+def offered_choices(manager: Any) -> dict[str, Any]:
+    """The kernelspecs of ours that declare user_options, with their forms' fields
+    (reads the kernelspec files: call it off the server's loop)."""
+    specs = {}
+    for name in sorted(manager.find_kernel_specs()):
+        try:
+            spec = manager.get_kernel_spec(name)
+            config = _ours(spec)
+            options = declared_options(config) if config is not None else None
+        except (ProvisionerConfigError, OSError, ValueError) as exc:
+            log.warning("kernelspec %s: %s", name, exc)
+            continue
+        if options is not None and options.options:
+            specs[name] = {"display_name": spec.display_name, "options": options.schema()}
+    return specs
+
+
 class KernelspecsHandler(APIHandler):
     auth_resource = "kernelspecs"
 
     @web.authenticated
     @authorized
     async def get(self) -> None:
-        specs = {}
-        manager = self.kernel_spec_manager
-        for name in sorted(manager.find_kernel_specs()):
-            try:
-                spec = manager.get_kernel_spec(name)
-                config = _ours(spec)
-                options = declared_options(config) if config is not None else None
-            except (ProvisionerConfigError, OSError, ValueError) as exc:
-                self.log.warning("kernelspec %s: %s", name, exc)
-                continue
-            if options is not None and options.options:
-                specs[name] = {"display_name": spec.display_name, "options": options.schema()}
+        specs = await asyncio.to_thread(offered_choices, self.kernel_spec_manager)
         self.finish(json.dumps({"kernelspecs": specs}))
 
 
@@ -107,7 +114,7 @@ class StartHandler(APIHandler):
         if not isinstance(name, str) or not isinstance(chosen, dict):
             raise web.HTTPError(400, "expected {'name': kernelspec, 'options': {...}}")
         try:
-            spec = self.kernel_spec_manager.get_kernel_spec(name)
+            spec = await asyncio.to_thread(self.kernel_spec_manager.get_kernel_spec, name)
         except Exception as exc:  # jupyter_client raises NoSuchKernel (a KeyError)
             raise web.HTTPError(404, f"no kernelspec {name!r}") from exc
         config = _ours(spec)
@@ -128,17 +135,24 @@ def _stop_pending_starts_on_shutdown(manager: Any) -> None:
     """A shutdown of a kernel still starting stops its start (and cancels its queued
     Slurm job) at once.  Why a wrapper: jupyter_client's shutdown of a pending kernel
     first waits for its start to end, which for a queued job can take hours."""
-    shutdown = manager.shutdown_kernel
+    shutdown = manager._async_shutdown_kernel
 
     async def shutdown_kernel(kernel_id: str, now: bool = False, restart: bool = False) -> Any:
         pending = getattr(manager, "_pending_kernels", {})
+        if kernel_id in pending and kernel_id not in manager and pending[kernel_id].done():
+            # A pending start that failed stays in jupyter_client's _pending_kernels after
+            # its kernel is removed; shutdown_all then fails on it with a 404 and the
+            # server never stops.  It is over: forget it.
+            pending.pop(kernel_id, None)
+            return None
         if not restart and kernel_id in pending and kernel_id in manager:
             provisioner = getattr(manager.get_kernel(kernel_id), "provisioner", None)
             if isinstance(provisioner, SSHProvisioner) and provisioner.stop_start():
                 log.info("kernel %s: shut down while starting; start stopped", kernel_id)
         return await shutdown(kernel_id, now=now, restart=restart)
 
-    manager.shutdown_kernel = shutdown_kernel
+    # both names: shutdown_all (the server stopping) calls the private one
+    manager.shutdown_kernel = manager._async_shutdown_kernel = shutdown_kernel
 
 
 def _jupyter_server_extension_points() -> list[dict[str, str]]:

@@ -12,6 +12,7 @@ waiting for it (one long poll for all kernels, not one request per kernel).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import threading
 import time
@@ -70,7 +71,8 @@ class StatusBoard:
         for listener in self._listeners:
             listener(kernel_id, before, after)
         for loop, future in waiters:
-            loop.call_soon_threadsafe(_settle, future)
+            with contextlib.suppress(RuntimeError):  # its loop has closed: nobody waits
+                loop.call_soon_threadsafe(_settle, future)
 
     def drop(self, kernel_id: str) -> None:
         """The kernel is gone for good (its final cleanup); a failed start keeps its

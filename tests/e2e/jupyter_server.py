@@ -180,12 +180,16 @@ def _start_server(
 
 
 def write_kernelspec(
-    jupyter_path: Path, name: str, config: dict[str, Any], **metadata: Any
+    jupyter_path: Path,
+    name: str,
+    config: dict[str, Any],
+    argv: list[str] | None = None,
+    **metadata: Any,
 ) -> None:
     directory = jupyter_path / "kernels" / name
     directory.mkdir(parents=True)
     spec = {
-        "argv": ["python3", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "argv": argv or ["python3", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
         "display_name": f"Remote {name}",
         "language": "python",
         "metadata": {

@@ -43,6 +43,9 @@ def lab_server(
     options = {**trio_config["connect_options"], "known_hosts": str(known_hosts)}
     moved = {**trio_config, "hosts": [trio[2].destination("root")], "connect_options": options}
     write_kernelspec(jupyter_path, "moved", moved)
+    crash = "import sys; sys.stderr.write('ModuleNotFoundError: torch\\n'); sys.exit(3)"
+    crashing = {**trio_config, "hosts": [host.destination("root")]}
+    write_kernelspec(jupyter_path, "crashing", crashing, argv=["python3", "-c", crash])
     news = tmp_path / "config/lab/user-settings/@jupyterlab/apputils-extension"
     news.mkdir(parents=True)  # no "official Jupyter news?" toast over the screenshot
     (news / "notification.jupyterlab-settings").write_text('{"fetchNews": "false"}')
@@ -127,23 +130,39 @@ async def test_the_resource_form_starts_the_kernel_where_the_user_chose(
         await page.close()
 
 
+@pytest.mark.parametrize(
+    ("kernelspec", "host", "said"),
+    [
+        # a changed host key: the host, the cause and what to do
+        ("moved", 2, ("host key has CHANGED", "ssh-keygen -R")),
+        # a kernel that dies starting: its own last words
+        ("crashing", 1, ("exit", "ModuleNotFoundError: torch")),
+    ],
+)
 async def test_a_failed_start_shows_the_host_and_the_cause_in_the_dialog(
-    browser: BrowserContext, lab_server: tuple[Server, SSHDaemon], trio: list[SSHDaemon]
+    browser: BrowserContext,
+    lab_server: tuple[Server, SSHDaemon],
+    trio: list[SSHDaemon],
+    kernelspec: str,
+    host: int,
+    said: tuple[str, ...],
 ) -> None:
     server, _ = lab_server
     page = await browser.new_page()
     try:
         await page.goto(f"{server.url}/lab?token={server.token}")
-        card = page.locator(".jp-LauncherCard[data-category='Notebook']", has_text="Remote moved")
+        card = page.locator(
+            ".jp-LauncherCard[data-category='Notebook']", has_text=f"Remote {kernelspec}"
+        )
         await card.click(timeout=60_000)
         dialog = page.locator(".jp-Dialog-content")
-        await dialog.wait_for(timeout=60_000)
-        await dialog.filter(has_text="CHANGED").wait_for(timeout=10_000)
+        await dialog.filter(has_text=said[-1]).wait_for(timeout=60_000)
         text = await dialog.inner_text()
-        assert trio[2].destination("root") in text  # the host
-        assert "ssh-keygen -R" in text  # and what to do
+        assert trio[host].destination("root") in text
+        for words in said:
+            assert words in text
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
-        await dialog.screenshot(path=ARTIFACTS / "error-dialog.png")
+        await dialog.screenshot(path=ARTIFACTS / f"error-dialog-{kernelspec}.png")
         assert await server.request("GET", "/api/kernels") == []
     finally:
         await page.close()

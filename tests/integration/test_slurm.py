@@ -779,13 +779,21 @@ async def test_jupyter_server_shows_a_queued_kernel_and_stops_it_on_shutdown(
         await server.request("DELETE", f"/api/kernels/{fourth}")
         assert time.monotonic() - started < 30  # not when the job would have run
         assert job not in [row["id"] for row in slurm_cluster.jobs()]
-        for kernel_id in ids:
-            await server.request("DELETE", f"/api/kernels/{kernel_id}")
         samples = await metrics(server)
         counts = [
             v for k, v in samples.items() if k.startswith("ssh_provisioner_start_seconds_count")
         ]
         assert sum(counts) == 3  # the three that ran (cold, or queued a moment); not the fourth
+
+        # the server stopping while a kernel is queued stops it too, and leaves no job
+        fifth = (await server.request("POST", start, {"name": "slurm", "options": {"gpus": 2}}))[
+            "id"
+        ]
+        await status_until(server, fifth, lambda e: e.get("phase") == "queued", 60, "queued")
+        started = time.monotonic()
+        assert server.stop() == 0
+        assert time.monotonic() - started < 30
+        assert all(row["state"] != "PENDING" for row in slurm_cluster.jobs())
     finally:
         server.stop()
     slurm_cluster.wait_queue_empty(30)
@@ -804,6 +812,8 @@ async def test_jupyterlab_shows_the_queue_then_the_walltime_of_a_kernel_from_its
     config = {**slurm_config, "slurm": slurm, "user_options": gpus}
     path = tmp_path / "share" / "jupyter"
     write_kernelspec(path, "slurm", config)
+    misspelt = {**slurm_config, "slurm": {**slurm_config["slurm"], "partition": "gpux"}}
+    write_kernelspec(path, "misspelt", misspelt)
     news = tmp_path / "config/lab/user-settings/@jupyterlab/apputils-extension"
     news.mkdir(parents=True)  # no "official Jupyter news?" toast over the screenshots
     (news / "notification.jupyterlab-settings").write_text('{"fetchNews": "false"}')
@@ -844,18 +854,38 @@ async def test_jupyterlab_shows_the_queue_then_the_walltime_of_a_kernel_from_its
                 path=ARTIFACTS / "status-bar-queued.png"
             )
             assert not connected.done()
+            # a cell run while the job waits runs once it does
+            cell = asyncio.ensure_future(
+                run_cell(page, "import os; print(os.environ['CUDA_VISIBLE_DEVICES'])")
+            )
+            await asyncio.sleep(1)
             await server.request("DELETE", f"/api/kernels/{holders[0]}")
             await asyncio.wait_for(connected, 90)
+            output = await asyncio.wait_for(cell, 90)
+            await output.filter(has_text="0,1").wait_for(timeout=10_000)
             await status.filter(has_text="30 min left").wait_for(timeout=30_000)
             assert "sshp-warn" in (await status.get_attribute("class") or "")
             await page.locator("#jp-main-statusbar").screenshot(
                 path=ARTIFACTS / "status-bar-walltime.png"
             )
-            output = await run_cell(page, "import os; print(os.environ['CUDA_VISIBLE_DEVICES'])")
-            await output.filter(has_text="0,1").wait_for(timeout=10_000)
+
+            # a bad partition: Slurm's word for it, and which login node said it
+            await page.goto(f"{server.url}/lab?reset&token={server.token}")  # a launcher again
+            await page.locator(
+                ".jp-LauncherCard[data-category='Notebook']", has_text="Remote misspelt"
+            ).click(timeout=60_000)
+            dialog = page.locator(".jp-Dialog-content", has_text="invalid partition")
+            await dialog.wait_for(timeout=60_000)
+            assert slurm_config["hosts"][0] in await dialog.inner_text()
             await page.close()
     finally:
-        for kernel in await server.request("GET", "/api/kernels"):
-            await server.request("DELETE", f"/api/kernels/{kernel['id']}")
-        server.stop()
+        try:
+            for kernel in await server.request("GET", "/api/kernels"):
+                await server.request("DELETE", f"/api/kernels/{kernel['id']}")
+        finally:
+            # (a failed pending start once kept the server from stopping: 60 s, then
+            # SIGKILL)
+            started = time.monotonic()
+            assert server.stop() == 0
+            assert time.monotonic() - started < 30
     slurm_cluster.wait_queue_empty(30)
