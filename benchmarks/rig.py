@@ -39,7 +39,7 @@ class Rig:
 
 
 @contextmanager
-def loopback_hosts(count: int, login: str) -> Iterator[Rig]:
+def loopback_hosts(count: int, login: str, max_sessions: int = 100) -> Iterator[Rig]:
     """``count`` sshd daemons on 127.0.0.2, .3, ...; all gone afterwards."""
     with tempfile.TemporaryDirectory(prefix="sshp-bench-") as tmp, ExitStack() as stack:
         directory = Path(tmp)
@@ -48,7 +48,12 @@ def loopback_hosts(count: int, login: str) -> Iterator[Rig]:
         public = generate_key(key)
         hosts = [
             stack.enter_context(
-                running_sshd(directory / f"host{i}", f"127.0.0.{i + 2}", public + "\n")
+                running_sshd(
+                    directory / f"host{i}",
+                    f"127.0.0.{i + 2}",
+                    public + "\n",
+                    max_sessions=max_sessions,
+                )
             )
             for i in range(count)
         ]

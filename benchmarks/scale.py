@@ -3,7 +3,8 @@
     .venv/bin/python -m benchmarks.scale [--counts 50,100,200] [--login USER]
 
 One real `jupyter server` (with benchmarks.loop_lag's sampler on its loop) starts
-remote kernels one at a time, over three loopback sshd hosts (policy least-kernels),
+remote kernels one at a time, over three loopback sshd hosts with OpenSSH's default
+MaxSessions of 10 (policy least-kernels),
 up to each count in turn.  At each count it reports:
 - the server's event-loop lag, p50 and p99 (sampled every 10 ms), idle for 5 s and
   while one kernel streams output;
@@ -46,6 +47,19 @@ def _status(pid: int, field: str) -> int:
     except OSError:
         pass
     return 0
+
+
+def _private_kb(pid: int) -> int:
+    """What the process alone holds (USS: private pages), from smaps_rollup: its RSS
+    also counts the interpreter's pages it shares with every other launcher."""
+    total = 0
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith(("Private_Clean:", "Private_Dirty:")):
+                total += int(line.split()[1])
+    except OSError:
+        pass
+    return total
 
 
 def _comm(pid: int) -> str:
@@ -150,11 +164,14 @@ async def run(server: Server, rig: Rig, counts: list[int]) -> None:
             rss = _status(pid, "VmRSS")
             per_kernel = (rss - base_rss) / 1024 / count
             print(f"  server RSS {rss / 1024:.0f} MB: {per_kernel:.2f} MB per kernel")
-            sizes = sorted(_status(p, "VmRSS") / 1024 for p in launchers())
+            found = launchers()  # (with a spare launcher per host, waiting)
+            sizes = sorted(_status(p, "VmRSS") / 1024 for p in found)
+            private = sorted(_private_kb(p) / 1024 for p in found)
             if sizes:
                 print(
-                    f"  launchers: {len(sizes)}, RSS median {statistics.median(sizes):.1f} MB, "
-                    f"max {sizes[-1]:.1f} MB"
+                    f"  launchers: {len(sizes)}, RSS median {statistics.median(sizes):.1f} MB "
+                    f"(max {sizes[-1]:.1f}), of it private {statistics.median(private):.1f} MB "
+                    f"(max {private[-1]:.1f})"
                 )
             print(f"  SSH connections per host: {connections_per_host(pid, rig)}")
             print(f"  SSH sessions open (launchers under an sshd): {sessions_open()}")
@@ -173,9 +190,11 @@ async def run(server: Server, rig: Rig, counts: list[int]) -> None:
 
 
 def measure(counts: list[int], login: str) -> None:
-    with loopback_hosts(HOSTS, login) as rig:
+    with loopback_hosts(HOSTS, login, max_sessions=10) as rig:  # OpenSSH's default
         jupyter_path = rig.directory / "share" / "jupyter"
-        config = rig.config(*rig.hosts, policy="least-kernels", pool_idle_timeout=600)
+        config = rig.config(
+            *rig.hosts, policy="least-kernels", pool_idle_timeout=600, orphan_timeout=60.0
+        )
         write_kernelspecs(jupyter_path / "kernels", {"ssh": config})
         config_dir = rig.directory / "config"  # start_server's JUPYTER_CONFIG_DIR
         config_dir.mkdir()
@@ -190,6 +209,8 @@ def measure(counts: list[int], login: str) -> None:
             raise
         finally:
             server.stop()
+        asyncio.run(gone(launchers, 30))  # the spares end with the server's connections
+        print(f"after the server stopped: {len(launchers())} launcher(s)")
 
 
 if __name__ == "__main__":

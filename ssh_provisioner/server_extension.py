@@ -25,6 +25,7 @@ import logging
 import os
 from typing import Any
 
+import zmq
 from jupyter_server.auth.decorator import authorized
 from jupyter_server.base.handlers import APIHandler
 from jupyter_server.utils import url_path_join
@@ -33,6 +34,7 @@ from tornado import web
 from . import metrics
 from .choices import UserOptions
 from .errors import OptionRefused, ProvisionerConfigError
+from .host.process import raise_descriptor_limit
 from .hosts import HostEntry
 from .provisioner import SSHProvisioner
 from .status import board
@@ -155,6 +157,24 @@ def _stop_pending_starts_on_shutdown(manager: Any) -> None:
     manager.shutdown_kernel = manager._async_shutdown_kernel = shutdown_kernel
 
 
+def _room_for_many_kernels(serverapp: Any) -> None:
+    """Each remote kernel holds its five local ports and their clients' connections in
+    this process, beside the server's ZMQ sockets to it (four or five per kernel, more
+    while a disconnected page's output is buffered).  The soft descriptor limit goes up
+    to the hard one, and the kernel manager's ZMQ context may hold as many sockets:
+    libzmq's default of 1023 ran out ("Too many open files") near 150 kernels.  A
+    context takes the setting only before its first socket, so it is set at load."""
+    limit = raise_descriptor_limit()
+    context = serverapp.kernel_manager.context
+    if context.get(zmq.MAX_SOCKETS) < limit:
+        context.set(zmq.MAX_SOCKETS, limit)
+    serverapp.log.info(
+        "ssh-provisioner: room for %d open files, %d ZMQ sockets",
+        limit,
+        context.get(zmq.MAX_SOCKETS),
+    )
+
+
 def _jupyter_server_extension_points() -> list[dict[str, str]]:
     return [{"module": "ssh_provisioner.server_extension"}]
 
@@ -174,6 +194,7 @@ def _load_jupyter_server_extension(serverapp: Any) -> None:
         ],
     )
     _stop_pending_starts_on_shutdown(serverapp.kernel_manager)
+    _room_for_many_kernels(serverapp)
     metrics.install()
     package_log = logging.getLogger("ssh_provisioner")
     if not package_log.handlers:  # the server's log shows ours, at its level

@@ -6,9 +6,11 @@ launcher reports them to its client, which forwards each one; the relay reaches 
 for the client's streams.  The kernel's own channels are left out.
 
 What the kernel listens on once it is up is its own machinery (its channels,
-ipykernel's IOPub pipe): only the ports it opens later are reported.  A scan reads the
-host's TCP listener tables; only when a listener appeared or went does it look at the
-processes' descriptors (a busy host has thousands of processes).
+ipykernel's IOPub pipe): only the ports it opens later are reported.  A scan looks at
+the sockets the launcher's processes hold (their descriptors, down its own process
+tree); only when those changed does it read the host's TCP tables, which list every
+socket of the host: read by each of 200 launchers every second, they made idle
+launchers the host's main load (benchmarks/scale.py).
 """
 
 import socket
@@ -75,7 +77,7 @@ class PortWatch:
         self.report = report
         self.ports: Dict[int, str] = {}
         self.stopped = threading.Event()
-        self.seen: Optional[FrozenSet[int]] = None  # the listener inodes of the last scan
+        self.seen: Optional[FrozenSet[int]] = None  # the socket inodes of the last scan
 
     def start(self) -> None:
         threading.Thread(target=self.run, daemon=True).start()
@@ -96,15 +98,15 @@ class PortWatch:
                 self.report(dict(ports))
 
     def scan(self) -> Optional[Dict[int, str]]:
-        """The kernel's listeners now; None if no listener came or went since the last."""
-        sockets = listening_sockets()
-        inodes = frozenset(sockets)
-        if inodes == self.seen:
+        """The kernel's listeners now; None if its processes' sockets are the same
+        as at the last scan (no listener of theirs can have come or gone)."""
+        owned = frozenset(socket_inodes(process_tree(self.launcher_pid)))
+        if owned == self.seen:
             return None
-        self.seen = inodes
-        pids = process_tree(self.launcher_pid)
+        self.seen = owned
+        sockets = listening_sockets()
         ports: Dict[int, str] = {}
-        for inode in socket_inodes(pids) & inodes:
+        for inode in owned & set(sockets):
             address, port = sockets[inode]
             if port in self.exclude:
                 continue

@@ -18,7 +18,55 @@ def killpg(pgid: int, signum: int) -> bool:
 
 
 def process_tree(root: int) -> Dict[int, int]:
-    """pid -> process group of every descendant of ``root``; {} without /proc."""
+    """pid -> process group of every descendant of ``root``; {} without /proc.
+
+    Walks the tree down from ``root`` by its threads' ``children`` lists (a few reads,
+    however many processes the host runs: the port watch does this every second, in
+    every launcher); a kernel built without them gets a scan of every process."""
+    found = _tree_by_children(root)
+    return found if found is not None else _tree_by_scan(root)
+
+
+def _children(pid: int) -> Optional[List[int]]:
+    """``pid``'s children; None if this kernel keeps no children lists."""
+    try:
+        tasks = os.listdir("/proc/%d/task" % pid)
+    except OSError:
+        return []  # gone meanwhile
+    children: List[int] = []
+    for tid in tasks:
+        try:
+            with open("/proc/%d/task/%s/children" % (pid, tid)) as f:
+                children.extend(int(child) for child in f.read().split())
+        except FileNotFoundError:
+            if not os.path.isdir("/proc/%d/task/%s" % (pid, tid)):
+                continue  # the thread ended meanwhile
+            return None  # no CONFIG_PROC_CHILDREN
+        except (OSError, ValueError):
+            continue
+    return children
+
+
+def _tree_by_children(root: int) -> Optional[Dict[int, int]]:
+    found: Dict[int, int] = {}
+    pending = [root]
+    while pending:
+        children = _children(pending.pop())
+        if children is None:
+            return None
+        for child in children:
+            if child in found:
+                continue
+            try:
+                with open("/proc/%d/stat" % child) as f:
+                    found[child] = int(f.read().rpartition(")")[2].split()[2])  # pgid
+            except (OSError, ValueError, IndexError):
+                continue  # ended meanwhile
+            pending.append(child)
+    return found
+
+
+def _tree_by_scan(root: int) -> Dict[int, int]:
     table: Dict[int, List[int]] = {}
     try:
         entries = os.listdir("/proc")
