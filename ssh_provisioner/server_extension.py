@@ -64,7 +64,10 @@ class StatusHandler(APIHandler):
     @web.authenticated
     @authorized
     async def get(self) -> None:
-        since = int(self.get_argument("since", "-1"))
+        try:
+            since = int(self.get_argument("since", "-1"))
+        except ValueError:
+            raise web.HTTPError(400, "since: the version of the last answer") from None
         if since >= 0:
             await board.changed(since, POLL_WAIT)
         manager = self.kernel_manager
@@ -122,10 +125,13 @@ class StartHandler(APIHandler):
         config = _ours(spec)
         if config is None:
             raise web.HTTPError(400, f"kernelspec {name!r} is not ssh-provisioner's")
+        where = f"kernelspec {spec.display_name!r}"
         try:  # checked here first: a refused choice starts nothing, not even a manager
-            declared_options(config).resolve(chosen, f"kernelspec {spec.display_name!r}")
+            declared_options(config).resolve(chosen, where)
         except OptionRefused as exc:
             raise web.HTTPError(400, str(exc)) from exc
+        except ProvisionerConfigError as exc:  # the kernelspec's own declaration
+            raise web.HTTPError(500, f"{where}: {exc}") from exc
         kernel_id = await self.kernel_manager.start_kernel(
             kernel_name=name, path=body.get("path"), user_options=chosen
         )

@@ -46,6 +46,9 @@ async def test_the_status_follows_a_kernel_through_a_cut_link(
         kernel_id = kernel["id"]
         anonymous = await server.http.fetch(f"{server.url}{STATUS}", raise_error=False)
         assert anonymous.code == 403  # Jupyter Server's own auth: no token, no status
+        with pytest.raises(HTTPClientError) as malformed:
+            await server.request("GET", f"{STATUS}?since=latest")
+        assert malformed.value.code == 400
         version, entry = await status_of(server, kernel_id)
         alias = config["hosts"][0]
         assert entry["phase"] == "running"
