@@ -23,11 +23,13 @@ import asyncio
 import getpass
 import json
 import os
+import socket
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from ssh_provisioner.host.ports import decode_address
 from tests.e2e.jupyter_server import Server, start_server
 
 from .loop_lag import STREAM, lag_samples, percentile
@@ -96,8 +98,7 @@ def connections_per_host(server_pid: int, rig: Rig) -> dict[str, int]:
         fields = line.split()
         if fields[3] == "01" and fields[9] in inodes:  # ESTABLISHED, ours
             address, port = fields[2].split(":")
-            dotted = ".".join(str(int(address[i : i + 2], 16)) for i in (6, 4, 2, 0))
-            remote_ends.append((dotted, int(port, 16)))
+            remote_ends.append((decode_address(address, socket.AF_INET), int(port, 16)))
     return {
         host.address: sum(1 for end in remote_ends if end == (host.address, host.port))
         for host in rig.hosts
