@@ -21,6 +21,7 @@ from .errors import (
     SSHConnectError,
     SSHProvisionerError,
 )
+from .host.supervisor import KEPT_READY, RUNTIME_DIR_PREFIX
 from .hosts import Host, HostEntry
 from .link import CommandResult, SSHLink
 from .master import locate, mode_of
@@ -38,7 +39,8 @@ from .sshconfig import (
 )
 
 CHECKS = (
-    "master", "dns", "tcp", "host key", "auth", "python", "kernel", "load", "gpus", "slurm", "rtt"
+    "master", "dns", "tcp", "host key", "auth", "python", "kernel", "load", "gpus", "kernels",
+    "slurm", "rtt",
 )  # fmt: skip
 SLURM_COMMANDS = ("sbatch", "srun", "squeue", "scontrol", "scancel", "sinfo")
 OLDEST_PYTHON = (3, 6)  # the oldest the launcher runs on (tested on 3.6 to 3.13)
@@ -50,6 +52,20 @@ IPYKERNEL_VERSION = "import ipykernel; print('\\n' + ipykernel.__version__)"
 WHICH = "import shutil,sys; p=shutil.which(sys.argv[1]); print('\\n'+(p or '')); sys.exit(not p)"
 LOAD_PROBE = str(LeastLoad.probe_command)
 GPU_PROBE = str(MostFreeGpuMemory.probe_command)
+# This login's kernels on the host (their launchers' runtime dirs), and how many of them
+# are kept ready for a start to take (prespawn); Python 3.6 and up.
+KERNELS_PROBE = f"""
+import glob, os, tempfile
+mine = ready = 0
+for path in glob.glob(os.path.join(tempfile.gettempdir(), {RUNTIME_DIR_PREFIX + "*"!r})):
+    try:
+        if os.stat(path).st_uid == os.getuid():
+            mine += 1
+            ready += os.path.exists(os.path.join(path, {KEPT_READY!r}))
+    except OSError:
+        pass
+print("\\n%d %d" % (mine, ready))
+"""
 
 
 @dataclass
@@ -213,7 +229,7 @@ async def _check_login(
         checks["host key"] = key_check
         checks["auth"] = Check(OK, f"as {connection.username} ({connection.description})")
         if slurm is not None:
-            for name in ("python", "kernel", "load", "gpus"):
+            for name in ("python", "kernel", "load", "gpus", "kernels"):
                 checks[name] = Check(SKIP, "on the compute nodes")
             checks["slurm"] = await _check_slurm(connection, slurm, timeout)
             return report
@@ -253,6 +269,7 @@ async def _check_login(
             INFO,
             f"{len(gpus)}, most free {max(g.free_mib for g in gpus)} MiB" if gpus else "none",
         )
+        checks["kernels"] = await _check_kernels(connection, python, timeout)
     except (asyncssh.Error, OSError, TimeoutError) as exc:
         checks.setdefault("python", Check(FAIL, f"connection failed: {exc}"))
         return _skip_rest(report)
@@ -362,6 +379,17 @@ async def _check_remote_kernel(
         has = ", ".join(sorted(specs)) or "none"
         return Check(FAIL, f"no kernelspec {name!r} on the host (remote_kernel); it has: {has}")
     return Check(OK, f"the host's kernelspec {name!r} ({found['language']}, {found['path']})")
+
+
+async def _check_kernels(connection: SSHLink, python: str, timeout: float) -> Check:
+    """How many kernels of this package the login runs there, and how many of them wait,
+    kept ready, for a start to take (a Jupyter Server's prespawn)."""
+    result = await _run(connection, [python, "-c", KERNELS_PROBE], timeout)
+    try:
+        running, ready = (int(n) for n in _last_line(result).split())
+    except ValueError:
+        return Check(INFO, "unknown")
+    return Check(INFO, f"{running} running ({ready} kept ready)" if ready else f"{running} running")
 
 
 def _last_line(result: CommandResult) -> str:

@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 
 from .placement import PlacementState
 from .pool import ConnectionPool
+from .prespawn import Reserve
 from .tunnels import close_open_ports
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ class Engine:
         self.loop = asyncio.new_event_loop()
         self.pool = ConnectionPool()
         self.placement = PlacementState()
+        self.reserve = Reserve()  # pre-spawned kernels (prespawn.py)
         self._closed = False
         self._thread = threading.Thread(
             target=self._run, name="ssh-provisioner-engine", daemon=True
@@ -109,6 +111,7 @@ class Engine:
             self._thread.join(timeout)
 
     async def _aclose(self) -> None:
+        await self.reserve.aclose()  # ends the kernels nobody took, on their connections
         await self.pool.aclose()
         await close_open_ports()  # a kernel still running keeps its ports no longer
         current = asyncio.current_task()

@@ -80,6 +80,7 @@ HOST_OVERRIDES: dict[str, tuple[type, ...]] = {
     "connect_options": (dict,),
     "kbdint": (list,),
     "use_control_master": (str,),
+    "prespawn": (int,),
 }
 TRANSPORTS = ("tcp", "ipc")
 
@@ -136,6 +137,9 @@ class HostEntry:
                 raise ProvisionerConfigError(
                     f"{where}: {option} must be a {HOST_OVERRIDES[option][0].__name__}"
                 )
+        prespawn = fields.get("prespawn", 0)
+        if isinstance(prespawn, bool) or prespawn < 0:
+            raise ProvisionerConfigError(f"{where}: prespawn must be an integer, 0 or more")
         if fields.get("remote_transport", "tcp") not in TRANSPORTS:
             raise ProvisionerConfigError(f"{where}: remote_transport must be tcp or ipc")
         return cls(host, max_kernels, frozenset(labels), tuple(sorted(fields.items())))

@@ -201,6 +201,22 @@ class ProvisionerOptions(LoggingConfigurable):
         help="Keep one idle launcher per host and interpreter ready, so that the next "
         "kernel start skips the login shell's and Python's start-up.",
     )
+    prespawn = Int(
+        0,
+        min=0,
+        config=True,
+        help="Kernels of this kernelspec kept started and idle in a Jupyter Server, each "
+        "handed to one start whose environment, choices and folder on the host are the "
+        "kernelspec's own (docs/instant-kernels.md). They count in max_kernels. A host "
+        "entry's own 'prespawn' keeps kernels on that host. Not with 'slurm'.",
+    )
+    prespawn_max_idle = Float(
+        600.0,
+        min=1.0,
+        config=True,
+        help="Seconds a pre-spawned kernel waits for a start; then it is ended and "
+        "replaced by a fresh one.",
+    )
     pool_idle_timeout = Float(
         60.0,
         config=True,

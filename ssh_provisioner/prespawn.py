@@ -32,6 +32,7 @@ import zmq
 import zmq.asyncio
 from jupyter_client.session import Session
 
+from .errors import HostSelectionError
 from .status import board
 
 if TYPE_CHECKING:
@@ -158,7 +159,10 @@ class Shelf:
             raise
         except Exception as exc:
             self._resting_until = time.monotonic() + RETRY_AFTER_FAILURE
-            log.warning(
+            # every host full (max_kernels) is the normal end of a busy day: no alarm
+            level = logging.INFO if isinstance(exc, HostSelectionError) else logging.WARNING
+            log.log(
+                level,
                 "kernelspec %s: a kernel to keep ready did not start (next try in %gs): %s",
                 self.name, RETRY_AFTER_FAILURE, exc,
             )  # fmt: skip

@@ -16,6 +16,7 @@ from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 from traitlets import TraitError
 
+from . import instant, prespawn
 from .choices import SLURM_CHOOSABLE, UserOptions, from_env
 from .connect import check_connect_options
 from .encryption import negotiate
@@ -30,6 +31,7 @@ from .errors import (
 from .forwards import ForwardSettings, jupyter_proxy_base
 from .handshake import Handshake
 from .hosts import HostEntry
+from .instant import targets_of
 from .kbdint import parse_rules
 from .kernel_keys import KernelKeys
 from .launch_plan import LaunchPlan, launch_spec, mapped_cwd, path_map_for, plan_launch
@@ -39,6 +41,7 @@ from .paths import PathMap
 from .placement import PlacementRequest, Tries, candidates
 from .policies import HostPolicy, Placement, load_policy
 from .pool import Lease
+from .prespawn import Ready
 from .probe import run_probe
 from .seat import KernelSeat
 from .session import KernelSession
@@ -105,6 +108,11 @@ class SSHProvisioner(KernelProvisionerBase, ProvisionerOptions):  # type: ignore
             check_connect_options(self.connect_options, allow_unchecked=allow)
             for entry in self._entries:
                 check_connect_options(entry.override("connect_options", {}), allow_unchecked=allow)
+            if self._slurm is not None and targets_of(self):
+                raise ProvisionerConfigError(
+                    "prespawn: not with 'slurm' (each kernel waiting would hold a job's "
+                    "allocation; docs/instant-kernels.md)"
+                )
         except ProvisionerConfigError as exc:
             raise ProvisionerConfigError(f"{where}: {exc}") from exc
         self._plan: LaunchPlan | None = None
@@ -233,6 +241,10 @@ class SSHProvisioner(KernelProvisionerBase, ProvisionerOptions):  # type: ignore
 
         started = time.perf_counter()
         self._start_stopped = False
+        if seat.ports is None and prespawn.enabled() and targets_of(self):
+            ready = await get_engine().run(instant.take(self, cmd, plan))
+            if ready is not None:
+                return await self._hand_over(ready, plan, started)
 
         async def start() -> KernelSession:
             self._starting = asyncio.current_task()  # (on the engine: see stop_start)
@@ -276,6 +288,27 @@ class SSHProvisioner(KernelProvisionerBase, ProvisionerOptions):  # type: ignore
         if entry is not None and handshake is not None and plan.local_cwd:
             self._say_where(entry, plan, handshake)
         self.connection_info = self.keys.local_connection_info(session.local_ports)
+        return self.connection_info
+
+    async def _hand_over(
+        self, ready: Ready, plan: LaunchPlan, started: float
+    ) -> KernelConnectionInfo:
+        """A pre-spawned kernel is this start's: the manager gets its keys."""
+        self.keys.adopt_saved(ready.connection)
+        session = self.seat.session
+        if session is None:
+            raise RuntimeError("a pre-spawned kernel has its session")
+        ready_ms = round((time.perf_counter() - started) * 1000)
+        board.post(str(self.kernel_id), phase=RUNNING, start_kind="prespawned", ready_ms=ready_ms)
+        self.log.info(
+            "kernel %s on %s: pre-spawned %.0f s ago, taken in %d ms",
+            self.kernel_id, ready.host, time.monotonic() - ready.born, ready_ms,
+        )  # fmt: skip
+        self.connection_info = self.keys.local_connection_info(session.local_ports)
+        name = plan.env.get(prespawn.SESSION_NAME)
+        if name and self.kernel_spec.language.lower().startswith("python"):
+            info = dict(self.connection_info)
+            await get_engine().run(prespawn.tell_session_name(info, name, self.launch_timeout))
         return self.connection_info
 
     def stop_start(self) -> bool:
@@ -469,9 +502,9 @@ class SSHProvisioner(KernelProvisionerBase, ProvisionerOptions):  # type: ignore
 
     # -- helpers -------------------------------------------------------------------
 
-    def _settings(self, entry: HostEntry) -> SessionSettings:
+    def _settings(self, entry: HostEntry, kernel_id: str | None = None) -> SessionSettings:
         return SessionSettings(
-            kernel_id=str(self.kernel_id),
+            kernel_id=kernel_id or str(self.kernel_id),
             host_name=entry.name,
             host=entry.host,
             connect_options=self.connect_options_for(entry),

@@ -41,6 +41,12 @@ class KernelSeat:
     def has_process(self) -> bool:
         return self.session is not None and not self.reaped
 
+    def rename(self, kernel_id: str) -> None:
+        """A pre-spawned kernel's seat becomes the kernel id of the start that took it."""
+        self.kernel_id = kernel_id
+        if self.session is not None:
+            self.session.rename(kernel_id)
+
     def last_handshake(self) -> Handshake | None:
         return self.session.handshake if self.session is not None else self.handshake
 

@@ -20,19 +20,23 @@ package's log lines to the server's own log handlers.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import functools
 import json
 import logging
 import os
 from typing import Any
 
 import zmq
+from jupyter_client.provisioning.factory import KernelProvisionerFactory
 from jupyter_server.auth.decorator import authorized
 from jupyter_server.base.handlers import APIHandler
-from jupyter_server.utils import url_path_join
+from jupyter_server.utils import ensure_async, url_path_join
 from tornado import web
 
-from . import metrics
+from . import instant, metrics, prespawn
 from .choices import UserOptions
+from .engine import get_engine
 from .errors import OptionRefused, ProvisionerConfigError
 from .host.process import raise_descriptor_limit
 from .hosts import HostEntry
@@ -163,6 +167,20 @@ def _stop_pending_starts_on_shutdown(manager: Any) -> None:
     manager.shutdown_kernel = manager._async_shutdown_kernel = shutdown_kernel
 
 
+def _end_ready_kernels_on_shutdown_all(manager: Any) -> None:
+    """The server stopping ends the kernels kept ready with its own (rather than at
+    interpreter exit, which a lingering thread of another library can delay)."""
+    shutdown_all = manager.shutdown_all
+
+    async def shutdown_all_and_ready(now: bool = False) -> None:
+        try:
+            await ensure_async(shutdown_all(now=now))
+        finally:
+            await get_engine().run(get_engine().reserve.aclose())
+
+    manager.shutdown_all = shutdown_all_and_ready
+
+
 def _room_for_many_kernels(serverapp: Any) -> None:
     """Each remote kernel holds its five local ports and their clients' connections in
     this process, beside the server's ZMQ sockets to it (four or five per kernel, more
@@ -179,6 +197,44 @@ def _room_for_many_kernels(serverapp: Any) -> None:
         limit,
         context.get(zmq.MAX_SOCKETS),
     )
+
+
+def _keeps_ready(config: dict[str, Any]) -> bool:
+    hosts = config.get("hosts") or []
+    return bool(config.get("prespawn")) or any(
+        isinstance(h, dict) and h.get("prespawn") for h in hosts
+    )
+
+
+def _keep_kernels_ready(serverapp: Any) -> None:
+    """Start filling the reserve of each kernelspec with ``prespawn`` now, so that the
+    first notebook opened already gets a kernel that is up (prespawn.py)."""
+    prespawn.enable()
+    manager = serverapp.kernel_manager
+    factory = KernelProvisionerFactory.instance(parent=manager.parent)
+    for name in sorted(manager.kernel_spec_manager.find_kernel_specs()):
+        try:
+            spec = manager.kernel_spec_manager.get_kernel_spec(name)
+            config = _ours(spec)
+            if config is None or not _keeps_ready(config):
+                continue
+            km = manager.kernel_manager_factory(
+                connection_file=os.devnull, parent=manager, log=manager.log, kernel_name=name
+            )
+            provisioner = factory.create_provisioner_instance(f"prespawn-{name}", spec, km)
+        except Exception as exc:  # a faulty kernelspec: its starts will say so
+            log.warning("kernelspec %s: no kernels kept ready: %s", name, exc)
+            continue
+        if isinstance(provisioner, SSHProvisioner):  # (a subclass's own entry point, too)
+            stocked = get_engine().submit(instant.stock(provisioner))
+            stocked.add_done_callback(functools.partial(_say_stocked, name))
+
+
+def _say_stocked(name: str, stocked: concurrent.futures.Future[Any]) -> None:
+    if stocked.cancelled() or stocked.exception() is None:
+        log.info("kernelspec %s: keeping kernels ready", name)
+    else:
+        log.warning("kernelspec %s: no kernels kept ready: %s", name, stocked.exception())
 
 
 def _jupyter_server_extension_points() -> list[dict[str, str]]:
@@ -201,6 +257,8 @@ def _load_jupyter_server_extension(serverapp: Any) -> None:
     )
     _stop_pending_starts_on_shutdown(serverapp.kernel_manager)
     _room_for_many_kernels(serverapp)
+    _keep_kernels_ready(serverapp)
+    _end_ready_kernels_on_shutdown_all(serverapp.kernel_manager)
     metrics.install()
     package_log = logging.getLogger("ssh_provisioner")
     if not package_log.handlers:  # the server's log shows ours, at its level

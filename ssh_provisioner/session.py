@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import logging
 import time
@@ -106,6 +107,18 @@ class KernelSession:
         return f"<KernelSession {where}: {self.state.value}>"
 
     # -- STARTING -> RUNNING ------------------------------------------------------------
+
+    def rename(self, kernel_id: str) -> None:
+        """Post and log under ``kernel_id`` from now on (a pre-spawned kernel, taken)."""
+        self.settings = dataclasses.replace(self.settings, kernel_id=kernel_id)
+        if self._kernel is not None:
+            self._kernel.kernel_id = kernel_id
+
+    def taken(self) -> None:
+        """A kernel kept ready was taken: its launcher says so from now on (check)."""
+        if self._kernel is not None:
+            with contextlib.suppress(asyncssh.Error, OSError):
+                self._kernel.tell({"op": "taken", "kernel_id": self.settings.kernel_id})
 
     @property
     def job(self) -> SlurmJob | None:

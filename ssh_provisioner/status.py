@@ -19,14 +19,15 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-# A kernel's phase, as the user sees it.
-STARTING, QUEUED, RUNNING, LINK_DOWN, ENDED, FAILED = (
+# A kernel's phase, as the user sees it (prespawned: started ahead, waiting for a start).
+STARTING, QUEUED, RUNNING, LINK_DOWN, ENDED, FAILED, PRESPAWNED = (
     "starting",
     "queued",
     "running",
     "link-down",
     "ended",
     "failed",
+    "prespawned",
 )
 MERGED = frozenset({"slurm", "link"})
 KEEP_ENDED = 300.0  # seconds a failed or ended kernel stays on the board (for the UI)
@@ -70,9 +71,7 @@ class StatusBoard:
             waiters, self._waiters = self._waiters, []
         for listener in self._listeners:
             listener(kernel_id, before, after)
-        for loop, future in waiters:
-            with contextlib.suppress(RuntimeError):  # its loop has closed: nobody waits
-                loop.call_soon_threadsafe(_settle, future)
+        _wake(waiters)
 
     def drop(self, kernel_id: str) -> None:
         """The kernel is gone for good (its final cleanup); a failed start keeps its
@@ -81,6 +80,23 @@ class StatusBoard:
         if entry is not None:
             phase = FAILED if entry.get("phase") == FAILED else ENDED
             self.post(kernel_id, phase=phase, gone=True)
+
+    def rename(self, old: str, new: str, **facts: Any) -> None:
+        """A pre-spawned kernel was taken: its entry goes on under the taker's id, under
+        what the start posted of itself and ``facts``."""
+        with self._lock:
+            entry = self._kernels.pop(old, None) or {}  # where it runs, its link, its ports
+            self._kernels[new] = {**entry, **self._kernels.get(new, {}), "kernel_id": new}
+        self.post(new, **facts)
+
+    def forget(self, kernel_id: str) -> None:
+        """A pre-spawned kernel nobody took is gone: no user's kernel, no trace."""
+        with self._lock:
+            if self._kernels.pop(kernel_id, None) is None:
+                return
+            self._version += 1
+            waiters, self._waiters = self._waiters, []
+        _wake(waiters)
 
     def _prune(self, now: float) -> None:
         for kernel_id, entry in list(self._kernels.items()):
@@ -113,6 +129,12 @@ class StatusBoard:
                 if (loop, future) in self._waiters:
                     self._waiters.remove((loop, future))
         return self._version
+
+
+def _wake(waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]]) -> None:
+    for loop, future in waiters:
+        with contextlib.suppress(RuntimeError):  # its loop has closed: nobody waits
+            loop.call_soon_threadsafe(_settle, future)
 
 
 def _settle(future: asyncio.Future[None]) -> None:

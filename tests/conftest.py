@@ -19,6 +19,7 @@ from jupyter_client.kernelspec import KernelSpecManager
 from ssh_provisioner import SSHProvisioner
 from ssh_provisioner.engine import shutdown_engine
 from ssh_provisioner.host.supervisor import RUNTIME_DIR_PREFIX
+from ssh_provisioner.status import board
 
 from .leaks import TAG_VARIABLE, TestMarks, leftover_dirs, leftover_processes, own_listeners
 from .netns import Link, namespace_host
@@ -311,6 +312,11 @@ async def no_leaks(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[TestMarks]:
         return result
 
     monkeypatch.setattr(SSHProvisioner, "pre_launch", recording)
+
+    def posted(kernel_id: str, before: dict[str, Any], after: dict[str, Any]) -> None:
+        marks.kernel_ids.add(kernel_id[:8])  # a pre-spawned kernel's too (no pre_launch)
+
+    monkeypatch.setattr(board, "_listeners", [*board._listeners, posted])
     listening_before = own_listeners()
     yield marks
     await asyncio.to_thread(shutdown_engine)

@@ -8,7 +8,8 @@ kernel.  Protocol, one JSON document per line:
 stdin   line 1   the payload (consumed by ``payload.BOOTSTRAP``)
         line 2   the launch spec (see ``spec``)
         then     control lines: ``{"op": "signal", "signum": N}``, ``{"op": "ping"}``,
-                 ``{"op": "notice", "text"}`` (a line for the running cell's output)
+                 ``{"op": "notice", "text"}`` (a line for the running cell's output),
+                 ``{"op": "taken", "kernel_id"}`` (a kernel kept ready was taken)
 stdout  ready    ``{"event": "ready", "pid", "pgid", "endpoints", ...}``
         error    ``{"event": "error", "reason", "message", "stderr"}``
         ports    ``{"event": "ports", "ports": {"6006": "127.0.0.1"}}``: the TCP ports

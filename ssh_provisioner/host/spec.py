@@ -42,6 +42,7 @@ FIELDS: Tuple[Tuple[str, Tuple[type, ...], Any], ...] = (
     ("mapped_cwd", (str, type(None)), None),  # the notebook's folder here, by path_map
     ("remote_kernel", (str, type(None)), None),  # run the host's own kernelspec NAME
     ("kernel_search", (list,), []),  # more folders of environments (discover_paths)
+    ("kept_ready", (bool,), False),  # started ahead, for a start to take (prespawn)
 )
 
 
@@ -76,6 +77,7 @@ class LaunchSpec:
     mapped_cwd: Optional[str]
     remote_kernel: Optional[str]
     kernel_search: List[str]
+    kept_ready: bool
 
     def __init__(self, values: Dict[str, Any]) -> None:
         self.values = self.check(values)

@@ -37,6 +37,7 @@ from .wire import LINE_MAX, challenge, encode_line, proven
 
 STDERR_TAIL_LINES = 50
 RUNTIME_DIR_PREFIX = "jupyter-sshp-"
+KEPT_READY = "kept-ready"  # in the runtime dir while a start has not taken the kernel
 BIND_ATTEMPTS = 5
 PORT_TAKEN = "Address already in use"  # what a kernel says when it lost a port race
 TERMINATE_GRACE = 3.0
@@ -74,6 +75,8 @@ class Supervisor:
         label = spec.kernel_id[:8]
         prefix = RUNTIME_DIR_PREFIX + (label + "-" if label else "")
         self.runtime_dir = tempfile.mkdtemp(prefix=prefix)
+        if spec.kept_ready:  # for `ssh-provisioner check` (and an operator's ls)
+            open(os.path.join(self.runtime_dir, KEPT_READY), "w").close()
         self.process: Optional[subprocess.Popen[bytes]] = None
         self.pgid = 0
         self.stdin_closed = threading.Event()
@@ -375,6 +378,10 @@ class Supervisor:
                 self.signal_kernel(message)
             elif message.get("op") == "notice" and self.stream_relay is not None:
                 self.stream_relay.post_notice(str(message["text"]))
+            elif message.get("op") == "taken":
+                log("taken by kernel %s" % message.get("kernel_id"))
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(self.runtime_dir, KEPT_READY))
         except (ValueError, TypeError, KeyError, OverflowError) as exc:
             log("ignored a malformed control line: %s" % exc)
 
