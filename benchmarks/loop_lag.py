@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import statistics
+import sys
 import time
 from typing import Any
 
@@ -57,11 +58,23 @@ class LagHandler(RequestHandler):  # type: ignore[misc]
         self.finish(json.dumps(taken))
 
 
+class SwitchHandler(RequestHandler):  # type: ignore[misc]
+    """GET /switch-interval?seconds=S: the interpreter's GIL switch interval, set."""
+
+    def get(self) -> None:
+        seconds = self.get_argument("seconds", "")
+        if seconds:
+            sys.setswitchinterval(float(seconds))
+        self.finish(json.dumps(sys.getswitchinterval()))
+
+
 _tasks: set[asyncio.Task[None]] = set()
 
 
 def _load_jupyter_server_extension(serverapp: Any) -> None:
-    serverapp.web_app.add_handlers(".*$", [("/loop-lag", LagHandler)])
+    serverapp.web_app.add_handlers(
+        ".*$", [("/loop-lag", LagHandler), ("/switch-interval", SwitchHandler)]
+    )
     task = asyncio.get_event_loop().create_task(_sample_lag())
     _tasks.add(task)
 
@@ -109,11 +122,29 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
+async def switch_interval(server: Server, seconds: float | None = None) -> float:
+    query = f"?seconds={seconds}" if seconds is not None else ""
+    response = await server.http.fetch(
+        f"{server.url}/switch-interval{query}", headers={"Authorization": f"token {server.token}"}
+    )
+    value: float = json.loads(response.body)
+    return value
+
+
+# series: (kernelspec, the server's GIL switch interval; None: as the server has it)
+SERIES = {"local": ("local", None), "ssh": ("ssh", None), "ssh, 5 ms": ("ssh", 0.005)}
+
+
 async def run_rounds(server: Server, rounds: int) -> dict[str, list[float]]:
-    samples: dict[str, list[float]] = {"local": [], "ssh": []}
-    for _ in range(rounds):  # alternating, so drift hits both alike
-        for name in samples:
-            samples[name] += await stream_round(server, name)
+    """Alternating, so drift hits every series alike.  "ssh, 5 ms" is Python's default
+    switch interval, whatever the server extension set."""
+    samples: dict[str, list[float]] = {name: [] for name in SERIES}
+    chosen = await switch_interval(server)
+    print(f"the server's GIL switch interval: {chosen * 1000:g} ms")
+    for _ in range(rounds):
+        for name, (kernel, interval) in SERIES.items():
+            await switch_interval(server, interval or chosen)
+            samples[name] += await stream_round(server, kernel)
     return samples
 
 
@@ -148,7 +179,7 @@ def measure(rounds: int, login: str) -> None:
         p50, p99 = statistics.median(values), percentile(values, 0.99)
         ratio = "baseline" if name == "local" else f"{p50 / base50:.2f}x / {p99 / base99:.2f}x"
         print(
-            f"  {name:<6} p50 {p50 * 1000:6.2f} ms  p99 {p99 * 1000:6.2f} ms  "
+            f"  {name:<10} p50 {p50 * 1000:6.2f} ms  p99 {p99 * 1000:6.2f} ms  "
             f"({len(values)} samples)  {ratio}"
         )
 

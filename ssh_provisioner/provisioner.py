@@ -31,7 +31,6 @@ from .errors import (
 from .forwards import ForwardSettings, jupyter_proxy_base
 from .handshake import Handshake
 from .hosts import HostEntry
-from .instant import targets_of
 from .kbdint import parse_rules
 from .kernel_keys import KernelKeys
 from .launch_plan import LaunchPlan, launch_spec, mapped_cwd, path_map_for, plan_launch
@@ -108,7 +107,7 @@ class SSHProvisioner(KernelProvisionerBase, ProvisionerOptions):  # type: ignore
             check_connect_options(self.connect_options, allow_unchecked=allow)
             for entry in self._entries:
                 check_connect_options(entry.override("connect_options", {}), allow_unchecked=allow)
-            if self._slurm is not None and targets_of(self):
+            if self._slurm is not None and instant.targets_of(self):
                 raise ProvisionerConfigError(
                     "prespawn: not with 'slurm' (each kernel waiting would hold a job's "
                     "allocation; docs/instant-kernels.md)"
@@ -241,7 +240,7 @@ class SSHProvisioner(KernelProvisionerBase, ProvisionerOptions):  # type: ignore
 
         started = time.perf_counter()
         self._start_stopped = False
-        if seat.ports is None and prespawn.enabled() and targets_of(self):
+        if seat.ports is None and prespawn.enabled() and instant.targets_of(self):
             ready = await get_engine().run(instant.take(self, cmd, plan))
             if ready is not None:
                 return await self._hand_over(ready, plan, started)

@@ -56,11 +56,11 @@ class Server:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def stop(self, sig: int = signal.SIGTERM) -> int:
+    def stop(self, sig: int = signal.SIGTERM, wait: float = 60) -> int:
         if self.process.poll() is None:
             self.process.send_signal(sig)
             try:
-                return self.process.wait(60)
+                return self.process.wait(wait)
             except subprocess.TimeoutExpired:
                 self.process.kill()
         return self.process.wait()

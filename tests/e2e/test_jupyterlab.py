@@ -51,7 +51,12 @@ def lab_server(
     (news / "notification.jupyterlab-settings").write_text('{"fetchNews": "false"}')
     server = start_server(tmp_path, jupyter_path)
     yield server, host
-    server.stop()
+    # After a failed start shown in JupyterLab, Jupyter Server sometimes never exits (in
+    # about half the runs under load, also without this package's server extension: its
+    # cleanup stalls among the extension apps, or the interpreter waits at exit for an
+    # idle AnyIO worker thread).  These tests do not judge the server's exit: 15 s, not
+    # 60, before the kill.  (test_jupyter_server.py judges a clean exit.)
+    server.stop(wait=15)
 
 
 async def test_a_notebook_in_jupyterlab_runs_on_the_remote_host(
