@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
+import socket
 import subprocess
 import sys
 import time
@@ -261,6 +263,24 @@ COUNTING_CELL = counting_cell(0.05)
 
 
 # A web server in a thread of the kernel, serving a fresh temp dir on the host.
+def unclaimed_port() -> int:
+    """A port free on this machine's loopback and below the ephemeral range.  A host in
+    a network namespace has a loopback of its own, where a port free here may already
+    be a kernel's or a relay's: they bind port 0 (the ephemeral range) or ZMQ's random
+    range (49152 and up), never one below both."""
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        ephemeral = int(f.read().split()[0])
+    for _ in range(100):
+        port = random.randrange(20000, min(ephemeral, 49152))  # noqa: S311 - not a secret
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port below the ephemeral range")
+
+
 DASHBOARD_CELL = """
 import functools, http.server, os, shutil, tempfile, threading
 site = tempfile.mkdtemp()

@@ -482,9 +482,9 @@ async def test_concurrent_starts_at_max_sessions_all_succeed(
 ) -> None:
     """Three sessions free (the user's own seven hold the rest of MaxSessions 10): five
     kernels started at once, ten times (a restored workspace does this), all start:
-    a refusal that overtakes our own requests in flight waits, as any other.  (Before
-    the fix, 20 rounds failed in 3 runs of 3; ten rounds, within CI's budget, make 50
-    concurrent starts through the full master.)"""
+    a refusal that overtakes our own requests in flight waits, as any other.  (Ten
+    rounds, 50 concurrent starts through the full master, within CI's time budget;
+    it was twenty.)"""
     daemon, _ = second_factor_host
     master.open()
     config = master_config(master, pool_idle_timeout=0)

@@ -25,7 +25,6 @@ from jupyter_client.manager import AsyncKernelManager
 from ssh_provisioner.errors import ProvisionerConfigError
 from ssh_provisioner.host.ports import listening_sockets
 from ssh_provisioner.host.process import socket_inodes
-from ssh_provisioner.throwaway import free_port
 
 from ..conftest import KernelSpecFactory
 from ..helpers import execute, start_failing, wait_until
@@ -36,6 +35,7 @@ from ..kit import (
     resilient,
     running_kernel,
     take_over,
+    unclaimed_port,
 )
 from ..netns import Link
 
@@ -88,7 +88,7 @@ async def test_a_port_opened_in_a_cell_is_forwarded_under_its_own_number(
     make_kernelspec: KernelSpecFactory, host_behind_a_link: tuple[Link, dict[str, Any]]
 ) -> None:
     _, config = host_behind_a_link
-    wanted = free_port("127.0.0.1")  # free here: the forward takes the same number
+    wanted = unclaimed_port()  # free here too: the forward takes the same number
     async with running_kernel(make_kernelspec, config) as (km, kc):
         port = await serve(kc, port=wanted)
         assert port == wanted
@@ -143,11 +143,10 @@ async def test_forward_ports_lists_what_may_be_forwarded(
     make_kernelspec: KernelSpecFactory, host_behind_a_link: tuple[Link, dict[str, Any]]
 ) -> None:
     _, config = host_behind_a_link
-    allowed = free_port("127.0.0.1")
-    other = free_port("127.0.0.1")
+    allowed = unclaimed_port()
     spec = {**config, "forward_ports": [f"{allowed}-{allowed}"]}
     async with running_kernel(make_kernelspec, spec) as (km, kc):
-        assert await serve(kc, port=other) == other
+        other = await serve(kc, port=0)  # (the ephemeral range: never `allowed`)
         await execute(kc, "first = (server, site)")
         await serve(kc, port=allowed)
         assert await forward_of(km, allowed) == allowed
