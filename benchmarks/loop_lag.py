@@ -16,8 +16,11 @@ and no SSH byte.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
+import os
 import statistics
+import subprocess
 import sys
 import time
 from typing import Any
@@ -58,6 +61,26 @@ class LagHandler(RequestHandler):  # type: ignore[misc]
         self.finish(json.dumps(taken))
 
 
+_pauses: list[tuple[int, float]] = []  # (generation, seconds) of each collection
+_collecting: dict[str, float] = {}
+
+
+def _time_collections(phase: str, info: dict[str, int]) -> None:
+    if phase == "start":
+        _collecting["since"] = time.perf_counter()
+    elif "since" in _collecting:
+        _pauses.append((info["generation"], time.perf_counter() - _collecting.pop("since")))
+
+
+class CollectionsHandler(RequestHandler):  # type: ignore[misc]
+    """GET /gc-pauses: the garbage collector's pauses since the last call."""
+
+    def get(self) -> None:
+        taken = list(_pauses)
+        _pauses.clear()
+        self.finish(json.dumps(taken))
+
+
 class SwitchHandler(RequestHandler):  # type: ignore[misc]
     """GET /switch-interval?seconds=S: the interpreter's GIL switch interval, set."""
 
@@ -73,8 +96,14 @@ _tasks: set[asyncio.Task[None]] = set()
 
 def _load_jupyter_server_extension(serverapp: Any) -> None:
     serverapp.web_app.add_handlers(
-        ".*$", [("/loop-lag", LagHandler), ("/switch-interval", SwitchHandler)]
+        ".*$",
+        [
+            ("/loop-lag", LagHandler),
+            ("/switch-interval", SwitchHandler),
+            ("/gc-pauses", CollectionsHandler),
+        ],
     )
+    gc.callbacks.append(_time_collections)
     task = asyncio.get_event_loop().create_task(_sample_lag())
     _tasks.add(task)
 
@@ -132,12 +161,12 @@ async def switch_interval(server: Server, seconds: float | None = None) -> float
 
 
 # series: (kernelspec, the server's GIL switch interval; None: as the server has it)
-SERIES = {"local": ("local", None), "ssh": ("ssh", None), "ssh, 5 ms": ("ssh", 0.005)}
+SERIES = {"local": ("local", None), "ssh": ("ssh", None), "ssh, 1 ms": ("ssh", 0.001)}
 
 
 async def run_rounds(server: Server, rounds: int) -> dict[str, list[float]]:
-    """Alternating, so drift hits every series alike.  "ssh, 5 ms" is Python's default
-    switch interval, whatever the server extension set."""
+    """Alternating, so drift hits every series alike.  "ssh, 1 ms": the same with the
+    server's GIL switch interval at 1 ms (Python's default is 5)."""
     samples: dict[str, list[float]] = {name: [] for name in SERIES}
     chosen = await switch_interval(server)
     print(f"the server's GIL switch interval: {chosen * 1000:g} ms")
@@ -148,18 +177,39 @@ async def run_rounds(server: Server, rounds: int) -> dict[str, list[float]]:
     return samples
 
 
+def pin(pid: int, cpu: int) -> None:
+    """Every thread of ``pid`` (and what it starts from now on) on core ``cpu``."""
+    subprocess.run(
+        ["taskset", "-a", "-p", "-c", str(cpu), str(pid)], check=True, capture_output=True
+    )
+
+
 def measure(rounds: int, login: str) -> None:
+    # SSHP_BENCH_PINNED=1: the server alone on core 0, everything else (its kernels,
+    # sshd and the launchers, this client) on core 1, as if the hosts were other
+    # machines: the lag is then the server process's own (its loop and the engine's
+    # share of the GIL), not the sharing of two cores with the "hosts".
+    pinned = os.environ.get("SSHP_BENCH_PINNED") == "1"
     with loopback_hosts(1, login) as rig:
         jupyter_path = rig.directory / "share" / "jupyter"
         write_kernelspecs(
             jupyter_path / "kernels",
             {"local": None, "ssh": rig.config(pool_idle_timeout=600)},
         )
+        if pinned:
+            os.sched_setaffinity(0, {1})
+            pin(rig.hosts[0].process.pid, 1)
+            spec_path = jupyter_path / "kernels" / "local" / "kernel.json"
+            spec = json.loads(spec_path.read_text())
+            spec["argv"] = ["taskset", "-c", "1", *spec["argv"]]
+            spec_path.write_text(json.dumps(spec))
         config_dir = rig.directory / "config"  # start_server's JUPYTER_CONFIG_DIR
         config_dir.mkdir()
         enable = {"ServerApp": {"jpserver_extensions": {"benchmarks.loop_lag": True}}}
         (config_dir / "jupyter_server_config.json").write_text(json.dumps(enable))
         server = start_server(rig.directory, jupyter_path, log_level="WARN")
+        if pinned:
+            pin(server.process.pid, 0)
         started = time.monotonic()
         try:
             samples = asyncio.run(run_rounds(server, rounds))
@@ -169,6 +219,7 @@ def measure(rounds: int, login: str) -> None:
         finally:
             server.stop()
     print(
+        f"{'pinned (the server alone on core 0); ' if pinned else ''}"
         f"Jupyter Server loop lag, sampled every {INTERVAL * 1000:g} ms, while {KERNELS} "
         f"kernels print {LINES} lines each, one message a line, 100 a second "
         f"({rounds} rounds, {login}, {time.monotonic() - started:.0f} s)"

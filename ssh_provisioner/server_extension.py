@@ -25,7 +25,6 @@ import functools
 import json
 import logging
 import os
-import sys
 from typing import Any
 
 import zmq
@@ -47,7 +46,6 @@ from .status import board
 PROVISIONER = "ssh-provisioner"
 log = logging.getLogger(__name__)
 POLL_WAIT = 20.0  # seconds a status request waits for a change (below proxies' timeouts)
-PYTHON_SWITCH_INTERVAL, SWITCH_INTERVAL = 0.005, 0.001  # seconds (see _shorter_gil_turns)
 
 
 def _ours(spec: Any) -> dict[str, Any] | None:
@@ -239,18 +237,6 @@ def _say_stocked(name: str, stocked: concurrent.futures.Future[Any]) -> None:
         log.warning("kernelspec %s: no kernels kept ready: %s", name, stocked.exception())
 
 
-def _shorter_gil_turns(serverapp: Any) -> None:
-    """Why: the SSH engine's thread relays and encrypts every remote kernel's bytes in
-    this process, beside the server's loop.  A thread holds the GIL for up to Python's
-    switch interval (5 ms) while another waits, so a timer of the server's loop that
-    falls due while the engine works through a burst waits for it: with 8 kernels
-    streaming, the loop's p99 lag was 1.5-1.7x a local kernel's.  1 ms turns bound that
-    wait (docs/benchmarks.md).  An interval someone already chose is left alone."""
-    if sys.getswitchinterval() == PYTHON_SWITCH_INTERVAL:
-        sys.setswitchinterval(SWITCH_INTERVAL)
-        serverapp.log.info("ssh-provisioner: GIL switch interval %g ms", SWITCH_INTERVAL * 1000)
-
-
 def _jupyter_server_extension_points() -> list[dict[str, str]]:
     return [{"module": "ssh_provisioner.server_extension"}]
 
@@ -272,7 +258,6 @@ def _load_jupyter_server_extension(serverapp: Any) -> None:
     _stop_pending_starts_on_shutdown(serverapp.kernel_manager)
     _room_for_many_kernels(serverapp)
     _keep_kernels_ready(serverapp)
-    _shorter_gil_turns(serverapp)
     _end_ready_kernels_on_shutdown_all(serverapp.kernel_manager)
     metrics.install()
     package_log = logging.getLogger("ssh_provisioner")
