@@ -49,6 +49,13 @@ async def open_browser() -> AsyncIterator[BrowserContext]:
                 args=CHROMIUM_FLAGS,
                 viewport={"width": 1400, "height": 900},
             )
+            # what the browser could not fetch, and why (net::ERR_...), in a failed
+            # test's captured output: JupyterLab's own "Error Loading Theme" once came
+            # from a stylesheet request that never reached the server
+            browser.on(
+                "requestfailed",
+                lambda request: print(f"browser: {request.url} failed: {request.failure}"),
+            )
             try:
                 yield browser
             finally:
