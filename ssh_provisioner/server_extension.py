@@ -13,8 +13,10 @@ authentication and authorization (the ``kernels`` and ``kernelspecs`` resources)
   kernelspec's bounds (400 and nothing started when one is outside them), then starts
   the kernel with them.
 
-Loading the extension also registers the Prometheus metrics (metrics.py) and sends the
-package's log lines to the server's own log handlers.
+Loading the extension also registers the Prometheus metrics (metrics.py), sends the
+package's log lines to the server's own log handlers, and starts keeping kernels ready
+for each kernelspec with ``prespawn`` (prespawn.py; ended by the server's
+``shutdown_all``).
 """
 
 from __future__ import annotations
