@@ -17,7 +17,7 @@ import pytest
 from ..conftest import IN_CI
 
 if TYPE_CHECKING:
-    from playwright.async_api import BrowserContext, Locator, Page, WebSocket
+    from playwright.async_api import BrowserContext, Locator, Page, Request, WebSocket
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = [
@@ -62,6 +62,35 @@ async def open_browser() -> AsyncIterator[BrowserContext]:
                 await browser.close()
     finally:
         shutil.rmtree(profile, ignore_errors=True)
+
+
+async def open_lab(page: Page, url: str, card: str) -> Locator:
+    """JupyterLab at ``url``, up to its launcher card for the kernelspec ``card``.
+
+    Loaded again when Chromium dropped requests as the page loaded, with
+    net::ERR_NETWORK_CHANGED, and only then: the suite's other tests add and remove
+    network interfaces (namespaces, veths) all the time, Chromium takes each for a
+    change of network and fails what is in flight, and JupyterLab then shows "Error
+    Loading Theme" over the page (seen in CI).  A user's machine does not change its
+    interfaces every few seconds; this rig does."""
+    dropped: list[str] = []
+
+    def on_failed(request: Request) -> None:
+        if "ERR_NETWORK_CHANGED" in str(request.failure):
+            dropped.append(request.url)
+
+    page.on("requestfailed", on_failed)
+    try:
+        for _ in range(3):
+            dropped.clear()
+            await page.goto(url)
+            found = page.locator(".jp-LauncherCard[data-category='Notebook']", has_text=card)
+            await found.wait_for(timeout=60_000)
+            if not dropped:
+                return found
+        raise AssertionError(f"Chromium kept losing its requests to network changes: {dropped}")
+    finally:
+        page.remove_listener("requestfailed", on_failed)
 
 
 def kernel_connected(page: Page) -> asyncio.Future[None]:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from ..sshd import SSHDaemon, generate_key
-from .browser import ARTIFACTS, kernel_connected, open_browser, run_cell
+from .browser import ARTIFACTS, kernel_connected, open_browser, open_lab, run_cell
 from .jupyter_server import Server, start_server, write_kernelspec
 
 if TYPE_CHECKING:
@@ -66,9 +66,8 @@ async def test_a_notebook_in_jupyterlab_runs_on_the_remote_host(
     page = await browser.new_page()
     try:
         connected = kernel_connected(page)
-        await page.goto(f"{server.url}/lab?token={server.token}")
         # the launcher's card for our kernelspec makes a notebook with that kernel
-        card = page.locator(".jp-LauncherCard[data-category='Notebook']", has_text="Remote gpu-box")
+        card = await open_lab(page, f"{server.url}/lab?token={server.token}", "Remote gpu-box")
         await card.click(timeout=60_000)
         await asyncio.wait_for(connected, 60)
         output = await run_cell(
@@ -117,8 +116,7 @@ async def test_the_resource_form_starts_the_kernel_where_the_user_chose(
     page = await browser.new_page()
     try:
         connected = kernel_connected(page)
-        await page.goto(f"{server.url}/lab?token={server.token}")
-        card = page.locator(".jp-LauncherCard[data-category='Notebook']", has_text="Remote pool …")
+        card = await open_lab(page, f"{server.url}/lab?token={server.token}", "Remote pool …")
         await card.click(timeout=60_000)
         form = page.locator(".jp-Dialog .sshp-form")
         await form.locator("select[name='host']").select_option(chosen)
@@ -155,10 +153,8 @@ async def test_a_failed_start_shows_the_host_and_the_cause_in_the_dialog(
     server, _ = lab_server
     page = await browser.new_page()
     try:
-        await page.goto(f"{server.url}/lab?token={server.token}")
-        card = page.locator(
-            ".jp-LauncherCard[data-category='Notebook']", has_text=f"Remote {kernelspec}"
-        )
+        url = f"{server.url}/lab?token={server.token}"
+        card = await open_lab(page, url, f"Remote {kernelspec}")
         await card.click(timeout=60_000)
         dialog = page.locator(".jp-Dialog-content")
         await dialog.filter(has_text=said[-1]).wait_for(timeout=60_000)

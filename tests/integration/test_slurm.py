@@ -24,7 +24,7 @@ from ssh_provisioner import SlurmError
 from ssh_provisioner.engine import get_engine
 
 from ..conftest import KernelSpecFactory
-from ..e2e.browser import ARTIFACTS, kernel_connected, open_browser, run_cell
+from ..e2e.browser import ARTIFACTS, kernel_connected, open_browser, open_lab, run_cell
 from ..e2e.jupyter_server import (
     iopub_connected,
     metrics,
@@ -831,10 +831,8 @@ async def test_jupyterlab_shows_the_queue_then_the_walltime_of_a_kernel_from_its
             )
         async with open_browser() as browser:
             page = await browser.new_page()
-            await page.goto(f"{server.url}/lab?token={server.token}")
-            card = page.locator(
-                ".jp-LauncherCard[data-category='Notebook']", has_text="Remote slurm …"
-            )
+            url = f"{server.url}/lab?token={server.token}"
+            card = await open_lab(page, url, "Remote slurm …")
             await card.click(timeout=60_000)
             await page.locator(".jp-Dialog .sshp-form input[name='gpus']").fill("3")
             await page.locator(".jp-Dialog button", has_text="Start").click()
@@ -870,10 +868,8 @@ async def test_jupyterlab_shows_the_queue_then_the_walltime_of_a_kernel_from_its
             )
 
             # a bad partition: Slurm's word for it, and which login node said it
-            await page.goto(f"{server.url}/lab?reset&token={server.token}")  # a launcher again
-            await page.locator(
-                ".jp-LauncherCard[data-category='Notebook']", has_text="Remote misspelt"
-            ).click(timeout=60_000)
+            url = f"{server.url}/lab?reset&token={server.token}"  # a launcher again
+            await (await open_lab(page, url, "Remote misspelt")).click(timeout=60_000)
             dialog = page.locator(".jp-Dialog-content", has_text="invalid partition")
             await dialog.wait_for(timeout=60_000)
             assert slurm_config["hosts"][0] in await dialog.inner_text()
